@@ -1,0 +1,607 @@
+"""SIO: train an OOD-ready classifier on real + synthetic in-distribution images.
+
+Paper: "Unleashing Mask... / SIO: Synthetic In-distribution Data Benefits Out-of-Distribution
+Detection", Sun et al., arXiv 2303.14531 (code: zjysteven/SIO, a fork of OpenOOD).
+Idea: no outlier data at all. A generative model makes more labelled ID images, and every batch
+holds int(B*alpha) real and B - int(B*alpha) synthetic images under one cross-entropy, so the
+classifier sees a denser ID manifold and post-hoc detectors (MSP, energy, KNN, ViM...) improve.
+Without --synthetic this is the plain cross-entropy baseline (and the teacher / init for OAL).
+
+    # embedded benchmark, CPU, seconds
+    python train_sio.py --dataset digits --out runs/digits_ce_s0
+    python train_sio.py --dataset digits --synthetic samples/digits_sio --out runs/digits_sio_s0
+    # the paper's CIFAR recipe (ResNet-18, 200 epochs, B=128, alpha=0.8 -> 102 real + 26 synthetic)
+    python train_sio.py --dataset cifar10 --out runs/c10_ce_s0
+    python train_sio.py --dataset cifar10 --synthetic samples/c10_sio --out runs/c10_sio_s0
+    torchrun --nproc_per_node=4 train_sio.py --dataset cifar100 --synthetic PATH --out runs/c100_sio
+    # plug-in training methods the paper combined with SIO
+    python train_sio.py --dataset cifar10 --synthetic PATH --method logitnorm|cutmix
+    python train_sio.py --dataset cifar10 --synthetic PATH --method oe --oe-data PATH
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+# Recipes: the paper's settings per kind of dataset. Every flag overrides its entry.
+RECIPES = {
+    'cifar':  dict(epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4, nesterov=True, alpha=0.8, pad=4, flip=True),
+    'folder': dict(epochs=60, batch_size=256, lr=0.1, weight_decay=1e-4, nesterov=False, alpha=0.9, pad=0, flip=True),
+    'digits': dict(epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4, nesterov=True, alpha=0.8, pad=1, flip=False),
+}
+MIN_LR = 1e-6  # per-iteration cosine from lr down to this (OpenOOD's cosine_annealing)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
+    p.add_argument('--data-root', default='./data', help='where torchvision datasets live / are downloaded')
+    p.add_argument('--openood-root', default=None, help="OpenOOD's data dir (benchmark_imglist/, images_classic/): use its val/test lists")
+    p.add_argument('--arch', default=None, help='resnet18 | resnet18_224 | resnet50 | cnn (default: cnn for digits, resnet18 for CIFAR, resnet18_224 for folders)')
+    p.add_argument('--image-size', type=int, default=None, help='train/test resolution (default: native for the arch)')
+    p.add_argument('--synthetic', default=None, help='synthetic ID set: images.npy+labels.npy or zero-padded class folders (SPEC 1)')
+    p.add_argument('--alpha', type=float, default=None, help='share of real images per batch (0.8 CIFAR, 0.9 folders); 1 = baseline')
+    p.add_argument('--method', default='ce', choices=['ce', 'logitnorm', 'oe', 'cutmix'])
+    p.add_argument('--tau', type=float, default=0.04, help='LogitNorm temperature')
+    p.add_argument('--oe-data', default=None, help='outlier images for --method oe: a .npy (N,H,W,3) uint8 or an image folder')
+    p.add_argument('--oe-weight', type=float, default=0.5)
+    p.add_argument('--oe-batch-size', type=int, default=None, help='outliers per step (default 2x batch, as in OE)')
+    p.add_argument('--epochs', type=int, default=None)
+    p.add_argument('--batch-size', type=int, default=None)
+    p.add_argument('--lr', type=float, default=None)
+    p.add_argument('--weight-decay', type=float, default=None)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', default=None, help='run directory (default runs/<dataset>_<method>[_sio]_s<seed>)')
+    p.add_argument('--resume', action='store_true', help='continue from OUT/last.pt')
+    p.add_argument('--stop-after', type=int, default=None, help='leave after this many epochs in this call (time-limited jobs; --resume continues)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--workers', type=int, default=8, help='DataLoader workers (image folders only)')
+    args = p.parse_args(argv)
+    kind = 'digits' if args.dataset == 'digits' else 'folder' if args.dataset.startswith('folder:') else 'cifar'
+    for key, value in RECIPES[kind].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.arch = args.arch or {'digits': 'cnn', 'cifar': 'resnet18', 'folder': 'resnet18_224'}[kind]
+    if args.synthetic is None:
+        args.alpha = 1.0
+    if not 0 < args.alpha <= 1:
+        fail(f'--alpha must be in (0, 1], got {args.alpha}')
+    if args.method == 'oe' and not args.oe_data:
+        fail('--method oe needs outlier images: pass --oe-data PATH (a .npy of uint8 images or an image folder)')
+    if args.out is None:
+        args.out = f"runs/{args.dataset.replace(':', '_').replace('/', '_')}_{args.method}{'_sio' if args.synthetic else ''}_s{args.seed}"
+    return args
+
+
+def fail(message):
+    """One line for the user, exit code 2, no traceback."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data. Same loader in every script: a dict with uint8 (N, H, W, 3) arrays (or file lists for
+# image folders), int labels, class names, native image size and normalisation.
+
+CIFAR_STATS = {'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DIGIT_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+
+
+def digits_images():
+    """sklearn's 1,797 8x8 digits as uint8 (N, 8, 8, 3): value * 255 / 16, grey replicated."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.rint(digits.images * 255 / 16).astype(np.uint8)
+    return np.repeat(images[..., None], 3, axis=-1), digits.target.astype(np.int64)
+
+
+def load_digits_splits():
+    """ID = digits 0-5; per class RandomState(0).permutation of its indices: 60% train, 10% val, 30% test."""
+    images, labels = digits_images()
+    split = {'train': [], 'val': [], 'test': []}
+    for c in range(6):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.random.RandomState(0).permutation(len(idx))]
+        n_train, n_val = int(0.6 * len(idx)), int(0.1 * len(idx))
+        split['train'].append(idx[:n_train])
+        split['val'].append(idx[n_train:n_train + n_val])
+        split['test'].append(idx[n_train + n_val:])
+    out = {name: (images[np.concatenate(ix)], labels[np.concatenate(ix)]) for name, ix in split.items()}
+    train = out['train'][0].astype(np.float64) / 255
+    mean, std = tuple(float(m) for m in train.mean(axis=(0, 1, 2))), tuple(float(s) for s in train.std(axis=(0, 1, 2)))
+    return dict(out, classes=DIGIT_NAMES[:6], image_size=8, mean=mean, std=std)
+
+
+def torchvision_set(cls, root, train):
+    """A torchvision dataset, downloaded if absent; offline and absent -> one line naming the fix."""
+    try:
+        return cls(root, train=train, download=False)
+    except RuntimeError:
+        pass
+    try:
+        return cls(root, train=train, download=True)
+    except Exception as e:
+        fail(f'{cls.__name__} is not under {os.path.abspath(root)} and could not be downloaded ({type(e).__name__}); '
+             f'put it there or point --data-root at the folder that holds it')
+
+
+def read_imglist(openood_root, list_path):
+    """OpenOOD image list: 'relative/path.png label' per line, relative to images_classic/."""
+    root = Path(openood_root)
+    lines = (root / 'benchmark_imglist' / list_path).read_text().split('\n')
+    paths, labels = [], []
+    for line in filter(None, (l.strip() for l in lines)):
+        rel, label = line.rsplit(' ', 1)
+        paths.append(str(root / 'images_classic' / rel))
+        labels.append(int(label))
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def read_images(paths, size):
+    """Decode image files to uint8 (N, size, size, 3) (resize only when the size differs)."""
+    from PIL import Image
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        image = Image.open(path).convert('RGB')
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        out[i] = np.asarray(image)
+    return out
+
+
+def image_folder(path):
+    """ImageFolder layout: class = sorted sub-folder names, files sorted within each."""
+    path = Path(path)
+    if not path.is_dir():
+        fail(f'{path} does not exist: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((path / name).rglob('*')):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(str(f))
+                labels.append(c)
+    return files, np.array(labels, dtype=np.int64), classes
+
+
+def load_dataset(name, data_root='./data', openood_root=None):
+    if name == 'digits':
+        return load_digits_splits()
+    if name in ('cifar10', 'cifar100'):
+        cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
+        train, test = torchvision_set(cls, data_root, True), torchvision_set(cls, data_root, False)
+        test_x, test_y = test.data, np.array(test.targets, dtype=np.int64)
+        if openood_root:  # OpenOOD v1.5's own split of the official test set, exactly
+            val_paths, val_y = read_imglist(openood_root, f'{name}/val_{name}.txt')
+            test_paths, test_y = read_imglist(openood_root, f'{name}/test_{name}.txt')
+            val, test = (read_images(val_paths, 32), val_y), (read_images(test_paths, 32), test_y)
+        else:  # OpenOOD v1.5: 1,000 test images are validation, the other 9,000 the ID test set
+            perm = np.random.RandomState(0).permutation(len(test_x))
+            val, test = (test_x[perm[:1000]], test_y[perm[:1000]]), (test_x[perm[1000:]], test_y[perm[1000:]])
+        mean, std = CIFAR_STATS[name]
+        return dict(train=(train.data, np.array(train.targets, dtype=np.int64)), val=val, test=test,
+                    classes=list(train.classes), image_size=32, mean=mean, std=std)
+    if name.startswith('folder:'):
+        root = Path(name[len('folder:'):])
+        train_files, train_y, classes = image_folder(root / 'train')
+        val_files, val_y, val_classes = image_folder(root / 'val')
+        if val_classes != classes:
+            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {classes[:5]}...: they must match')
+        test = image_folder(root / 'test')[:2] if (root / 'test').is_dir() else (val_files, val_y)
+        mean, std = IMAGENET_STATS
+        return dict(train=(train_files, train_y), val=(val_files, val_y), test=test,
+                    classes=classes, image_size=224, mean=mean, std=std)
+    fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
+
+
+# ----------------------------------------------------------------------------------------------
+# Model. Same builder in every script: torchvision ResNets with a two-line CIFAR stem change, a
+# small CNN for 8x8 digits; forward(x, features=True) also returns the penultimate feature h.
+
+class Net(nn.Module):
+    def __init__(self, arch, num_classes):
+        super().__init__()
+        if arch == 'cnn':
+            def block(c_in, c_out):
+                return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            self.body = nn.Sequential(*block(3, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            dim = 128
+        elif arch in ('resnet18', 'resnet18_224', 'resnet50'):
+            self.body = getattr(torchvision.models, arch.replace('_224', ''))()
+            if arch == 'resnet18':  # CIFAR stem: 3x3 stride-1 conv, no max-pool (32x32 input)
+                self.body.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+                self.body.maxpool = nn.Identity()
+            dim = self.body.fc.in_features
+            self.body.fc = nn.Identity()
+        else:
+            fail(f'unknown --arch {arch!r}: use resnet18, resnet18_224, resnet50 or cnn')
+        self.fc = nn.Linear(dim, num_classes)
+        self.feature_dim = dim
+
+    def forward(self, x, features=False):
+        h = self.body(x)
+        z = self.fc(h)
+        return (z, h) if features else z
+
+
+ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic ID data (SPEC 1): images.npy/labels.npy, or <class index zero-padded>/<n>.png + meta.json.
+
+def load_synthetic(path, num_classes, size):
+    path = Path(path)
+    if (path / 'images.npy').exists():
+        if not (path / 'labels.npy').exists():
+            fail(f'{path}/images.npy has no labels.npy beside it')
+        images, labels = np.load(path / 'images.npy'), np.load(path / 'labels.npy')
+    elif path.is_dir():
+        class_dirs = sorted(d for d in path.iterdir() if d.is_dir())
+        if not class_dirs or not all(d.name.isdigit() for d in class_dirs):
+            fail(f'{path} holds no synthetic set: expected images.npy+labels.npy or class folders named 000, 001, ...')
+        files = [(f, int(d.name)) for d in class_dirs for f in sorted(d.glob('*.png'))]
+        images = read_images([f for f, _ in files], size) if files else np.zeros((0, size, size, 3), np.uint8)
+        labels = np.array([c for _, c in files], dtype=np.int64)
+    else:
+        fail(f'--synthetic {path} does not exist: run generate.py sio first or point at images.npy/labels.npy')
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        fail(f'{path}: synthetic images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}')
+    if labels.ndim != 1 or len(labels) != len(images) or len(images) == 0:
+        fail(f'{path}: need one label per image, got {len(labels)} labels for {len(images)} images')
+    if labels.min() < 0 or labels.max() >= num_classes:
+        fail(f'{path}: synthetic labels span {labels.min()}..{labels.max()} but the dataset has {num_classes} classes (0..{num_classes - 1})')
+    meta = path / 'meta.json'
+    found = len(json.loads(meta.read_text())['classes']) if meta.exists() else len(np.unique(labels))
+    if found != num_classes:
+        fail(f'{path}: synthetic set has {found} classes but the dataset has {num_classes}: generate it for this --dataset')
+    if images.shape[1:3] != (size, size):  # e.g. 512x512 diffusion samples for 32x32 CIFAR
+        resized = [F.interpolate(torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float(), size=(size, size),
+                                 mode='bilinear', antialias=True, align_corners=False) for i in range(0, len(images), 256)]
+        images = torch.cat(resized).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return images, labels.astype(np.int64)
+
+
+def load_outlier_images(path, size):
+    """Outlier images for OE: a .npy of uint8 (N, H, W, 3) or any folder of images (searched recursively)."""
+    path = Path(path)
+    if path.suffix == '.npy' and path.exists():
+        images = np.load(path)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            fail(f'{path}: outlier images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}')
+        if images.shape[1:3] != (size, size):
+            images = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=(size, size),
+                                   mode='bilinear', antialias=True).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        return images
+    files = sorted(str(f) for f in path.rglob('*') if f.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else []
+    if not files:
+        fail(f'--oe-data {path}: no images found (pass a .npy of uint8 images or a folder of image files)')
+    return read_images(files, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# SIO batch composition: exactly int(B*alpha) real + B - int(B*alpha) synthetic per batch,
+# ceil(N_real / B) batches per epoch, both index lists reshuffled independently every epoch.
+
+def draw(n, count, generator):
+    """count indices from consecutive fresh permutations of range(n)."""
+    return torch.cat([torch.randperm(n, generator=generator) for _ in range(math.ceil(count / n))])[:count]
+
+
+def sio_batches(n_real, n_syn, batch_size, alpha, generator):
+    """List of (real_idx, syn_idx) LongTensors for one epoch."""
+    num_batches = math.ceil(n_real / batch_size)
+    if n_syn == 0 or alpha >= 1:  # baseline: every real image once, last batch may be smaller
+        perm = torch.randperm(n_real, generator=generator)
+        return [(perm[i:i + batch_size], perm[:0]) for i in range(0, n_real, batch_size)]
+    real_per_batch = int(batch_size * alpha)
+    syn_per_batch = batch_size - real_per_batch
+    # Faithful to SIO: only num_batches * real_per_batch real images are drawn per epoch (about 80%
+    # at alpha 0.8); the rest wait for a later epoch's reshuffle.
+    real = draw(n_real, num_batches * real_per_batch, generator)
+    syn = draw(n_syn, num_batches * syn_per_batch, generator)
+    return [(real[b * real_per_batch:(b + 1) * real_per_batch], syn[b * syn_per_batch:(b + 1) * syn_per_batch])
+            for b in range(num_batches)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation and normalisation on the training device, in batch (uint8 NCHW in, float out).
+
+def augment(x, pad, flip):
+    """Random crop with zero padding + horizontal flip, per image, on whatever device x lives on."""
+    n, _, h, w = x.shape
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+        x = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        x = torch.where(torch.rand(n, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    return x
+
+
+def normalize(x, mean, std, size):
+    x = x.float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Real image files followed by in-memory synthetic images, decoded and cropped in workers to uint8 CHW."""
+
+    def __init__(self, files, labels, size, train, extra_images=None, extra_labels=None):
+        self.files, self.labels, self.size, self.train = files, labels, size, train
+        self.extra_images, self.extra_labels = extra_images, extra_labels
+        t = torchvision.transforms
+        self.transform = (t.RandomResizedCrop(size) if train else
+                          t.Compose([t.Resize(int(size * 256 / 224)), t.CenterCrop(size)]))
+
+    def __len__(self):
+        return len(self.files) + (0 if self.extra_images is None else len(self.extra_images))
+
+    def __getitem__(self, i):
+        from PIL import Image
+        if i < len(self.files):
+            image, label = Image.open(self.files[i]).convert('RGB'), self.labels[i]
+        else:
+            image, label = Image.fromarray(self.extra_images[i - len(self.files)]), self.extra_labels[i - len(self.files)]
+        return torch.from_numpy(np.array(self.transform(image))).permute(2, 0, 1), int(label)
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective: cross-entropy over the mixed batch, plus the plug-in method's term.
+
+def method_loss(method, logits, labels, tau=0.04, oe_weight=0.5, mix_labels=None, lam=1.0):
+    """logits holds len(labels) ID rows first, then any outlier rows (OE); returns the scalar loss.
+
+    With SIO the ID rows are real and synthetic alike, so plain mean CE over the batch equals
+    (B_r/B) * CE(real) + (B_s/B) * CE(synthetic): the weighting is done by the batch composition."""
+    z_id, z_ood = logits[:len(labels)], logits[len(labels):]
+    if method == 'logitnorm':  # LogitNorm (Wei et al. 2022): CE on logits normalised to length 1/tau
+        z_id = z_id / (z_id.norm(dim=1, keepdim=True) + 1e-7) / tau
+    loss = F.cross_entropy(z_id, labels)
+    if mix_labels is not None:  # CutMix: the pasted box carries its own label, weighted by its area
+        loss = lam * loss + (1 - lam) * F.cross_entropy(z_id, mix_labels)
+    if len(z_ood):  # OE (Hendrycks et al. 2019): cross-entropy of outliers to the uniform distribution
+        loss = loss + oe_weight * (z_ood.logsumexp(dim=1) - z_ood.mean(dim=1)).mean()
+    return loss
+
+
+def cutmix(x, labels):
+    """CutMix (beta 1, prob 1): paste a random box from a shuffled copy of the batch; lam = kept area."""
+    n, _, h, w = x.shape
+    lam = float(np.random.beta(1.0, 1.0))
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = np.random.randint(h), np.random.randint(w)
+    y1, y2, x1, x2 = np.clip(cy - cut_h // 2, 0, h), np.clip(cy + cut_h // 2, 0, h), np.clip(cx - cut_w // 2, 0, w), np.clip(cx + cut_w // 2, 0, w)
+    perm = torch.randperm(n, device=x.device)
+    x = x.clone()
+    x[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
+    return x, labels[perm], 1 - (y2 - y1) * (x2 - x1) / (h * w)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def save_atomic(obj, path):
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_log(rows, path):
+    tmp = f'{path}.tmp'
+    Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def accuracy(model, images, labels, args, ds, device, rank=0, world=1):
+    """Top-1 on this rank's share of (images, labels); summed across ranks under DDP."""
+    model.eval()
+    correct = torch.zeros(2, device=device)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    if isinstance(images, torch.Tensor):
+        idx = torch.arange(rank, len(images), world)
+        batches = ((images[idx[i:i + 512]], labels[idx[i:i + 512]]) for i in range(0, len(idx), 512))
+    else:
+        subset = torch.utils.data.Subset(FolderImages(images, labels, args.image_size, train=False), range(rank, len(images), world))
+        batches = torch.utils.data.DataLoader(subset, batch_size=256, num_workers=args.workers)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
+        with autocast:
+            correct += torch.stack([(model(normalize(x, ds['mean'], ds['std'], args.image_size)).argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
+    if world > 1:
+        dist.all_reduce(correct)
+    model.train()
+    return (correct[0] / correct[1]).item()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # DDP is switched on by torchrun's environment variables alone
+    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
+    if ddp:
+        rank, world, local_rank = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+        use_cuda = args.device.startswith('cuda')
+        dist.init_process_group('nccl' if use_cuda else 'gloo')
+        device = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, torch.device(args.device)
+    master = rank == 0
+    out = Path(args.out)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ---------------------------------------------------------------- data
+    ds = load_dataset(args.dataset, args.data_root, args.openood_root)
+    num_classes = len(ds['classes'])
+    args.image_size = args.image_size or (ds['image_size'] if args.dataset == 'digits' else ARCH_SIZE[args.arch])
+    in_memory = not args.dataset.startswith('folder:')
+    store_size = ds['image_size'] if in_memory else args.image_size  # in-memory sets stay native, resized on the device
+    train_x, train_y = ds['train']
+    syn_x, syn_y = load_synthetic(args.synthetic, num_classes, store_size) if args.synthetic else (None, None)
+    n_real, n_syn = len(train_y), 0 if syn_y is None else len(syn_y)
+    if in_memory:  # the whole set as a uint8 tensor on the training device: no loader, no workers
+        def to_device(images):
+            return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+        train_x, train_y = to_device(train_x), torch.from_numpy(train_y).to(device)
+        if n_syn:
+            syn_x, syn_y = to_device(syn_x), torch.from_numpy(syn_y).to(device)
+        val_x, val_y = to_device(ds['val'][0]), torch.from_numpy(ds['val'][1]).to(device)
+    else:
+        folder_set = FolderImages(train_x, train_y, args.image_size, train=True, extra_images=syn_x, extra_labels=syn_y)
+        val_x, val_y = ds['val']
+    oe_x = None
+    if args.method == 'oe':
+        oe_x = torch.from_numpy(load_outlier_images(args.oe_data, store_size)).permute(0, 3, 1, 2).contiguous().to(device)
+        args.oe_batch_size = args.oe_batch_size or 2 * args.batch_size
+    batch_plan = sio_batches(n_real, n_syn, args.batch_size, args.alpha, torch.Generator().manual_seed(0))
+    real_seen = sum(len(r) for r, _ in batch_plan)
+    if master:
+        if n_syn:
+            r0, s0 = len(batch_plan[0][0]), len(batch_plan[0][1])
+            print(f'SIO: {r0} real + {s0} synthetic per batch of {args.batch_size} (alpha {args.alpha}); {len(batch_plan)} batches/epoch '
+                  f'use {real_seen:,} of {n_real:,} real images ({100 * real_seen / n_real:.1f}%) and {len(batch_plan) * s0:,} of {n_syn:,} synthetic')
+        else:
+            print(f'baseline: {n_real:,} real images, {len(batch_plan)} batches/epoch of {args.batch_size}')
+
+    # ---------------------------------------------------------------- model and optimiser
+    model = Net(args.arch, num_classes).to(device).to(memory_format=torch.channels_last)
+    raw_model = model
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=args.nesterov, weight_decay=args.weight_decay)
+    total_steps = args.epochs * len(batch_plan)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: MIN_LR / args.lr + (1 - MIN_LR / args.lr) * 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    start_epoch, best_acc, log = 0, -1.0, []
+    if args.resume:
+        if not (out / 'last.pt').exists():
+            fail(f'--resume: {out}/last.pt does not exist (start without --resume, or pass the right --out)')
+        state = torch.load(out / 'last.pt', map_location='cpu', weights_only=False)
+        if state['dataset'] != args.dataset or state['arch'] != args.arch:
+            fail(f"--resume: {out}/last.pt is a {state['arch']} on {state['dataset']}, not {args.arch} on {args.dataset}")
+        raw_model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        start_epoch, best_acc = state['epoch'], state['best_val_acc']
+        log = [json.loads(l) for l in (out / 'log.jsonl').read_text().splitlines() if json.loads(l)['epoch'] <= start_epoch] if (out / 'log.jsonl').exists() else []
+        if master:
+            print(f'resumed from {out}/last.pt after epoch {start_epoch} (best val acc {100 * best_acc:.2f}%)')
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+
+    def checkpoint(epoch, val_acc, full):
+        ckpt = dict(model=raw_model.state_dict(), arch=args.arch, num_classes=num_classes, classes=ds['classes'],
+                    dataset=args.dataset, image_size=args.image_size, mean=ds['mean'], std=ds['std'], epoch=epoch,
+                    val_acc=val_acc, args=vars(args), method='sio' if n_syn else args.method)
+        if full:  # bf16 autocast needs no GradScaler; the key is kept for the format
+            ckpt.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=None, best_val_acc=best_acc,
+                        rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+        return ckpt
+
+    # ---------------------------------------------------------------- training
+    stop_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    if master:
+        print(f"{'epoch':>5} {'loss':>8} {'train':>7} {'val':>7} {'img/s':>8} {'sec':>6}")
+    for epoch in range(start_epoch, stop_epoch):
+        # Every random draw of an epoch derives from (seed, epoch): a resumed run repeats it exactly.
+        # The batch plan is the same on every rank; augmentation draws differ per rank.
+        torch.manual_seed((args.seed * 1000 + epoch) * 1000 + rank)
+        np.random.seed((args.seed * 1000 + epoch) * 1000 + rank)
+        batch_plan = sio_batches(n_real, n_syn, args.batch_size, args.alpha, torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        if in_memory:
+            batches = ((torch.cat([train_x[r[rank::world].to(device)], syn_x[s[rank::world].to(device)]]) if n_syn else train_x[r[rank::world].to(device)],
+                        torch.cat([train_y[r[rank::world].to(device)], syn_y[s[rank::world].to(device)]]) if n_syn else train_y[r[rank::world].to(device)])
+                       for r, s in batch_plan)
+        else:  # each rank takes its share of every batch, with the same real/synthetic proportion
+            sampler = [torch.cat([r[rank::world], s[rank::world] + n_real]).tolist() for r, s in batch_plan]
+            batches = torch.utils.data.DataLoader(folder_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=device.type == 'cuda',
+                                                  persistent_workers=False)
+        model.train()
+        t0, seen, loss_sum, correct = time.time(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
+        bar = tqdm(batches, total=len(batch_plan), desc=f'epoch {epoch + 1}/{args.epochs}', disable=not master, leave=False, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+            order = torch.randperm(len(y), device=device)  # real and synthetic shuffled within the batch
+            x, y = x[order], y[order]
+            if in_memory:
+                x = augment(x, args.pad, args.flip)
+            elif args.flip:
+                x = augment(x, 0, True)
+            mix_labels, lam = None, 1.0
+            if args.method == 'cutmix':
+                x, mix_labels, lam = cutmix(x, y)
+            if oe_x is not None:  # ID and outlier batches concatenated into one forward pass
+                ood = oe_x[torch.randint(len(oe_x), (args.oe_batch_size // world,), device=device)]
+                x = torch.cat([x, augment(ood, args.pad, args.flip)])
+            with autocast:
+                logits = model(normalize(x, ds['mean'], ds['std'], args.image_size))
+                loss = method_loss(args.method, logits.float(), y, args.tau, args.oe_weight, mix_labels, lam)
+            if not torch.isfinite(loss):  # one sync per step, so the message can name the step
+                fail(f'loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; {out}/last.pt holds the last good epoch '
+                     f'(lower --lr, or check the data)')
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits[:len(y)].argmax(1) == y).sum()
+            seen += len(y)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f'{loss.item():.3f}', img_s=f'{seen * world / (time.time() - t0):.0f}')
+        stats = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
+        if ddp:
+            dist.all_reduce(stats)
+        seconds = time.time() - t0
+        val_acc = accuracy(raw_model, val_x, val_y, args, ds, device, rank, world)
+        if master:
+            row = dict(epoch=epoch + 1, loss=(stats[0] / stats[2]).item(), train_acc=(stats[1] / stats[2]).item(), val_acc=val_acc,
+                       lr=scheduler.get_last_lr()[0], real_seen=real_seen, synthetic_seen=sum(len(s) for _, s in batch_plan),
+                       images_per_s=stats[2].item() / seconds, seconds=seconds)
+            log.append(row)
+            print(f"{epoch + 1:>5} {row['loss']:>8.4f} {100 * row['train_acc']:>6.2f}% {100 * val_acc:>6.2f}% {row['images_per_s']:>8.0f} {seconds:>6.1f}")
+            if val_acc > best_acc:
+                best_acc = val_acc
+                save_atomic(checkpoint(epoch + 1, val_acc, full=False), out / 'best.pt')
+            save_atomic(checkpoint(epoch + 1, val_acc, full=True), out / 'last.pt')
+            write_log(log, out / 'log.jsonl')
+    if master:
+        print(f'best val acc {100 * best_acc:.2f}% -> {out}/best.pt')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
