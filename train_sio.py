@@ -129,17 +129,16 @@ def load_digits_splits():
     return dict(out, classes=DIGIT_NAMES[:6], image_size=8, mean=mean, std=std)
 
 
-def torchvision_set(cls, root, train):
-    """A torchvision dataset, downloaded if absent; offline and absent -> one line naming the fix."""
+def torchvision_set(cls, root, **kwargs):
+    """A torchvision dataset, downloaded if absent; None when it is absent and cannot be downloaded."""
     try:
-        return cls(root, train=train, download=False)
-    except RuntimeError:
+        return cls(root, download=False, **kwargs)
+    except Exception:
         pass
     try:
-        return cls(root, train=train, download=True)
-    except Exception as e:
-        fail(f'{cls.__name__} is not under {os.path.abspath(root)} and could not be downloaded ({type(e).__name__}); '
-             f'put it there or point --data-root at the folder that holds it')
+        return cls(root, download=True, **kwargs)
+    except Exception:
+        return None
 
 
 def read_imglist(openood_root, list_path):
@@ -186,7 +185,10 @@ def load_dataset(name, data_root='./data', openood_root=None):
         return load_digits_splits()
     if name in ('cifar10', 'cifar100'):
         cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
-        train, test = torchvision_set(cls, data_root, True), torchvision_set(cls, data_root, False)
+        train, test = torchvision_set(cls, data_root, train=True), torchvision_set(cls, data_root, train=False)
+        if train is None or test is None:
+            fail(f'{cls.__name__} is not under {os.path.abspath(data_root)} and could not be downloaded (offline?); '
+                 f'put it there or point --data-root at the folder that holds it')
         test_x, test_y = test.data, np.array(test.targets, dtype=np.int64)
         if openood_root:  # OpenOOD v1.5's own split of the official test set, exactly
             val_paths, val_y = read_imglist(openood_root, f'{name}/val_{name}.txt')
@@ -570,6 +572,7 @@ def main(argv=None):
                 logits = model(normalize(x, ds['mean'], ds['std'], args.image_size))
                 loss = method_loss(args.method, logits.float(), y, args.tau, args.oe_weight, mix_labels, lam)
             if not torch.isfinite(loss):  # one sync per step, so the message can name the step
+                bar.close()
                 fail(f'loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; {out}/last.pt holds the last good epoch '
                      f'(lower --lr, or check the data)')
             optimizer.zero_grad(set_to_none=True)

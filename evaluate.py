@@ -1,0 +1,724 @@
+"""Score checkpoints on the OpenOOD v1.5 benchmark with 14 post-hoc OOD detectors.
+
+Protocol: OpenOOD v1.5 (Zhang et al. 2023). ID test vs near-OOD and far-OOD sets, OOD = positive
+class, FPR@95 / AUROC / AUPR-In / AUPR-Out / ACC in %, `near` and `far` = unweighted means.
+The network runs once per dataset; every detector except ODIN (which needs input gradients) is
+scored from the cached logits and penultimate features. Several runs = seeds: mean +- std.
+
+    python evaluate.py runs/digits_ce_s0 runs/digits_ce_s1 runs/digits_ce_s2 --out results/digits_ce
+    python evaluate.py runs/c10_sio_s*/ --dataset cifar10 --near tin=data/tin --no-tin --cache cache/
+    python evaluate.py runs/c10_oal_s0 --openood-root data/openood --detectors ebo,msp,knn --plots plots/
+    torchrun --nproc_per_node=4 evaluate.py runs/c100_sio_s0    # rank-sharded network passes
+
+Detectors: msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim (SPEC section 4).
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from sklearn import metrics as skm
+from tqdm import tqdm
+
+DETECTORS = ['msp', 'mls', 'ebo', 'tempscale', 'odin', 'gen', 'klm', 'react', 'ash', 'dice', 'mds', 'rmds', 'knn', 'vim']
+METRICS = ['FPR95', 'AUROC', 'AUPR_IN', 'AUPR_OUT', 'ACC', 'FPR95_ID']
+METRIC_TITLES = {'FPR95': 'FPR@95', 'AUROC': 'AUROC', 'AUPR_IN': 'AUPR-In', 'AUPR_OUT': 'AUPR-Out', 'ACC': 'ACC', 'FPR95_ID': 'FPR95(ID+)'}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('runs', nargs='+', help='run directories (their best.pt) or .pt checkpoints; several = seeds of one setting')
+    p.add_argument('--dataset', default=None, help="override the checkpoint's dataset: digits | cifar10 | cifar100 | folder:PATH")
+    p.add_argument('--data-root', default='./data')
+    p.add_argument('--openood-root', default=None, help="OpenOOD's data dir (benchmark_imglist/, images_classic/): its exact lists")
+    p.add_argument('--near', action='append', default=[], metavar='NAME=PATH', help='add/replace a near-OOD image folder (e.g. tin=data/tin)')
+    p.add_argument('--far', action='append', default=[], metavar='NAME=PATH', help='add/replace a far-OOD image folder')
+    p.add_argument('--no-tin', action='store_true', help='near-OOD without TinyImageNet, as the SIO paper reports')
+    p.add_argument('--strict', action='store_true', help='a missing OOD set is an error, not a warning')
+    p.add_argument('--detectors', default='all', help='all, or a comma list of ' + ','.join(DETECTORS))
+    p.add_argument('--cache', default=None, help='keep logits/features in DIR/<run>/<split>.npz and reuse them')
+    p.add_argument('--out', default=None, help='write results.json/.csv/.md and scores.npz here')
+    p.add_argument('--plots', default=None, help='write score histograms and ROC curves (PNG) here')
+    p.add_argument('--batch-size', type=int, default=512)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    # detector settings (OpenOOD v1.5 defaults)
+    p.add_argument('--odin-temperature', type=float, default=1000.0)
+    p.add_argument('--odin-eps', type=float, default=0.0014, help='ODIN step in [0,1] pixel units')
+    p.add_argument('--gen-gamma', type=float, default=0.1)
+    p.add_argument('--react-percentile', type=float, default=90.0)
+    p.add_argument('--ash-percentile', type=float, default=90.0, help='ASH-B keeps the top 100-p percent')
+    p.add_argument('--dice-percentile', type=float, default=90.0, help='DICE keeps the top 100-p percent of weights')
+    p.add_argument('--knn-k', type=int, default=50)
+    p.add_argument('--vim-dim', type=int, default=None, help='ViM principal dimensions (default 256 for 512-d features, d/2 below, 1000 for 2048-d)')
+    args = p.parse_args(argv)
+    args.detectors = DETECTORS if args.detectors == 'all' else [d.strip() for d in args.detectors.split(',') if d.strip()]
+    unknown = [d for d in args.detectors if d not in DETECTORS]
+    if unknown:
+        fail(f"unknown detector(s) {', '.join(unknown)}: choose from {', '.join(DETECTORS)} or 'all'")
+    for flag in args.near + args.far:
+        if '=' not in flag:
+            fail(f'--near/--far take NAME=PATH (e.g. --near tin=data/tin), got {flag!r}')
+    return args
+
+
+def fail(message):
+    """One line for the user, exit code 2, no traceback."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data. Same loader in every script: a dict with uint8 (N, H, W, 3) arrays (or file lists for
+# image folders), int labels, class names, native image size and normalisation.
+
+CIFAR_STATS = {'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DIGIT_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+
+
+def digits_images():
+    """sklearn's 1,797 8x8 digits as uint8 (N, 8, 8, 3): value * 255 / 16, grey replicated."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.rint(digits.images * 255 / 16).astype(np.uint8)
+    return np.repeat(images[..., None], 3, axis=-1), digits.target.astype(np.int64)
+
+
+def load_digits_splits():
+    """ID = digits 0-5; per class RandomState(0).permutation of its indices: 60% train, 10% val, 30% test."""
+    images, labels = digits_images()
+    split = {'train': [], 'val': [], 'test': []}
+    for c in range(6):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.random.RandomState(0).permutation(len(idx))]
+        n_train, n_val = int(0.6 * len(idx)), int(0.1 * len(idx))
+        split['train'].append(idx[:n_train])
+        split['val'].append(idx[n_train:n_train + n_val])
+        split['test'].append(idx[n_train + n_val:])
+    out = {name: (images[np.concatenate(ix)], labels[np.concatenate(ix)]) for name, ix in split.items()}
+    train = out['train'][0].astype(np.float64) / 255
+    mean, std = tuple(float(m) for m in train.mean(axis=(0, 1, 2))), tuple(float(s) for s in train.std(axis=(0, 1, 2)))
+    return dict(out, classes=DIGIT_NAMES[:6], image_size=8, mean=mean, std=std)
+
+
+def torchvision_set(cls, root, **kwargs):
+    """A torchvision dataset, downloaded if absent; None when it is absent and cannot be downloaded."""
+    try:
+        return cls(root, download=False, **kwargs)
+    except Exception:
+        pass
+    try:
+        return cls(root, download=True, **kwargs)
+    except Exception:
+        return None
+
+
+def read_imglist(openood_root, list_path):
+    """OpenOOD image list: 'relative/path.png label' per line, relative to images_classic/."""
+    root = Path(openood_root)
+    lines = (root / 'benchmark_imglist' / list_path).read_text().split('\n')
+    paths, labels = [], []
+    for line in filter(None, (l.strip() for l in lines)):
+        rel, label = line.rsplit(' ', 1)
+        paths.append(str(root / 'images_classic' / rel))
+        labels.append(int(label))
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def read_images(paths, size):
+    """Decode image files to uint8 (N, size, size, 3) (resize only when the size differs)."""
+    from PIL import Image
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        image = Image.open(path).convert('RGB')
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        out[i] = np.asarray(image)
+    return out
+
+
+def image_folder(path):
+    """ImageFolder layout: class = sorted sub-folder names, files sorted within each."""
+    path = Path(path)
+    if not path.is_dir():
+        fail(f'{path} does not exist: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((path / name).rglob('*')):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(str(f))
+                labels.append(c)
+    return files, np.array(labels, dtype=np.int64), classes
+
+
+def load_dataset(name, data_root='./data', openood_root=None):
+    if name == 'digits':
+        return load_digits_splits()
+    if name in ('cifar10', 'cifar100'):
+        cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
+        train, test = torchvision_set(cls, data_root, train=True), torchvision_set(cls, data_root, train=False)
+        if train is None or test is None:
+            fail(f'{cls.__name__} is not under {os.path.abspath(data_root)} and could not be downloaded (offline?); '
+                 f'put it there or point --data-root at the folder that holds it')
+        test_x, test_y = test.data, np.array(test.targets, dtype=np.int64)
+        if openood_root:  # OpenOOD v1.5's own split of the official test set, exactly
+            val_paths, val_y = read_imglist(openood_root, f'{name}/val_{name}.txt')
+            test_paths, test_y = read_imglist(openood_root, f'{name}/test_{name}.txt')
+            val, test = (read_images(val_paths, 32), val_y), (read_images(test_paths, 32), test_y)
+        else:  # OpenOOD v1.5: 1,000 test images are validation, the other 9,000 the ID test set
+            perm = np.random.RandomState(0).permutation(len(test_x))
+            val, test = (test_x[perm[:1000]], test_y[perm[:1000]]), (test_x[perm[1000:]], test_y[perm[1000:]])
+        mean, std = CIFAR_STATS[name]
+        return dict(train=(train.data, np.array(train.targets, dtype=np.int64)), val=val, test=test,
+                    classes=list(train.classes), image_size=32, mean=mean, std=std)
+    if name.startswith('folder:'):
+        root = Path(name[len('folder:'):])
+        train_files, train_y, classes = image_folder(root / 'train')
+        val_files, val_y, val_classes = image_folder(root / 'val')
+        if val_classes != classes:
+            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {classes[:5]}...: they must match')
+        test = image_folder(root / 'test')[:2] if (root / 'test').is_dir() else (val_files, val_y)
+        mean, std = IMAGENET_STATS
+        return dict(train=(train_files, train_y), val=(val_files, val_y), test=test,
+                    classes=classes, image_size=224, mean=mean, std=std)
+    fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
+
+
+# ----------------------------------------------------------------------------------------------
+# Model. Same builder in every script: torchvision ResNets with a two-line CIFAR stem change, a
+# small CNN for 8x8 digits; forward(x, features=True) also returns the penultimate feature h.
+
+class Net(nn.Module):
+    def __init__(self, arch, num_classes):
+        super().__init__()
+        if arch == 'cnn':
+            def block(c_in, c_out):
+                return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            self.body = nn.Sequential(*block(3, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            dim = 128
+        elif arch in ('resnet18', 'resnet18_224', 'resnet50'):
+            self.body = getattr(torchvision.models, arch.replace('_224', ''))()
+            if arch == 'resnet18':  # CIFAR stem: 3x3 stride-1 conv, no max-pool (32x32 input)
+                self.body.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+                self.body.maxpool = nn.Identity()
+            dim = self.body.fc.in_features
+            self.body.fc = nn.Identity()
+        else:
+            fail(f'unknown --arch {arch!r}: use resnet18, resnet18_224, resnet50 or cnn')
+        self.fc = nn.Linear(dim, num_classes)
+        self.feature_dim = dim
+
+    def forward(self, x, features=False):
+        h = self.body(x)
+        z = self.fc(h)
+        return (z, h) if features else z
+
+
+ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}
+
+# ----------------------------------------------------------------------------------------------
+# Benchmarks: ID test + near/far OOD sets as uint8 (N, S, S, 3) at the ID set's native size S
+# (OpenOOD's test transform: RGB, resize shorter side, centre crop; normalisation comes later).
+
+def resize_crop(images, size):
+    """uint8 (N, H, W, 3) or (N, H, W) -> uint8 (N, size, size, 3): shorter side to size, centre crop."""
+    x = torch.from_numpy(np.asarray(images))
+    x = x[..., None].expand(*x.shape, 3) if x.ndim == 3 else x
+    x = x.permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        x = torch.cat([F.interpolate(x[i:i + 512], size=(nh, nw), mode='bilinear', antialias=True, align_corners=False)
+                       for i in range(0, len(x), 512)])
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[..., top:top + size, left:left + size]
+    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def read_files(files, size):
+    """Image files -> uint8 (N, size, size, 3) with the same resize + centre crop."""
+    from PIL import Image
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, f in enumerate(files):
+        image = Image.open(f).convert('RGB')
+        scale = size / min(image.size)
+        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BILINEAR)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        out[i] = np.asarray(image.crop((left, top, left + size, top + size)))
+    return out
+
+
+def sample_image_patches(index):
+    """Far-OOD for digits: a scikit-learn sample photo, grey, 16x16 grid crops, area-downscaled to 8x8, stretched."""
+    from sklearn.datasets import load_sample_images
+    image = load_sample_images().images[index].astype(np.float64)
+    grey = image @ np.array([0.299, 0.587, 0.114])
+    rows, cols = grey.shape[0] // 16, grey.shape[1] // 16
+    patches = grey[:rows * 16, :cols * 16].reshape(rows, 16, cols, 16).transpose(0, 2, 1, 3).reshape(-1, 16, 16)
+    small = patches.reshape(-1, 8, 2, 8, 2).mean(axis=(2, 4))
+    low, high = small.min(axis=(1, 2), keepdims=True), small.max(axis=(1, 2), keepdims=True)
+    stretched = np.rint((small - low) / np.maximum(high - low, 1e-8) * 255).astype(np.uint8)
+    return np.repeat(stretched[..., None], 3, axis=-1)
+
+
+def digits_ood(name):
+    if name == 'digits6-9':
+        images, labels = digits_images()
+        return images[labels >= 6]
+    return sample_image_patches(['china', 'flower'].index(name))
+
+
+def torchvision_ood(name, root, size):
+    """CIFAR-10/100, MNIST, SVHN, Textures (DTD, all 5,640 images) and Places365 (val) from torchvision."""
+    tv = torchvision.datasets
+    if name in ('cifar10', 'cifar100'):
+        ds = torchvision_set(tv.CIFAR10 if name == 'cifar10' else tv.CIFAR100, root, train=False)
+        return None if ds is None else resize_crop(ds.data, size)
+    if name == 'mnist':
+        ds = torchvision_set(tv.MNIST, root, train=False)
+        return None if ds is None else resize_crop(ds.data.numpy(), size)
+    if name == 'svhn':
+        ds = torchvision_set(tv.SVHN, root, split='test')
+        return None if ds is None else resize_crop(ds.data.transpose(0, 2, 3, 1), size)
+    if name == 'texture':
+        parts = [torchvision_set(tv.DTD, root, split=s) for s in ('train', 'val', 'test')]
+        return None if None in parts else read_files([f for part in parts for f in part._image_files], size)
+    if name == 'places365':
+        ds = torchvision_set(tv.Places365, root, split='val', small=True)
+        return None if ds is None else read_files([f for f, _ in ds.imgs], size)
+    return None
+
+
+BENCHMARKS = {  # OpenOOD v1.5 (SPEC section 4); OpenOOD image-list names
+    'digits': dict(near=['digits6-9'], far=['china', 'flower']),
+    'cifar10': dict(near=['cifar100', 'tin'], far=['mnist', 'svhn', 'texture', 'places365']),
+    'cifar100': dict(near=['cifar10', 'tin'], far=['mnist', 'svhn', 'texture', 'places365']),
+}
+
+
+def ood_sets(dataset, size, args):
+    """{name: (group, uint8 images)} for the benchmark; missing sets are skipped with a warning (or --strict error)."""
+    plan = {name: ('near', None) for name in BENCHMARKS.get(dataset, {}).get('near', [])}
+    plan.update({name: ('far', None) for name in BENCHMARKS.get(dataset, {}).get('far', [])})
+    if args.no_tin:
+        plan.pop('tin', None)
+    for group, flags in (('near', args.near), ('far', args.far)):
+        for flag in flags:
+            name, path = flag.split('=', 1)
+            plan[name] = (group, path)
+    sets = {}
+    for name, (group, path) in plan.items():
+        images = None
+        if path is not None:
+            files = [str(f) for f in sorted(Path(path).rglob('*')) if f.suffix.lower() in IMAGE_EXTENSIONS] if Path(path).is_dir() else []
+            images = read_files(files, size) if files else None
+        elif dataset == 'digits':
+            images = digits_ood(name)
+        elif args.openood_root and (Path(args.openood_root) / 'benchmark_imglist' / dataset / f'test_{name}.txt').exists():
+            images = read_files(read_imglist(args.openood_root, f'{dataset}/test_{name}.txt')[0], size)
+        elif name != 'tin':
+            images = torchvision_ood(name, args.data_root, size)
+        if images is None or len(images) == 0:
+            how = (f'pass --{group} {name}=PATH (an image folder)' if name == 'tin' or path
+                   else f'put it under {os.path.abspath(args.data_root)} (torchvision format), pass --{group} {name}=PATH, or --openood-root')
+            if args.strict:
+                fail(f'OOD set {name} is missing: {how}')
+            print(f'warning: skipping OOD set {name} ({group}): not found; {how}', file=sys.stderr)
+            continue
+        sets[name] = (group, images)
+    return sets
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and the network pass
+
+def load_checkpoint(path):
+    """A run directory (its best.pt) or a .pt of SPEC section 1 -> (checkpoint dict, run name)."""
+    path = Path(path)
+    file = path / 'best.pt' if path.is_dir() else path
+    if not file.is_file():
+        fail(f'{path} is neither a run directory with best.pt nor a checkpoint file')
+    try:
+        ckpt = torch.load(file, map_location='cpu', weights_only=False)
+    except Exception as e:
+        fail(f'{file} is not a readable torch checkpoint ({type(e).__name__}); pass a best.pt written by train_sio.py or train_oal.py')
+    needed = ['model', 'arch', 'num_classes', 'classes', 'dataset', 'image_size', 'mean', 'std']
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        fail(f'{file} is not a synth-ood checkpoint (needs keys {", ".join(needed)}); pass a best.pt written by train_sio.py or train_oal.py')
+    return ckpt, (path.name if path.is_dir() else path.stem), file
+
+
+def build_model(ckpt, device):
+    model = Net(ckpt['arch'], ckpt['num_classes'])
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).to(memory_format=torch.channels_last).eval()
+
+
+def shard(n, rank, world):
+    return np.arange(rank, n, world)
+
+
+def gather(array, world):
+    """Re-interleave rank-sharded rows (rank r holds rows r, r+world, ...) into the full array."""
+    if world == 1:
+        return array
+    parts = [None] * world
+    dist.all_gather_object(parts, array)
+    out = np.empty((sum(len(p) for p in parts),) + array.shape[1:], dtype=array.dtype)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+@torch.no_grad()
+def forward_all(model, images, ckpt, device, batch_size, rank=0, world=1, desc=''):
+    """One pass over uint8 images -> (logits, features) as float32 numpy, sharded across ranks."""
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    idx = shard(len(images), rank, world)
+    logits, feats = [], []
+    for i in tqdm(range(0, len(idx), batch_size), desc=desc, leave=False, disable=rank != 0):
+        x = torch.from_numpy(images[idx[i:i + batch_size]]).to(device).permute(0, 3, 1, 2)
+        with autocast:
+            z, h = model(normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
+        logits.append(z.float().cpu())
+        feats.append(h.float().cpu())
+    empty = torch.zeros(0, model.fc.out_features), torch.zeros(0, model.feature_dim)
+    logits = torch.cat(logits) if logits else empty[0]
+    feats = torch.cat(feats) if feats else empty[1]
+    return gather(logits.numpy(), world), gather(feats.numpy(), world)
+
+
+def normalize(x, mean, std, size):
+    x = x.float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def odin_scores(model, images, ckpt, device, batch_size, temperature, eps, rank=0, world=1):
+    """ODIN (Liang et al. 2018): max softmax(f(x')/T), x' = x - eps * sign(grad_x CE(f(x)/T, argmax))."""
+    std = torch.tensor(ckpt['std'], device=device).view(1, 3, 1, 1)
+    idx = shard(len(images), rank, world)
+    scores = []
+    for i in tqdm(range(0, len(idx), batch_size), desc='odin', leave=False, disable=rank != 0):
+        x = normalize(torch.from_numpy(images[idx[i:i + batch_size]]).to(device).permute(0, 3, 1, 2), ckpt['mean'], ckpt['std'], ckpt['image_size'])
+        x.requires_grad_(True)
+        logits = model(x)
+        F.cross_entropy(logits / temperature, logits.argmax(1)).backward()
+        # OpenOOD: sign with 0 -> +1, and the step in pixel units becomes eps/std in normalised units
+        step = torch.where(x.grad >= 0, 1.0, -1.0) / std
+        with torch.no_grad():
+            scores.append(F.softmax(model(x - eps * step) / temperature, dim=1).max(1).values.cpu())
+    return gather(torch.cat(scores).numpy() if scores else np.zeros(0, np.float32), world)
+
+
+# ----------------------------------------------------------------------------------------------
+# Detectors: fit statistics once from ID train / val outputs, then score = f(logits, features);
+# higher = more in-distribution. (z logits, p softmax, h penultimate feature, W/b last layer.)
+
+def energy(z):
+    return torch.logsumexp(z, dim=1)
+
+
+def fit(train, val, W, b, args):
+    """All statistics the detectors need, from ID train (and val) logits/features (float64 torch)."""
+    h_tr, z_tr, y_tr = train['features'], train['logits'], train['labels']
+    h_val, z_val = val['features'], val['logits']
+    C, d = W.shape
+    stats = dict(W=W, b=b)
+    # TempScale: T fitted on val by NLL, as OpenOOD does it (T from 1.5, LBFGS lr 0.01, 50 iterations).
+    # On a val set the model classifies perfectly the NLL keeps falling as T -> 0; the fixed budget
+    # is what keeps T finite, so it is kept.
+    temperature = torch.full((), 1.5, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([temperature], lr=0.01, max_iter=50)
+
+    def nll():
+        opt.zero_grad()
+        loss = F.cross_entropy(z_val / temperature, val['labels'])
+        loss.backward()
+        return loss
+    opt.step(nll)
+    stats['temperature'] = temperature.item()
+    # KLM: mean softmax of the val samples predicted as each class (classes never predicted are left out)
+    p_val, pred_val = F.softmax(z_val, 1), z_val.argmax(1)
+    stats['klm_means'] = torch.stack([p_val[pred_val == c].mean(0) for c in range(C) if (pred_val == c).any()])
+    # ReAct: clip at the 90th percentile of ID val activations
+    stats['react_clip'] = torch.quantile(h_val.flatten().float(), args.react_percentile / 100).item()
+    # DICE: keep the weights whose contribution (mean train h * W) is in the top 10%
+    contrib = h_tr.mean(0)[None, :] * W
+    stats['dice_W'] = W * (contrib > torch.quantile(contrib.flatten().float(), args.dice_percentile / 100).double())
+    # MDS / RMDS: class means, tied covariance; RMDS also the class-agnostic Gaussian
+    means = torch.stack([h_tr[y_tr == c].mean(0) for c in range(C)])
+    centred = h_tr - means[y_tr]
+    stats['mds_means'], stats['mds_prec'] = means, torch.linalg.pinv(centred.T @ centred / len(h_tr), hermitian=True)
+    stats['rmds_mean'] = h_tr.mean(0)
+    background = h_tr - stats['rmds_mean']
+    stats['rmds_prec'] = torch.linalg.pinv(background.T @ background / len(h_tr), hermitian=True)
+    # KNN: the bank of L2-normalised train features
+    stats['knn_bank'] = F.normalize(h_tr.float(), dim=1)
+    # ViM: origin u = -pinv(W) b, residual space = eigenvectors outside the top-D principal subspace
+    D = args.vim_dim or (256 if d == 512 else 1000 if d >= 2048 else max(1, d // 2))
+    u = -torch.linalg.pinv(W) @ b
+    centred = h_tr - u
+    eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / len(h_tr))
+    residual_space = eigvecs[:, torch.argsort(eigvals, descending=True)[D:]]
+    residual_norm = torch.linalg.norm(centred @ residual_space, dim=1)
+    stats.update(vim_u=u, vim_ns=residual_space, vim_alpha=(z_tr.max(1).values.mean() / residual_norm.mean()).item())
+    return stats
+
+
+def mahalanobis(h, means, prec):
+    """(N, C) squared Mahalanobis distances to each mean under one precision matrix."""
+    diff = h[:, None, :] - means[None, :, :]
+    return torch.einsum('ncd,de,nce->nc', diff, prec, diff)
+
+
+def knn_score(h, bank, k):
+    q = F.normalize(h.float(), dim=1)
+    kth = torch.cat([torch.cdist(q[i:i + 4096], bank).topk(k, dim=1, largest=False).values[:, -1] for i in range(0, len(q), 4096)])
+    return -kth.double()
+
+
+def ash_b(h, percentile):
+    """ASH-B: keep the top (100-p)% activations of each sample, all set to sum(h)/k; the rest 0."""
+    k = h.shape[1] - int(round(h.shape[1] * percentile / 100))
+    top = h.topk(k, dim=1).indices
+    return torch.zeros_like(h).scatter_(1, top, (h.sum(1, keepdim=True) / k).expand(-1, k))
+
+
+SCORES = {
+    'msp': lambda z, h, s, a: F.softmax(z, 1).max(1).values,
+    'mls': lambda z, h, s, a: z.max(1).values,
+    'ebo': lambda z, h, s, a: energy(z),  # T = 1
+    'tempscale': lambda z, h, s, a: F.softmax(z / s['temperature'], 1).max(1).values,
+    'gen': lambda z, h, s, a: -(lambda p: (p ** a.gen_gamma * (1 - p) ** a.gen_gamma).sum(1))(F.softmax(z, 1).sort(1).values[:, -min(100, z.shape[1]):]),
+    'klm': lambda z, h, s, a: -(lambda p: (p[:, None, :] * (p[:, None, :].clamp_min(1e-30).log() - s['klm_means'][None].clamp_min(1e-30).log())).sum(2).min(1).values)(F.softmax(z, 1)),
+    'react': lambda z, h, s, a: energy(h.clamp(max=s['react_clip']) @ s['W'].T + s['b']),
+    'ash': lambda z, h, s, a: energy(ash_b(h, a.ash_percentile) @ s['W'].T + s['b']),
+    'dice': lambda z, h, s, a: energy(h @ s['dice_W'].T + s['b']),
+    'mds': lambda z, h, s, a: -mahalanobis(h, s['mds_means'], s['mds_prec']).min(1).values,
+    'rmds': lambda z, h, s, a: (-mahalanobis(h, s['mds_means'], s['mds_prec']) + mahalanobis(h, s['rmds_mean'][None], s['rmds_prec'])).max(1).values,
+    'knn': lambda z, h, s, a: knn_score(h, s['knn_bank'], a.knn_k),
+    'vim': lambda z, h, s, a: energy(z) - s['vim_alpha'] * torch.linalg.norm((h - s['vim_u']) @ s['vim_ns'], dim=1),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (OpenOOD v1.5): OOD is the positive class, scores are "higher = more ID".
+
+def ood_metrics(id_scores, ood_scores):
+    is_ood = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
+    s = np.r_[id_scores, ood_scores].astype(np.float64)
+    fpr, tpr, _ = skm.roc_curve(is_ood, -s)
+    fpr_id, tpr_id, _ = skm.roc_curve(1 - is_ood, s)  # classic: OOD accepted when 95% of ID is accepted
+    precision_in, recall_in, _ = skm.precision_recall_curve(1 - is_ood, s)
+    precision_out, recall_out, _ = skm.precision_recall_curve(is_ood, -s)
+    return dict(FPR95=100 * fpr[np.argmax(tpr >= 0.95)], AUROC=100 * skm.roc_auc_score(is_ood, -s),
+                AUPR_IN=100 * skm.auc(recall_in, precision_in), AUPR_OUT=100 * skm.auc(recall_out, precision_out),
+                FPR95_ID=100 * fpr_id[np.argmax(tpr_id >= 0.95)])
+
+
+def run_table(scores, groups, acc):
+    """{dataset | near | far: {metric: value}} for one run and one detector."""
+    table = {name: dict(ood_metrics(scores['id'], scores[name]), ACC=acc) for name in groups}
+    for group in ('near', 'far'):
+        names = [n for n, g in groups.items() if g == group]
+        if names:
+            table[group] = {m: float(np.mean([table[n][m] for n in names])) for m in METRICS}
+    return table
+
+
+def aggregate(tables):
+    """Mean and std over runs of {dataset: {metric: value}} -> {dataset: {metric, metric_std}}."""
+    out = {}
+    for row in tables[0]:
+        out[row] = {}
+        for m in METRICS:
+            values = [t[row][m] for t in tables]
+            out[row][m], out[row][f'{m}_std'] = float(np.mean(values)), float(np.std(values))
+    return out
+
+
+def cell(row, metric, runs):
+    return f'{row[metric]:.2f}' + (f' ± {row[metric + "_std"]:.2f}' if runs > 1 else '')
+
+
+def format_tables(results, groups, runs):
+    """Markdown: one OpenOOD table per detector, then the summary (SIO paper's shape)."""
+    lines = []
+    covers = {g: ', '.join(n for n, gg in groups.items() if gg == g) or 'none' for g in ('near', 'far')}
+    for det, table in results.items():
+        lines += [f'### {det}', '', '| dataset | ' + ' | '.join(METRIC_TITLES[m] for m in METRICS) + ' |', '|---' * (len(METRICS) + 1) + '|']
+        for row in table:
+            label = f'**{row}** ({covers[row]})' if row in ('near', 'far') else row
+            lines.append(f'| {label} | ' + ' | '.join(cell(table[row], m, runs) for m in METRICS) + ' |')
+        lines.append('')
+    lines += [f'### summary ({runs} run{"s" if runs > 1 else ""}; near = {covers["near"]}; far = {covers["far"]})', '',
+              '| detector | near AUROC | far AUROC | near FPR@95 | far FPR@95 | ACC |', '|---|---|---|---|---|---|']
+    for det, table in results.items():
+        get = lambda g, m: cell(table[g], m, runs) if g in table else '-'
+        lines.append(f'| {det} | {get("near", "AUROC")} | {get("far", "AUROC")} | {get("near", "FPR95")} | {get("far", "FPR95")} | '
+                     f'{cell(next(iter(table.values())), "ACC", runs)} |')
+    return '\n'.join(lines) + '\n'
+
+
+def save_plots(scores, groups, detectors, out_dir):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for det in detectors:
+        fig, axes = plt.subplots(1, len(groups) + 1, figsize=(4 * (len(groups) + 1), 3.2))
+        for ax, name in zip(axes, groups):
+            ax.hist(scores[det]['id'], bins=50, alpha=0.6, density=True, label='ID')
+            ax.hist(scores[det][name], bins=50, alpha=0.6, density=True, label=name)
+            ax.set_title(f'{det}: ID vs {name}')
+            ax.legend()
+        for name in groups:
+            is_ood = np.r_[np.zeros(len(scores[det]['id'])), np.ones(len(scores[det][name]))]
+            fpr, tpr, _ = skm.roc_curve(is_ood, -np.r_[scores[det]['id'], scores[det][name]])
+            axes[-1].plot(fpr, tpr, label=name)
+        axes[-1].plot([0, 1], [0, 1], 'k:')
+        axes[-1].set(title=f'{det}: ROC (OOD positive)', xlabel='FPR', ylabel='TPR')
+        axes[-1].legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / f'{det}.png', dpi=80)
+        plt.close(fig)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
+    if ddp:  # rank-sharded network passes; rank 0 scores and writes
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        use_cuda = args.device.startswith('cuda')
+        dist.init_process_group('nccl' if use_cuda else 'gloo')
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu')
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, torch.device(args.device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    checkpoints = [load_checkpoint(r) for r in args.runs]
+    names = [name for _, name, _ in checkpoints]
+    if len(set(names)) != len(names):
+        fail(f'two runs share the name {max(names, key=names.count)!r}: runs are named by their directory or file stem, rename one')
+    dataset = args.dataset or checkpoints[0][0]['dataset']
+    for ckpt, name, _ in checkpoints:
+        if args.dataset is None and ckpt['dataset'] != dataset:
+            fail(f"runs mix datasets ({ckpt['dataset']} in {name}, {dataset} in {names[0]}): evaluate one setting at a time")
+
+    # ---------------------------------------------------------------- data (once for all runs)
+    t_start = time.time()
+    ds = load_dataset(dataset, args.data_root, args.openood_root)
+    for ckpt, name, _ in checkpoints:
+        if ckpt['num_classes'] != len(ds['classes']):
+            fail(f"{name} has {ckpt['num_classes']} classes but --dataset {dataset} has {len(ds['classes'])}: "
+                 f"evaluate it on the dataset it was trained on ({ckpt['dataset']})")
+    folder = dataset.startswith('folder:')
+    size = checkpoints[0][0]['image_size'] if folder else ds['image_size']
+    split_images = {split: (read_files(ds[split][0], size) if folder else ds[split][0], ds[split][1]) for split in ('train', 'val', 'test')}
+    oods = ood_sets(dataset, size, args)
+    groups = {name: group for name, (group, _) in oods.items()}
+    if not groups:
+        fail(f'no OOD set available for {dataset}: pass --near NAME=PATH / --far NAME=PATH')
+    say(f'{dataset}: ID test {len(split_images["test"][1]):,}, ' + ', '.join(f'{n} ({g}) {len(oods[n][1]):,}' for n, g in groups.items()))
+
+    # ---------------------------------------------------------------- network passes and scores
+    time_net = time_det = 0.0
+    tables, all_scores = {d: [] for d in args.detectors}, {}
+    for ckpt, run, ckpt_file in checkpoints:
+        model = build_model(ckpt, device)
+        outputs, t0 = {}, time.time()
+        splits = {'train': split_images['train'], 'val': split_images['val'], 'id': split_images['test']}
+        splits.update({name: (images, np.full(len(images), -1)) for name, (_, images) in oods.items()})
+        fingerprint = f'{ckpt_file.resolve()}:{ckpt_file.stat().st_size}:{ckpt_file.stat().st_mtime_ns}:{dataset}'
+        for split, (images, labels) in splits.items():
+            cache_file = Path(args.cache) / run / f'{split}.npz' if args.cache else None
+            if cache_file and cache_file.exists():
+                cached = np.load(cache_file)
+                if str(cached['source']) == fingerprint and len(cached['labels']) == len(labels):
+                    outputs[split] = dict(logits=cached['logits'], features=cached['features'], labels=cached['labels'])
+                    continue
+            logits, feats = forward_all(model, images, ckpt, device, args.batch_size, rank, world, desc=f'{run}/{split}')
+            outputs[split] = dict(logits=logits, features=feats, labels=np.asarray(labels))
+            if cache_file and master:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(f'{cache_file}.tmp', 'wb') as f:
+                    np.savez(f, source=fingerprint, **outputs[split])
+                os.replace(f'{cache_file}.tmp', cache_file)
+        odin = {}
+        if 'odin' in args.detectors:
+            for split in ['id'] + list(oods):
+                odin[split] = odin_scores(model, splits[split][0], ckpt, device, args.batch_size, args.odin_temperature, args.odin_eps, rank, world)
+        time_net += time.time() - t0
+        if not master:
+            continue
+        t0 = time.time()
+        as_torch = {split: {k: torch.from_numpy(np.asarray(v)).to(device).double() if k != 'labels' else torch.from_numpy(np.asarray(v)).to(device).long()
+                            for k, v in o.items()} for split, o in outputs.items()}
+        W, b = (p.detach().to(device).double() for p in (model.fc.weight, model.fc.bias))
+        stats = fit(as_torch['train'], as_torch['val'], W, b, args) if set(args.detectors) - {'msp', 'mls', 'ebo', 'odin', 'gen'} else {}
+        acc = 100 * float((outputs['id']['logits'].argmax(1) == outputs['id']['labels']).mean())
+        for det in args.detectors:
+            if det == 'odin':
+                scores = odin
+            else:
+                scores = {split: SCORES[det](as_torch[split]['logits'], as_torch[split]['features'], stats, args).cpu().numpy()
+                          for split in ['id'] + list(oods)}
+            all_scores.setdefault(det, {}).update({f'{run}/{split}': s for split, s in scores.items()})
+            tables[det].append(run_table(scores, groups, acc))
+            if run == names[0]:
+                all_scores.setdefault('_first', {})[det] = scores
+        time_det += time.time() - t0
+    if not master:
+        dist.destroy_process_group()
+        return
+
+    # ---------------------------------------------------------------- report
+    results = {det: aggregate(tables[det]) for det in args.detectors}
+    report = format_tables(results, groups, len(checkpoints))
+    print(report)
+    print(f'time: {time.time() - t_start:.1f}s in all; network passes {time_net:.1f}s, detectors {time_det:.1f}s '
+          f'({len(checkpoints)} run(s), {len(args.detectors)} detectors, device {device})')
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = dict(runs=names, dataset=dataset, near=[n for n, g in groups.items() if g == 'near'], far=[n for n, g in groups.items() if g == 'far'])
+        (out / 'results.json').write_text(json.dumps(dict(results, _meta=meta), indent=1))
+        (out / 'results.md').write_text(report)
+        with open(out / 'results.csv', 'w', newline='') as f:
+            writer = csv.writer(f)
+            writer.writerow(['detector', 'dataset'] + [k for m in METRICS for k in (m, f'{m}_std')])
+            for det, table in results.items():
+                for row, values in table.items():
+                    writer.writerow([det, row] + [f'{values[k]:.4f}' for m in METRICS for k in (m, f'{m}_std')])
+        np.savez(out / 'scores.npz', **{f'{key.split("/")[0]}/{det}/{key.split("/", 1)[1]}': s
+                                        for det, by_key in all_scores.items() if det != '_first' for key, s in by_key.items()})
+        print(f'wrote {out}/results.json, results.csv, results.md, scores.npz')
+    if args.plots:
+        save_plots(all_scores['_first'], groups, args.detectors, Path(args.plots))
+        print(f'wrote {len(args.detectors)} plots to {args.plots}')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,400 @@
+"""Behaviour tests for synth-ood: tiny data, tiny models, no network, a 2-core CPU.
+
+    python -m pytest -q test_smoke.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate
+import train_sio
+
+REPO = Path(__file__).resolve().parent
+# No test may reach the network: downloads hit a closed local port and fail at once.
+OFFLINE = dict(os.environ, HTTPS_PROXY='http://127.0.0.1:9', HTTP_PROXY='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9',
+               http_proxy='http://127.0.0.1:9', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', PYTHONUNBUFFERED='1')
+
+
+def run_script(*args, cwd=REPO, torchrun=0):
+    """Run a script as a user would; returns the CompletedProcess (stdout+stderr as text)."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={torchrun}', '--master_port=29533'] if torchrun else [sys.executable]
+    return subprocess.run(launcher + [str(a) for a in args], cwd=cwd, env=OFFLINE, capture_output=True, text=True, timeout=600)
+
+
+def assert_user_error(proc, *words):
+    """Exit code 2, one line on stderr, no traceback, and the line names the fix."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def digits_train_set():
+    ds = train_sio.load_dataset('digits')
+    return ds['train']
+
+
+@pytest.fixture(scope='session')
+def runs(tmp_path_factory):
+    """Two baseline seeds and one SIO run on digits, shared by the tests below."""
+    root = tmp_path_factory.mktemp('runs')
+    images, labels = digits_train_set()
+    # A stand-in synthetic set until generate.py's is used: shifted + noised copies of the real digits.
+    rng = np.random.RandomState(1)
+    fake = np.clip(np.roll(images, 1, axis=2).astype(int) + rng.randint(-20, 21, images.shape), 0, 255).astype(np.uint8)
+    syn = root / 'syn'
+    syn.mkdir()
+    np.save(syn / 'images.npy', fake)
+    np.save(syn / 'labels.npy', labels)
+    for seed in (0, 1):
+        train_sio.main(['--dataset', 'digits', '--epochs', '8', '--seed', str(seed), '--out', str(root / f'ce_s{seed}')])
+    train_sio.main(['--dataset', 'digits', '--epochs', '8', '--synthetic', str(syn), '--out', str(root / 'sio_s0')])
+    return root
+
+
+# ================================================================================================
+# train_sio.py
+
+def test_sio_batches_cifar_composition():
+    g = torch.Generator().manual_seed(0)
+    plan = train_sio.sio_batches(50000, 50000, 128, 0.8, g)
+    assert len(plan) == math.ceil(50000 / 128) == 391
+    assert all(len(r) == 102 and len(s) == 26 for r, s in plan)
+    real = torch.cat([r for r, _ in plan])
+    assert len(real.unique()) == len(real) == 391 * 102  # no repeats: 39,882 of 50,000 real per epoch
+    plan2 = train_sio.sio_batches(50000, 50000, 128, 0.8, g)
+    assert not torch.equal(plan[0][0], plan2[0][0]) and not torch.equal(plan[0][1], plan2[0][1])  # reshuffled
+
+
+def test_sio_batches_small_synthetic_and_baseline():
+    g = torch.Generator().manual_seed(0)
+    plan = train_sio.sio_batches(1000, 30, 128, 0.8, g)  # fewer synthetic than needed: whole permutations, repeated
+    syn = torch.cat([s for _, s in plan])
+    assert len(plan) == 8 and len(syn) == 8 * 26
+    assert torch.equal(syn[:30].sort().values, torch.arange(30))
+    base = train_sio.sio_batches(1000, 0, 128, 1.0, g)
+    assert [len(r) for r, _ in base] == [128] * 7 + [104]
+    assert torch.equal(torch.cat([r for r, _ in base]).sort().values, torch.arange(1000))
+
+
+def test_runs_write_checkpoint_contract(runs):
+    for name, synthetic_seen, real_seen in (('ce_s0', 0, 647), ('sio_s0', 11 * 13, 11 * 51)):
+        best = torch.load(runs / name / 'best.pt', weights_only=False)
+        last = torch.load(runs / name / 'last.pt', weights_only=False)
+        for key in ('model', 'arch', 'num_classes', 'classes', 'dataset', 'image_size', 'mean', 'std', 'epoch', 'val_acc', 'args'):
+            assert key in best and key in last, key
+        for key in ('optimizer', 'scheduler', 'scaler', 'rng'):
+            assert key in last, key
+        assert not any(k.startswith(('module.', '_orig_mod.')) for k in best['model'])
+        assert best['num_classes'] == 6 and best['classes'][0] == 'zero' and best['image_size'] == 8
+        assert best['val_acc'] > 0.85, best['val_acc']
+        log = [json.loads(l) for l in (runs / name / 'log.jsonl').read_text().splitlines()]
+        assert [r['epoch'] for r in log] == list(range(1, 9))
+        assert all(r['real_seen'] == real_seen and r['synthetic_seen'] == synthetic_seen and r['images_per_s'] > 0 for r in log)
+        assert max(r['val_acc'] for r in log) == pytest.approx(best['val_acc'])
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    common = ['--dataset', 'digits', '--epochs', '4', '--seed', '3']
+    train_sio.main(common + ['--out', str(tmp_path / 'straight')])
+    train_sio.main(common + ['--out', str(tmp_path / 'split'), '--stop-after', '2'])
+    assert json.loads((tmp_path / 'split' / 'log.jsonl').read_text().splitlines()[-1])['epoch'] == 2
+    train_sio.main(common + ['--out', str(tmp_path / 'split'), '--resume'])
+    a = torch.load(tmp_path / 'straight' / 'last.pt', weights_only=False)
+    b = torch.load(tmp_path / 'split' / 'last.pt', weights_only=False)
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert len((tmp_path / 'split' / 'log.jsonl').read_text().splitlines()) == 4
+
+
+def test_torchrun_two_processes(tmp_path):
+    proc = run_script('train_sio.py', '--dataset', 'digits', '--epochs', '2', '--out', tmp_path / 'ddp', torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(l) for l in (tmp_path / 'ddp' / 'log.jsonl').read_text().splitlines()]
+    assert len(log) == 2 and log[-1]['real_seen'] == 647
+    assert torch.load(tmp_path / 'ddp' / 'best.pt', weights_only=False)['val_acc'] > 0.3
+
+
+def test_method_losses_by_hand():
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    y = torch.tensor([0, 1])
+    ce = -(torch.log(torch.exp(z[0, 0]) / torch.exp(z[0]).sum()) + torch.log(torch.exp(z[1, 1]) / torch.exp(z[1]).sum())) / 2
+    assert train_sio.method_loss('ce', z, y).item() == pytest.approx(ce.item(), rel=1e-6)
+    zn = z / z.norm(dim=1, keepdim=True) / 0.04
+    ln = -(F.log_softmax(zn, 1)[0, 0] + F.log_softmax(zn, 1)[1, 1]) / 2
+    assert train_sio.method_loss('logitnorm', z, y, tau=0.04).item() == pytest.approx(ln.item(), rel=1e-5)
+    outliers = torch.tensor([[1.0, 1.0, 1.0], [3.0, 0.0, 0.0]])
+    uniform_ce = [math.log(3), math.log(math.exp(3) + 2) - 1.0]  # logsumexp - mean logit, per outlier
+    oe = train_sio.method_loss('oe', torch.cat([z, outliers]), y, oe_weight=0.5).item()
+    assert oe == pytest.approx(ce.item() + 0.5 * sum(uniform_ce) / 2, rel=1e-6)
+    y_mix = torch.tensor([1, 0])
+    ce_mix = -(F.log_softmax(z, 1)[0, 1] + F.log_softmax(z, 1)[1, 0]) / 2
+    assert train_sio.method_loss('cutmix', z, y, mix_labels=y_mix, lam=0.3).item() == pytest.approx(0.3 * ce.item() + 0.7 * ce_mix.item(), rel=1e-6)
+
+
+def test_cutmix_lambda_is_kept_area():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    x = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    x[1] = 1
+    x[2] = 2
+    x[3] = 3
+    mixed, labels_b, lam = train_sio.cutmix(x, torch.arange(4))
+    for i in range(4):
+        kept = (mixed[i] == x[i]).float().mean().item()
+        if labels_b[i] != i:
+            assert kept == pytest.approx(lam, abs=1e-6)
+
+
+def test_augment_crops_and_flips_in_batch():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    torch.manual_seed(0)
+    out = train_sio.augment(x, pad=1, flip=True)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    for i in range(2):  # each output is a shifted (maybe flipped) window of the zero-padded input
+        padded = F.pad(x[i], (1, 1, 1, 1))
+        windows = [padded[:, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+def test_nan_loss_stops_with_epoch_and_step(tmp_path):
+    proc = run_script('train_sio.py', '--dataset', 'digits', '--epochs', '2', '--lr', '1e30', '--out', tmp_path / 'nan')
+    assert_user_error(proc, 'epoch 1 step', 'last.pt')
+    assert not (tmp_path / 'nan' / 'last.pt').exists()
+
+
+def test_missing_cifar_is_one_line(tmp_path):
+    proc = run_script('train_sio.py', '--dataset', 'cifar10', '--data-root', tmp_path / 'nodata', '--epochs', '1', '--out', tmp_path / 'x')
+    assert_user_error(proc, str(tmp_path / 'nodata'), '--data-root')
+
+
+@pytest.mark.parametrize('case', ['class_count', 'label_range', 'shape'])
+def test_bad_synthetic_sets(tmp_path, case):
+    images, labels = digits_train_set()
+    if case == 'class_count':
+        keep = labels < 4
+        images, labels, words = images[keep], labels[keep], ('4 classes', '6')
+    elif case == 'label_range':
+        labels = labels.copy()
+        labels[0], words = 9, ('labels span', '6 classes')
+    else:
+        images, words = images[..., 0], ('uint8 (N, H, W, 3)',)
+    np.save(tmp_path / 'images.npy', images)
+    np.save(tmp_path / 'labels.npy', labels)
+    proc = run_script('train_sio.py', '--dataset', 'digits', '--synthetic', tmp_path, '--epochs', '1', '--out', tmp_path / 'x')
+    assert_user_error(proc, *words)
+
+
+def test_synthetic_class_folders_are_read_with_padded_labels(tmp_path):
+    from PIL import Image
+    images, labels = digits_train_set()
+    for c in range(6):
+        (tmp_path / f'{c:03d}').mkdir()
+        for n, i in enumerate(np.flatnonzero(labels == c)[:3]):
+            Image.fromarray(images[i]).save(tmp_path / f'{c:03d}' / f'{n}.png')
+    got_images, got_labels = train_sio.load_synthetic(tmp_path, 6, 8)
+    assert got_images.shape == (18, 8, 8, 3) and list(got_labels) == [c for c in range(6) for _ in range(3)]
+    assert np.array_equal(got_images[:3], images[np.flatnonzero(labels == 0)[:3]])
+
+
+def test_digits_split_is_the_spec_split():
+    ds = train_sio.load_dataset('digits')
+    from sklearn.datasets import load_digits
+    target = load_digits().target
+    idx0 = np.flatnonzero(target == 0)
+    perm = idx0[np.random.RandomState(0).permutation(len(idx0))]
+    n_train = int(0.6 * len(idx0))
+    assert len(ds['train'][1]) == 647 and len(ds['val'][1]) == 106 and len(ds['test'][1]) == 330
+    expected = np.repeat((load_digits().images[perm[:n_train]] * 255 / 16).round().astype(np.uint8)[..., None], 3, -1)
+    assert np.array_equal(ds['train'][0][:n_train], expected)
+
+
+# ================================================================================================
+# evaluate.py
+
+def test_metrics_perfect_separation_and_full_overlap():
+    m = evaluate.ood_metrics(np.array([3.0, 4.0]), np.array([1.0, 2.0]))
+    assert m == pytest.approx(dict(FPR95=0.0, AUROC=100.0, AUPR_IN=100.0, AUPR_OUT=100.0, FPR95_ID=0.0))
+    m = evaluate.ood_metrics(np.ones(4), np.ones(4))
+    assert m['AUROC'] == pytest.approx(50.0) and m['FPR95'] == pytest.approx(100.0) and m['FPR95_ID'] == pytest.approx(100.0)
+
+
+def test_metrics_interleaved_by_hand():
+    # ID scores 4, 2; OOD scores 3, 1. Pairs ID>OOD: (4,3) (4,1) (2,1) of 4 -> AUROC 75%.
+    # OOD positive on -s: thresholds -1 (tpr .5, fpr 0), -2 (.5, .5), -3 (1, .5): FPR@95 = 50%.
+    # AUPR-In, precision-recall of ID on s: (R, P) = (1, 2/3) at s>=2, (.5, .5) at s>=3, (.5, 1) at s>=4,
+    # then (0, 1); trapezoids: .5 * (2/3 + .5) / 2 + 0 + .5 * 1.
+    m = evaluate.ood_metrics(np.array([4.0, 2.0]), np.array([3.0, 1.0]))
+    assert m['AUROC'] == pytest.approx(75.0)
+    assert m['FPR95'] == pytest.approx(50.0) and m['FPR95_ID'] == pytest.approx(50.0)
+    assert m['AUPR_IN'] == pytest.approx(100 * (0.5 * (2 / 3 + 0.5) / 2 + 0.5))
+    # AUPR-Out, precision-recall of OOD on -s: (1, 2/3) at -s>=-3, (.5, .5) at -s>=-2, (.5, 1) at -s>=-1, (0, 1).
+    assert m['AUPR_OUT'] == pytest.approx(100 * (0.5 * (2 / 3 + 0.5) / 2 + 0.5))
+
+
+def test_metrics_with_ties():
+    # ID 1, 1; OOD 1, 0. AUROC: ties count half -> (.5 + 1 + .5 + 1) / 4 = 75%.
+    # Catching 95% of OOD needs the tied threshold, which rejects all ID: FPR@95 = 100%.
+    m = evaluate.ood_metrics(np.array([1.0, 1.0]), np.array([1.0, 0.0]))
+    assert m['AUROC'] == pytest.approx(75.0) and m['FPR95'] == pytest.approx(100.0)
+    # accepting 95% of ID needs s >= 1, which accepts the tied OOD sample: 50%
+    assert m['FPR95_ID'] == pytest.approx(50.0)
+
+
+@pytest.fixture(scope='session')
+def evaluated(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp('eval')
+    evaluate.main([str(runs / 'ce_s0'), '--cache', str(out / 'cache'), '--out', str(out / 'cached1'), '--plots', str(out / 'plots')])
+    return out
+
+
+def test_evaluate_writes_every_output(evaluated):
+    results = json.loads((evaluated / 'cached1' / 'results.json').read_text())
+    assert set(evaluate.DETECTORS) <= set(results)
+    for det in evaluate.DETECTORS:
+        assert set(results[det]) == {'digits6-9', 'china', 'flower', 'near', 'far'}
+        for metric in evaluate.METRICS:
+            assert 0 <= results[det]['near'][metric] <= 100 and f'{metric}_std' in results[det]['near']
+    assert results['ebo']['far']['AUROC'] > 60 and results['msp']['near']['ACC'] > 85
+    scores = np.load(evaluated / 'cached1' / 'scores.npz')
+    assert 'ce_s0/knn/id' in scores and 'ce_s0/odin/flower' in scores
+    assert (evaluated / 'cached1' / 'results.csv').read_text().startswith('detector,dataset,FPR95')
+    assert '### summary' in (evaluated / 'cached1' / 'results.md').read_text()
+    assert {p.name for p in (evaluated / 'plots').iterdir()} == {f'{d}.png' for d in evaluate.DETECTORS}
+    for split in ('train', 'val', 'id', 'digits6-9', 'china', 'flower'):
+        cached = np.load(evaluated / 'cache' / 'ce_s0' / f'{split}.npz')
+        assert cached['logits'].shape[1] == 6 and cached['features'].shape[1] == 128
+
+
+def test_detectors_match_their_formulas(runs, evaluated):
+    """Each detector's score recomputed from the cached logits/features with numpy, from SPEC section 4."""
+    cache = {s: np.load(evaluated / 'cache' / 'ce_s0' / f'{s}.npz') for s in ('train', 'val', 'id')}
+    scores = np.load(evaluated / 'cached1' / 'scores.npz')
+    ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
+    W, b = ckpt['model']['fc.weight'].double().numpy(), ckpt['model']['fc.bias'].double().numpy()
+    z, h = cache['id']['logits'].astype(np.float64), cache['id']['features'].astype(np.float64)
+    h_tr, y_tr = cache['train']['features'].astype(np.float64), cache['train']['labels']
+    h_val, z_val = cache['val']['features'].astype(np.float64), cache['val']['logits'].astype(np.float64)
+
+    def softmax(a):
+        e = np.exp(a - a.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def lse(a):
+        return np.log(np.exp(a - a.max(1, keepdims=True)).sum(1)) + a.max(1)
+    p = softmax(z)
+    expected = {'msp': p.max(1), 'mls': z.max(1), 'ebo': lse(z)}
+    top = np.sort(p, 1)[:, -6:]
+    expected['gen'] = -(top ** 0.1 * (1 - top) ** 0.1).sum(1)
+    pred_val = z_val.argmax(1)
+    means = np.stack([softmax(z_val)[pred_val == c].mean(0) for c in range(6) if (pred_val == c).any()])
+    expected['klm'] = -np.array([min((pi * np.log(pi / m)).sum() for m in means) for pi in p])
+    clip = np.quantile(h_val, 0.9)
+    expected['react'] = lse(np.minimum(h, clip) @ W.T + b)
+    k = 128 - round(128 * 0.9)
+    ash = np.zeros_like(h)
+    for i, row in enumerate(h):
+        ash[i, np.argsort(-row)[:k]] = row.sum() / k
+    expected['ash'] = lse(ash @ W.T + b)
+    contrib = h_tr.mean(0)[None] * W
+    expected['dice'] = lse(h @ (W * (contrib > np.quantile(contrib, 0.9))).T + b)
+    mu = np.stack([h_tr[y_tr == c].mean(0) for c in range(6)])
+    cov = np.cov((h_tr - mu[y_tr]).T, bias=True)
+    prec = np.linalg.pinv(cov)
+    md = np.stack([np.einsum('nd,de,ne->n', h - m, prec, h - m) for m in mu], 1)
+    expected['mds'] = -md.min(1)
+    mu0 = h_tr.mean(0)
+    prec0 = np.linalg.pinv(np.cov(h_tr.T, bias=True))
+    expected['rmds'] = (-md).max(1) + np.einsum('nd,de,ne->n', h - mu0, prec0, h - mu0)
+    bank = h_tr / np.linalg.norm(h_tr, axis=1, keepdims=True)
+    q = h / np.linalg.norm(h, axis=1, keepdims=True)
+    expected['knn'] = -np.sort(np.linalg.norm(q[:, None] - bank[None], axis=2), 1)[:, 49]
+    u = -np.linalg.pinv(W) @ b
+    eigval, eigvec = np.linalg.eigh(np.cov((h_tr - u).T, bias=True) + np.outer(h_tr.mean(0) - u, h_tr.mean(0) - u))
+    ns = eigvec[:, np.argsort(-eigval)[64:]]
+    z_tr = h_tr @ W.T + b
+    alpha = z_tr.max(1).mean() / np.linalg.norm((h_tr - u) @ ns, axis=1).mean()
+    expected['vim'] = lse(z) - alpha * np.linalg.norm((h - u) @ ns, axis=1)
+    for det, value in expected.items():
+        np.testing.assert_allclose(scores[f'ce_s0/{det}/id'], value, rtol=1e-4, atol=1e-4, err_msg=det)
+
+
+def test_tempscale_and_odin(runs, evaluated):
+    cache = {s: np.load(evaluated / 'cache' / 'ce_s0' / f'{s}.npz') for s in ('train', 'val', 'id')}
+    scores = np.load(evaluated / 'cached1' / 'scores.npz')
+    args = evaluate.get_args(['x'])
+    val = {k: torch.from_numpy(v).double() if k != 'labels' else torch.from_numpy(v).long() for k, v in cache['val'].items() if k != 'source'}
+    train = {k: torch.from_numpy(v).double() if k != 'labels' else torch.from_numpy(v).long() for k, v in cache['train'].items() if k != 'source'}
+    ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
+    W, b = ckpt['model']['fc.weight'].double(), ckpt['model']['fc.bias'].double()
+    T = evaluate.fit(train, val, W, b, args)['temperature']
+    nll = lambda t: F.cross_entropy(val['logits'] / t, val['labels']).item()
+    assert nll(T) < nll(1.5)  # the fit improved on its start
+    np.testing.assert_allclose(scores['ce_s0/tempscale/id'], F.softmax(torch.from_numpy(cache['id']['logits']).double() / T, 1).max(1).values.numpy(), rtol=1e-5)
+    # ODIN on three ID images, by hand: perturb by eps/std against the gradient sign, softmax at T=1000
+    ds = train_sio.load_dataset('digits')
+    model = train_sio.Net('cnn', 6)
+    model.load_state_dict(ckpt['model'])
+    model.eval()
+    mean, std = torch.tensor(ckpt['mean']).view(1, 3, 1, 1), torch.tensor(ckpt['std']).view(1, 3, 1, 1)
+    x = ((torch.from_numpy(ds['test'][0][:3]).permute(0, 3, 1, 2).float() / 255 - mean) / std).requires_grad_(True)
+    out = model(x)
+    F.cross_entropy(out / 1000, out.argmax(1)).backward()
+    sign = torch.where(x.grad >= 0, 1.0, -1.0)
+    with torch.no_grad():
+        odin = F.softmax(model(x - 0.0014 * sign / std) / 1000, 1).max(1).values
+    np.testing.assert_allclose(scores['ce_s0/odin/id'][:3], odin.numpy(), rtol=1e-5)
+
+
+def test_cached_and_uncached_tables_match(runs, evaluated):
+    evaluate.main([str(runs / 'ce_s0'), '--cache', str(evaluated / 'cache'), '--out', str(evaluated / 'cached2')])
+    evaluate.main([str(runs / 'ce_s0'), '--out', str(evaluated / 'uncached')])
+    tables = [json.loads((evaluated / d / 'results.json').read_text()) for d in ('cached1', 'cached2', 'uncached')]
+    assert tables[0] == tables[1] == tables[2]
+
+
+def test_mean_and_std_over_runs(runs, tmp_path):
+    cache = str(tmp_path / 'cache')
+    evaluate.main([str(runs / 'ce_s0'), str(runs / 'ce_s1'), '--detectors', 'ebo,knn', '--cache', cache, '--out', str(tmp_path / 'both')])
+    single = [evaluate.main([str(runs / r), '--detectors', 'ebo,knn', '--cache', cache, '--out', str(tmp_path / r)]) or
+              json.loads((tmp_path / r / 'results.json').read_text()) for r in ('ce_s0', 'ce_s1')]
+    both = json.loads((tmp_path / 'both' / 'results.json').read_text())
+    for det in ('ebo', 'knn'):
+        for row in ('flower', 'near', 'far'):
+            values = [s[det][row]['AUROC'] for s in single]
+            assert both[det][row]['AUROC'] == pytest.approx(np.mean(values))
+            assert both[det][row]['AUROC_std'] == pytest.approx(np.std(values))
+    assert set(np.load(tmp_path / 'both' / 'scores.npz').files) >= {'ce_s0/ebo/id', 'ce_s1/knn/china'}
+
+
+def test_evaluate_errors(runs, tmp_path):
+    ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
+    ckpt.update(model=train_sio.Net('cnn', 10).state_dict(), num_classes=10, classes=[str(i) for i in range(10)])
+    torch.save(ckpt, tmp_path / 'ten.pt')
+    assert_user_error(run_script('evaluate.py', tmp_path / 'ten.pt', '--detectors', 'msp'), '10 classes', '6')
+    (tmp_path / 'notes.pt').write_text('not a checkpoint')
+    assert_user_error(run_script('evaluate.py', tmp_path / 'notes.pt'), 'not a readable torch checkpoint')
+    torch.save({'weights': 1}, tmp_path / 'dict.pt')
+    assert_user_error(run_script('evaluate.py', tmp_path / 'dict.pt'), 'not a synth-ood checkpoint')
+    missing = run_script('evaluate.py', runs / 'ce_s0', '--detectors', 'msp', '--far', f'extra={tmp_path}/none')
+    assert missing.returncode == 0 and 'skipping OOD set extra' in missing.stderr
+    assert_user_error(run_script('evaluate.py', runs / 'ce_s0', '--detectors', 'msp', '--far', f'extra={tmp_path}/none', '--strict'), 'extra', '--far extra=PATH')
+
+
+def test_folder_ood_set_and_cifar_missing_sets(runs, tmp_path):
+    from PIL import Image
+    (tmp_path / 'noise').mkdir()
+    for i in range(20):
+        Image.fromarray(np.random.RandomState(i).randint(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / 'noise' / f'{i}.png')
+    evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--far', f'noise={tmp_path / "noise"}', '--out', str(tmp_path / 'o')])
+    results = json.loads((tmp_path / 'o' / 'results.json').read_text())
+    assert 'noise' in results['msp'] and results['_meta']['far'] == ['china', 'flower', 'noise']
