@@ -8,6 +8,7 @@ scored from the cached logits and penultimate features. Several runs = seeds: me
     python evaluate.py runs/digits_ce_s0 runs/digits_ce_s1 runs/digits_ce_s2 --out results/digits_ce
     python evaluate.py runs/c10_sio_s*/ --dataset cifar10 --near tin=data/tin --no-tin --cache cache/
     python evaluate.py runs/c10_oal_s0 --openood-root data/openood --detectors ebo,msp,knn --plots plots/
+    python evaluate.py baseline=runs/ce_s0,runs/ce_s1 sio=runs/sio_s0,runs/sio_s1 --detectors msp,ebo,knn   # one comparison table
     torchrun --nproc_per_node=4 evaluate.py runs/c100_sio_s0    # rank-sharded network passes
 
 Detectors: msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim (SPEC section 4).
@@ -37,7 +38,8 @@ METRIC_TITLES = {'FPR95': 'FPR@95', 'AUROC': 'AUROC', 'AUPR_IN': 'AUPR-In', 'AUP
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('runs', nargs='+', help='run directories (their best.pt) or .pt checkpoints; several = seeds of one setting')
+    p.add_argument('runs', nargs='+', help='run directories (their best.pt) or .pt checkpoints; several = seeds of one setting; '
+                   'or NAME=RUN,RUN,... per setting to compare settings in one table')
     p.add_argument('--dataset', default=None, help="override the checkpoint's dataset: digits | cifar10 | cifar100 | folder:PATH")
     p.add_argument('--data-root', default='./data')
     p.add_argument('--openood-root', default=None, help="OpenOOD's data dir (benchmark_imglist/, images_classic/): its exact lists")
@@ -602,6 +604,80 @@ def save_plots(scores, groups, detectors, out_dir):
         plt.close(fig)
 
 
+def parse_settings(specs):
+    """Positional RUN arguments, or NAME=RUN,RUN,... groups (one group per setting) -> {setting: [runs]}."""
+    if not any('=' in spec for spec in specs):
+        return {'': list(specs)}
+    if not all('=' in spec for spec in specs):
+        fail('mix of plain runs and NAME=RUN,... settings: give every argument as NAME=RUN[,RUN...] or none')
+    settings = {}
+    for spec in specs:
+        name, runs = spec.split('=', 1)
+        settings[name] = [r for r in runs.split(',') if r]
+    return settings
+
+
+def score_runs(checkpoints, split_images, oods, groups, args, device, rank, world):
+    """Network passes (cached) and detector scores for each run -> ({detector: [table per run]}, scores, seconds)."""
+    time_net = time_det = 0.0
+    tables, scores_out = {d: [] for d in args.detectors}, {}
+    for ckpt, run, ckpt_file in checkpoints:
+        model = build_model(ckpt, device)
+        outputs, t0 = {}, time.time()
+        splits = {'train': split_images['train'], 'val': split_images['val'], 'id': split_images['test']}
+        splits.update({name: (images, np.full(len(images), -1)) for name, (_, images) in oods.items()})
+        fingerprint = f'{ckpt_file.resolve()}:{ckpt_file.stat().st_size}:{ckpt_file.stat().st_mtime_ns}:{ckpt["dataset"]}'
+        for split, (images, labels) in splits.items():
+            cache_file = Path(args.cache) / run / f'{split}.npz' if args.cache else None
+            if cache_file and cache_file.exists():
+                cached = np.load(cache_file)
+                if str(cached['source']) == fingerprint and len(cached['labels']) == len(labels):
+                    outputs[split] = dict(logits=cached['logits'], features=cached['features'], labels=cached['labels'])
+                    continue
+            logits, feats = forward_all(model, images, ckpt, device, args.batch_size, rank, world, desc=f'{run}/{split}')
+            outputs[split] = dict(logits=logits, features=feats, labels=np.asarray(labels))
+            if cache_file and rank == 0:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(f'{cache_file}.tmp', 'wb') as f:
+                    np.savez(f, source=fingerprint, **outputs[split])
+                os.replace(f'{cache_file}.tmp', cache_file)
+        odin = {}
+        if 'odin' in args.detectors:
+            for split in ['id'] + list(oods):
+                odin[split] = odin_scores(model, splits[split][0], ckpt, device, args.batch_size, args.odin_temperature, args.odin_eps, rank, world)
+        time_net += time.time() - t0
+        if rank != 0:
+            continue
+        t0 = time.time()
+        as_torch = {split: {k: torch.from_numpy(np.asarray(v)).to(device).long() if k == 'labels' else torch.from_numpy(np.asarray(v)).to(device).double()
+                            for k, v in o.items()} for split, o in outputs.items()}
+        W, b = (p.detach().to(device).double() for p in (model.fc.weight, model.fc.bias))
+        stats = fit(as_torch['train'], as_torch['val'], W, b, args) if set(args.detectors) - {'msp', 'mls', 'ebo', 'odin', 'gen'} else {}
+        acc = 100 * float((outputs['id']['logits'].argmax(1) == outputs['id']['labels']).mean())
+        for det in args.detectors:
+            if det == 'odin':
+                scores = odin
+            else:
+                scores = {split: SCORES[det](as_torch[split]['logits'], as_torch[split]['features'], stats, args).cpu().numpy()
+                          for split in ['id'] + list(oods)}
+            scores_out.setdefault(det, {})[run] = scores
+            tables[det].append(run_table(scores, groups, acc))
+        time_det += time.time() - t0
+    return tables, scores_out, time_net, time_det
+
+
+def compare_table(all_results, runs_per_setting):
+    """One row per (detector, setting): the table the quickstart ends with."""
+    lines = ['| detector | setting | near AUROC | far AUROC | near FPR@95 | far FPR@95 | ACC |', '|---|---|---|---|---|---|---|']
+    for det in next(iter(all_results.values())):
+        for setting, results in all_results.items():
+            t, n = results[det], runs_per_setting[setting]
+            get = lambda g, m: cell(t[g], m, n) if g in t else '-'
+            lines.append(f'| {det} | {setting} | {get("near", "AUROC")} | {get("far", "AUROC")} | {get("near", "FPR95")} | {get("far", "FPR95")} | '
+                         f'{cell(next(iter(t.values())), "ACC", n)} |')
+    return '\n'.join(lines) + '\n'
+
+
 def main(argv=None):
     args = get_args(argv)
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
@@ -615,15 +691,15 @@ def main(argv=None):
     else:
         rank, world, device = 0, 1, torch.device(args.device)
     master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    checkpoints = [load_checkpoint(r) for r in args.runs]
+    settings = {name: [load_checkpoint(r) for r in runs] for name, runs in parse_settings(args.runs).items()}
+    checkpoints = [c for runs in settings.values() for c in runs]
     names = [name for _, name, _ in checkpoints]
     if len(set(names)) != len(names):
         fail(f'two runs share the name {max(names, key=names.count)!r}: runs are named by their directory or file stem, rename one')
     dataset = args.dataset or checkpoints[0][0]['dataset']
     for ckpt, name, _ in checkpoints:
         if args.dataset is None and ckpt['dataset'] != dataset:
-            fail(f"runs mix datasets ({ckpt['dataset']} in {name}, {dataset} in {names[0]}): evaluate one setting at a time")
+            fail(f"runs mix datasets ({ckpt['dataset']} in {name}, {dataset} in {names[0]}): evaluate one dataset at a time")
 
     # ---------------------------------------------------------------- data (once for all runs)
     t_start = time.time()
@@ -639,83 +715,51 @@ def main(argv=None):
     groups = {name: group for name, (group, _) in oods.items()}
     if not groups:
         fail(f'no OOD set available for {dataset}: pass --near NAME=PATH / --far NAME=PATH')
-    say(f'{dataset}: ID test {len(split_images["test"][1]):,}, ' + ', '.join(f'{n} ({g}) {len(oods[n][1]):,}' for n, g in groups.items()))
+    if master:
+        print(f'{dataset}: ID test {len(split_images["test"][1]):,}, ' + ', '.join(f'{n} ({g}) {len(oods[n][1]):,}' for n, g in groups.items()))
 
-    # ---------------------------------------------------------------- network passes and scores
-    time_net = time_det = 0.0
-    tables, all_scores = {d: [] for d in args.detectors}, {}
-    for ckpt, run, ckpt_file in checkpoints:
-        model = build_model(ckpt, device)
-        outputs, t0 = {}, time.time()
-        splits = {'train': split_images['train'], 'val': split_images['val'], 'id': split_images['test']}
-        splits.update({name: (images, np.full(len(images), -1)) for name, (_, images) in oods.items()})
-        fingerprint = f'{ckpt_file.resolve()}:{ckpt_file.stat().st_size}:{ckpt_file.stat().st_mtime_ns}:{dataset}'
-        for split, (images, labels) in splits.items():
-            cache_file = Path(args.cache) / run / f'{split}.npz' if args.cache else None
-            if cache_file and cache_file.exists():
-                cached = np.load(cache_file)
-                if str(cached['source']) == fingerprint and len(cached['labels']) == len(labels):
-                    outputs[split] = dict(logits=cached['logits'], features=cached['features'], labels=cached['labels'])
-                    continue
-            logits, feats = forward_all(model, images, ckpt, device, args.batch_size, rank, world, desc=f'{run}/{split}')
-            outputs[split] = dict(logits=logits, features=feats, labels=np.asarray(labels))
-            if cache_file and master:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                with open(f'{cache_file}.tmp', 'wb') as f:
-                    np.savez(f, source=fingerprint, **outputs[split])
-                os.replace(f'{cache_file}.tmp', cache_file)
-        odin = {}
-        if 'odin' in args.detectors:
-            for split in ['id'] + list(oods):
-                odin[split] = odin_scores(model, splits[split][0], ckpt, device, args.batch_size, args.odin_temperature, args.odin_eps, rank, world)
-        time_net += time.time() - t0
-        if not master:
-            continue
-        t0 = time.time()
-        as_torch = {split: {k: torch.from_numpy(np.asarray(v)).to(device).double() if k != 'labels' else torch.from_numpy(np.asarray(v)).to(device).long()
-                            for k, v in o.items()} for split, o in outputs.items()}
-        W, b = (p.detach().to(device).double() for p in (model.fc.weight, model.fc.bias))
-        stats = fit(as_torch['train'], as_torch['val'], W, b, args) if set(args.detectors) - {'msp', 'mls', 'ebo', 'odin', 'gen'} else {}
-        acc = 100 * float((outputs['id']['logits'].argmax(1) == outputs['id']['labels']).mean())
-        for det in args.detectors:
-            if det == 'odin':
-                scores = odin
-            else:
-                scores = {split: SCORES[det](as_torch[split]['logits'], as_torch[split]['features'], stats, args).cpu().numpy()
-                          for split in ['id'] + list(oods)}
-            all_scores.setdefault(det, {}).update({f'{run}/{split}': s for split, s in scores.items()})
-            tables[det].append(run_table(scores, groups, acc))
-            if run == names[0]:
-                all_scores.setdefault('_first', {})[det] = scores
-        time_det += time.time() - t0
+    # ---------------------------------------------------------------- network passes, scores, report
+    all_results, all_scores, reports, time_net, time_det = {}, {}, [], 0.0, 0.0
+    for setting, runs in settings.items():
+        tables, scores, t_net, t_det = score_runs(runs, split_images, oods, groups, args, device, rank, world)
+        time_net, time_det = time_net + t_net, time_det + t_det
+        if master:
+            all_results[setting] = {det: aggregate(tables[det]) for det in args.detectors}
+            all_scores.update({f'{run}/{det}/{split}': s for det, by_run in scores.items() for run, by_split in by_run.items()
+                               for split, s in by_split.items()})
+            reports.append((f'## {setting}\n\n' if setting else '') + format_tables(all_results[setting], groups, len(runs)))
     if not master:
         dist.destroy_process_group()
         return
-
-    # ---------------------------------------------------------------- report
-    results = {det: aggregate(tables[det]) for det in args.detectors}
-    report = format_tables(results, groups, len(checkpoints))
+    report = '\n'.join(reports)
+    if len(settings) > 1:
+        report += f'\n## comparison (near = {", ".join(n for n, g in groups.items() if g == "near")}; far = {", ".join(n for n, g in groups.items() if g == "far")}; ' \
+                  f'mean ± std over runs)\n\n' + compare_table(all_results, {s: len(r) for s, r in settings.items()})
     print(report)
     print(f'time: {time.time() - t_start:.1f}s in all; network passes {time_net:.1f}s, detectors {time_det:.1f}s '
           f'({len(checkpoints)} run(s), {len(args.detectors)} detectors, device {device})')
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = dict(runs=names, dataset=dataset, near=[n for n, g in groups.items() if g == 'near'], far=[n for n, g in groups.items() if g == 'far'])
+        meta = dict(runs={s: [n for _, n, _ in r] for s, r in settings.items()}, dataset=dataset,
+                    near=[n for n, g in groups.items() if g == 'near'], far=[n for n, g in groups.items() if g == 'far'])
+        results = all_results[''] if '' in all_results else all_results  # one setting: detector -> ...; several: setting -> detector -> ...
         (out / 'results.json').write_text(json.dumps(dict(results, _meta=meta), indent=1))
         (out / 'results.md').write_text(report)
         with open(out / 'results.csv', 'w', newline='') as f:
             writer = csv.writer(f)
-            writer.writerow(['detector', 'dataset'] + [k for m in METRICS for k in (m, f'{m}_std')])
-            for det, table in results.items():
-                for row, values in table.items():
-                    writer.writerow([det, row] + [f'{values[k]:.4f}' for m in METRICS for k in (m, f'{m}_std')])
-        np.savez(out / 'scores.npz', **{f'{key.split("/")[0]}/{det}/{key.split("/", 1)[1]}': s
-                                        for det, by_key in all_scores.items() if det != '_first' for key, s in by_key.items()})
+            writer.writerow(['setting', 'detector', 'dataset'] + [k for m in METRICS for k in (m, f'{m}_std')])
+            for setting, by_det in all_results.items():
+                for det, table in by_det.items():
+                    for row, values in table.items():
+                        writer.writerow([setting, det, row] + [f'{values[k]:.4f}' for m in METRICS for k in (m, f'{m}_std')])
+        np.savez(out / 'scores.npz', **all_scores)
         print(f'wrote {out}/results.json, results.csv, results.md, scores.npz')
     if args.plots:
-        save_plots(all_scores['_first'], groups, args.detectors, Path(args.plots))
-        print(f'wrote {len(args.detectors)} plots to {args.plots}')
+        first = names[0]
+        save_plots({det: {split: all_scores[f'{first}/{det}/{split}'] for split in ['id'] + list(groups)} for det in args.detectors},
+                   groups, args.detectors, Path(args.plots))
+        print(f'wrote {len(args.detectors)} plots ({first}) to {args.plots}')
     if ddp:
         dist.destroy_process_group()
 

@@ -26,7 +26,7 @@ OFFLINE = dict(os.environ, HTTPS_PROXY='http://127.0.0.1:9', HTTP_PROXY='http://
 def run_script(*args, cwd=REPO, torchrun=0):
     """Run a script as a user would; returns the CompletedProcess (stdout+stderr as text)."""
     launcher = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={torchrun}', '--master_port=29533'] if torchrun else [sys.executable]
-    return subprocess.run(launcher + [str(a) for a in args], cwd=cwd, env=OFFLINE, capture_output=True, text=True, timeout=600)
+    return subprocess.run(launcher + [str(REPO / args[0])] + [str(a) for a in args[1:]], cwd=cwd, env=OFFLINE, capture_output=True, text=True, timeout=600)
 
 
 def assert_user_error(proc, *words):
@@ -267,7 +267,7 @@ def test_evaluate_writes_every_output(evaluated):
     assert results['ebo']['far']['AUROC'] > 60 and results['msp']['near']['ACC'] > 85
     scores = np.load(evaluated / 'cached1' / 'scores.npz')
     assert 'ce_s0/knn/id' in scores and 'ce_s0/odin/flower' in scores
-    assert (evaluated / 'cached1' / 'results.csv').read_text().startswith('detector,dataset,FPR95')
+    assert (evaluated / 'cached1' / 'results.csv').read_text().startswith('setting,detector,dataset,FPR95')
     assert '### summary' in (evaluated / 'cached1' / 'results.md').read_text()
     assert {p.name for p in (evaluated / 'plots').iterdir()} == {f'{d}.png' for d in evaluate.DETECTORS}
     for split in ('train', 'val', 'id', 'digits6-9', 'china', 'flower'):
@@ -398,3 +398,230 @@ def test_folder_ood_set_and_cifar_missing_sets(runs, tmp_path):
     evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--far', f'noise={tmp_path / "noise"}', '--out', str(tmp_path / 'o')])
     results = json.loads((tmp_path / 'o' / 'results.json').read_text())
     assert 'noise' in results['msp'] and results['_meta']['far'] == ['china', 'flower', 'noise']
+
+
+# ================================================================================================
+# generate.py
+
+import generate  # noqa: E402  (after the train/evaluate tests that need none of diffusers)
+
+
+@pytest.fixture(scope='session')
+def tiny_pipeline(tmp_path_factory):
+    """generate.py fit on digits with a tiny step count: a real SD-layout pipeline saved to disk."""
+    out = tmp_path_factory.mktemp('pipe') / 'digits'
+    generate.main(['fit', '--dataset', 'digits', '--out', str(out), '--steps', '20', '--vae-steps', '10', '--batch-size', '64',
+                   '--check-per-class', '2'])
+    return out
+
+
+def test_fit_makes_a_loadable_stable_diffusion_pipeline(tiny_pipeline):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 8
+    assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer('a photo of a three').input_ids)[-2] == 'three</w>'
+    fit_info = json.loads((tiny_pipeline / 'fit.json').read_text())
+    assert 0 <= fit_info['agreement'] <= 1 and fit_info['classes'][5] == 'five'
+    assert not tiny_pipeline.with_name('digits.tmp').exists()
+
+
+def sio_args(pipeline, out, *extra):
+    return ['sio', '--pipeline', str(pipeline), '--dataset', 'digits', '--per-class', '3', '--steps', '2', '--batch-size', '4',
+            '--out', str(out)] + [str(e) for e in extra]
+
+
+@pytest.fixture(scope='session')
+def sio_samples(tiny_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp('sio') / 'full'
+    generate.main(sio_args(tiny_pipeline, out))
+    return out
+
+
+def test_sio_writes_counts_labels_and_formats(sio_samples):
+    meta = json.loads((sio_samples / 'meta.json').read_text())
+    assert meta['counts'] == [3] * 6 and meta['complete'] and meta['prompt_template'] == 'a photo of a {}'
+    assert sorted(p.name for p in sio_samples.iterdir() if p.is_dir()) == [f'{c:03d}' for c in range(6)]
+    images, labels = np.load(sio_samples / 'images.npy'), np.load(sio_samples / 'labels.npy')
+    assert images.shape == (18, 8, 8, 3) and images.dtype == np.uint8 and list(labels) == [c for c in range(6) for _ in range(3)]
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(sio_samples / '004' / '2.png')), images[4 * 3 + 2])
+    read_images, read_labels = train_sio.load_synthetic(sio_samples, 6, 8)  # the trainer accepts it
+    assert np.array_equal(read_images, images) and np.array_equal(read_labels, labels)
+
+
+def test_sio_interrupted_and_resumed_is_byte_identical(tiny_pipeline, sio_samples, tmp_path):
+    out = tmp_path / 'resumed'
+    generate.main(sio_args(tiny_pipeline, out, '--max-batches', '2'))  # stops after 8 of 18 images
+    assert not (out / 'images.npy').exists() and not json.loads((out / 'meta.json').read_text())['complete']
+    (out / '005' / '1.png.tmp').write_bytes(b'half-written')  # a kill mid-write leaves only a temp file
+    (out / '000' / '0.png').unlink()  # and a batch with a missing file is recomputed whole
+    generate.main(sio_args(tiny_pipeline, out))
+    files = sorted(p.relative_to(sio_samples) for p in sio_samples.rglob('*.png'))
+    assert files == sorted(p.relative_to(out) for p in out.rglob('*.png'))
+    for f in files + [Path('images.npy'), Path('labels.npy')]:
+        assert (out / f).read_bytes() == (sio_samples / f).read_bytes(), f
+
+
+def test_sio_torchrun_writes_each_index_once(tiny_pipeline, sio_samples, tmp_path):
+    proc = run_script('generate.py', *sio_args(tiny_pipeline, tmp_path / 'ddp'), torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = [int(l.split('wrote ')[1].split()[0]) for l in proc.stdout.splitlines() if 'wrote' in l and 'sio rank' in l]
+    assert sorted(written) == [8, 10] and sum(written) == 18  # batches 0,2,4 on rank 0 (4+4+2), 1,3 on rank 1
+    for f in sio_samples.rglob('*.png'):
+        assert (tmp_path / 'ddp' / f.relative_to(sio_samples)).read_bytes() == f.read_bytes()
+
+
+def test_sio_hub_id_offline_is_one_line(tmp_path):
+    proc = run_script('generate.py', 'sio', '--pipeline', 'someone/not-cached-pipeline', '--dataset', 'digits', '--out', tmp_path / 'x')
+    assert_user_error(proc, 'local folder', 'generate.py fit')
+
+
+def brute_force_knn(points, k, select, sigma, draws, keep, seed):
+    """The k-NN sampler of SPEC 3.3 written out with numpy loops, returning (candidates, scores, boundary order)."""
+    X = points / np.linalg.norm(points, axis=1, keepdims=True)
+    k = min(k, len(X) - 1)
+    kth = lambda q: np.sort(((q[:, None, :] - X[None]) ** 2).sum(-1), axis=1)[:, k - 1]
+    boundary = X[np.argsort(-kth(X), kind='stable')[:select]]
+    eps = torch.randn(draws, X.shape[1], generator=torch.Generator().manual_seed(seed)).numpy()
+    candidates = np.concatenate([b + sigma * eps for b in boundary])
+    candidates /= np.linalg.norm(candidates, axis=1, keepdims=True)
+    return candidates, kth(candidates)
+
+
+def test_knn_sampler_fixed_and_faithful_selection():
+    rng = np.random.RandomState(0)
+    points = rng.randn(40, 3) * np.array([1.0, 0.3, 0.1]) + np.array([2.0, 0, 0])
+    k, select, sigma, draws, keep = 5, 4, 0.2, 30, 2
+    candidates, scores = brute_force_knn(points, k, select, sigma, draws, keep, seed=7)
+    feats = torch.from_numpy(points).float()
+    fixed = generate.knn_outliers(feats, k, select, sigma, draws, keep, 1, 'fixed', torch.Generator().manual_seed(7)).numpy()
+    for b in range(select):  # the true two lowest-density (largest k-NN distance) candidates of each boundary point
+        best = np.argsort(-scores[b * draws:(b + 1) * draws])[:keep] + b * draws
+        np.testing.assert_allclose(np.sort(fixed[b * keep:(b + 1) * keep], 0), np.sort(candidates[best], 0), atol=1e-5)
+    faithful = generate.knn_outliers(feats, k, select, sigma, draws, keep, 1, 'faithful', torch.Generator().manual_seed(7)).numpy()
+    grid = scores.reshape(draws, select)  # the published view: row r, column b holds candidate r*select + b ...
+    for b in range(select):
+        rows = np.argsort(-grid[:, b])[:keep]  # ... top rows of column b ...
+        np.testing.assert_allclose(np.sort(faithful[b * keep:(b + 1) * keep], 0), np.sort(candidates[b * draws + rows], 0), atol=1e-5)  # ... index b*draws + r
+    assert not np.allclose(np.sort(fixed, 0), np.sort(faithful, 0))  # the two modes really differ here
+
+
+def test_token_injection_touches_only_class_tokens(tiny_pipeline):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+    table = pipe.text_encoder.get_input_embeddings()
+    before = table.weight.detach().clone()
+    ids = pipe.tokenizer('A high-quality image of the four', return_tensors='pt').input_ids
+    class_ids = pipe.tokenizer('four', add_special_tokens=False).input_ids
+    vector = torch.full((before.shape[1],), 3.0)
+    plain = table(ids)[0].detach()
+    with generate.injected(pipe.text_encoder, class_ids, vector):
+        swapped = table(ids)[0].detach()
+    changed = (plain != swapped).any(1)
+    assert changed.tolist() == [i in class_ids for i in ids[0].tolist()] and changed.sum() == len(class_ids)
+    assert torch.equal(swapped[changed][0], vector)
+    assert torch.equal(table.weight, before)
+
+
+@pytest.fixture(scope='session')
+def oal_outliers(tiny_pipeline, runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp('oal') / 'digits'
+    generate.main(['oal', '--pipeline', str(tiny_pipeline), '--teacher', str(runs / 'ce_s0'), '--dataset', 'digits', '--out', str(out),
+                   '--iterations', '3', '--samples-per-iteration', '2', '--steps', '2', '--features-per-class', '40', '--knn-k', '10',
+                   '--knn-draws', '50', '--boundary', '5', '--repeats', '2'])
+    return out
+
+
+def test_oal_outputs_shapes_and_meta(oal_outliers):
+    knn, diff = np.load(oal_outliers / 'knn_outliers.npy'), np.load(oal_outliers / 'diffusion_outliers.npy')
+    assert knn.shape == (6, 2 * 5 * 2, 128) and knn.dtype == np.float32  # C, repeats * boundary * keep, teacher dim
+    assert diff.shape == (6, 8) and diff.dtype == np.float32  # iterations * samples, latent width
+    meta = json.loads((oal_outliers / 'meta.json').read_text())
+    assert meta['complete'] and meta['anchor'] == 'pooled' and meta['knn_select'] == 'faithful' and meta['scheduler'] == 'PNDMScheduler'
+    assert meta['projection']['shape'] == [128, 32]  # teacher 128-d -> the tiny CLIP's 32-d token space
+    np.testing.assert_allclose(np.linalg.norm(knn, axis=2), np.array(meta['anchor_norms'])[:, None].repeat(20, 1), rtol=1e-4)
+    assert len(list((oal_outliers / 'images').glob('*.png'))) == 6
+
+
+# ================================================================================================
+# train_oal.py
+
+import train_oal  # noqa: E402
+
+
+def test_club_matches_hand_computation():
+    torch.manual_seed(0)
+    club = train_oal.CLUB(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    mu, logvar = club.mu(x), club.logvar(x)
+    total = 0.0
+    for i in range(4):
+        pos = -sum((mu[i, d] - y[i, d]) ** 2 / (2 * torch.exp(logvar[i, d])) for d in range(2))
+        neg = -sum(sum((y[j, d] - mu[i, d]) ** 2 for j in range(4)) / 4 / (2 * torch.exp(logvar[i, d])) for d in range(2))
+        total += (pos - neg) / 4
+    assert club(x, y).item() == pytest.approx(total.item(), rel=1e-5)
+    loglik = sum(sum(-(mu[i, d] - y[i, d]) ** 2 / torch.exp(logvar[i, d]) - logvar[i, d] for d in range(2)) for i in range(4)) / 4
+    assert club.log_likelihood(x, y).item() == pytest.approx(loglik.item(), rel=1e-5)
+
+
+def test_alternating_step_raises_q_likelihood():
+    torch.manual_seed(0)
+    club_knn, club_diff = train_oal.CLUB(5, 4), train_oal.CLUB(3, 4, deep_mu=True)
+    student = torch.nn.Linear(2, 4)
+    optimizer = torch.optim.SGD([dict(params=student.parameters(), lr=0.1),
+                                 dict(params=list(club_knn.parameters()) + list(club_diff.parameters()), lr=1e-2)], momentum=0.9, nesterov=True)
+    o_knn, o_diff, h = torch.randn(16, 5), torch.randn(16, 3), student(torch.randn(16, 2))
+    value = lambda: (club_knn.log_likelihood(o_knn, h.detach()) + club_diff.log_likelihood(o_diff, h.detach())).item()
+    weight = student.weight.detach().clone()
+    before = value()
+    train_oal.fit_q_step(optimizer, club_knn, club_diff, o_knn, o_diff, h)
+    assert value() > before
+    assert torch.equal(student.weight, weight)  # only q moved
+
+
+def test_feature_kd_is_softmax_over_feature_dimensions():
+    torch.manual_seed(0)
+    h_s, target = torch.randn(3, 5), torch.randn(3, 5)
+    p_t, p_s = torch.softmax(target, dim=1), torch.softmax(h_s, dim=1)
+    by_hand = sum((p_t[i] * (p_t[i].log() - p_s[i].log())).sum() for i in range(3)) / 3
+    assert train_oal.kl_teacher_student(h_s, target).item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def oal_args(runs, outliers, out, *extra):
+    return ['--dataset', 'digits', '--teacher', str(runs / 'ce_s0'), '--init', str(runs / 'ce_s0'), '--outliers', str(outliers),
+            '--out', str(out)] + [str(e) for e in extra]
+
+
+def test_oal_end_to_end_logs_terms_and_evaluates(runs, oal_outliers, tmp_path):
+    train_oal.main(oal_args(runs, oal_outliers, tmp_path / 'oal', '--epochs', '3'))
+    log = [json.loads(l) for l in (tmp_path / 'oal' / 'log.jsonl').read_text().splitlines()]
+    assert len(log) == 3
+    for row in log:  # the total is exactly the weighted sum of the logged terms
+        assert row['loss'] == pytest.approx(row['ce'] + 4 * row['kd'] + 8 * row['feat'] + 0.1 * row['club_knn'] + 0.2 * row['club_diff'], rel=1e-4)
+    ckpt = torch.load(tmp_path / 'oal' / 'best.pt', weights_only=False)
+    assert ckpt['method'] == 'oal' and ckpt['val_acc'] > 0.85
+    evaluate.main([str(tmp_path / 'oal'), '--detectors', 'ebo', '--out', str(tmp_path / 'eval')])
+    assert json.loads((tmp_path / 'eval' / 'results.json').read_text())['ebo']['near']['ACC'] > 85
+
+
+def test_oal_alternating_and_resume(runs, oal_outliers, tmp_path):
+    common = ['--epochs', '2', '--club', 'alternating', '--seed', '1']
+    train_oal.main(oal_args(runs, oal_outliers, tmp_path / 'straight', *common))
+    train_oal.main(oal_args(runs, oal_outliers, tmp_path / 'split', *common, '--stop-after', '1'))
+    train_oal.main(oal_args(runs, oal_outliers, tmp_path / 'split', *common, '--resume'))
+    a = torch.load(tmp_path / 'straight' / 'last.pt', weights_only=False)
+    b = torch.load(tmp_path / 'split' / 'last.pt', weights_only=False)
+    for key in ('model', 'dt', 'club_knn', 'club_diff'):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_oal_mismatched_outliers_and_missing_assets(runs, oal_outliers, tmp_path):
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    np.save(bad / 'knn_outliers.npy', np.zeros((6, 10, 64), np.float32))
+    np.save(bad / 'diffusion_outliers.npy', np.zeros((4, 8), np.float32))
+    assert_user_error(run_script('train_oal.py', *oal_args(runs, bad, tmp_path / 'x')), '64-d', '128-d', '--teacher')
+    proc = run_script('train_oal.py', '--dataset', 'digits', '--out', tmp_path / 'y', cwd=tmp_path)  # defaults, nothing there yet
+    assert_user_error(proc, 'train_sio.py --dataset digits')
+    proc = run_script('train_oal.py', *oal_args(runs, tmp_path / 'none', tmp_path / 'z'))
+    assert_user_error(proc, 'generate.py oal')

@@ -1,0 +1,783 @@
+"""Generate the data both papers train on, with any diffusers text-to-image pipeline.
+
+  fit  a small Stable-Diffusion-layout pipeline (CLIP tokenizer + text encoder, UNet2DConditionModel,
+       AutoencoderKL, scheduler) trained on the ID training set, for when no pretrained one is at hand
+       (the embedded digits benchmark, offline machines). Saved with save_pretrained.
+  sio  class-balanced synthetic ID images from "a photo of a {class}" prompts (SIO, arXiv 2303.14531),
+       written as zero-padded class folders + meta.json + images.npy/labels.npy.
+  oal  latent-space outliers (OAL, arXiv 2406.16525): teacher features of the ID set -> k-NN
+       low-density samples per class (knn_outliers.npy), then Stable Diffusion prompted with the class
+       name whose token embedding is swapped for such a sample -> pooled final latents
+       (diffusion_outliers.npy) and decoded images for inspection.
+
+    python generate.py fit --dataset digits --out pipelines/digits                      # ~4 min on a CPU
+    python generate.py sio --pipeline pipelines/digits --dataset digits --per-class 300 --out samples/digits_sio
+    python generate.py oal --pipeline pipelines/digits --teacher runs/digits_ce_s0 --dataset digits --out outliers/digits
+    # the papers' setting on a GPU box (Stable Diffusion v1.4, PLMS 50 steps, guidance 7.5, seed 42)
+    python generate.py sio --pipeline CompVis/stable-diffusion-v1-4 --dataset cifar10 --per-class 5000 --out samples/c10_sio
+    python generate.py oal --pipeline CompVis/stable-diffusion-v1-4 --teacher VIT_DIR --dataset cifar10 --out outliers/cifar10
+    torchrun --nproc_per_node=8 generate.py sio ...     # indices split across ranks, each image written once
+
+Every image depends only on (seed, index) and batches are fixed index ranges, so an interrupted run
+started again recomputes only unfinished batches and ends with exactly the files of an uninterrupted run.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+SD_HUB_ID = 'CompVis/stable-diffusion-v1-4'  # the OAL paper's generator
+OAL_PROMPT = 'A high-quality image of the {}'  # OAL / Dream-OOD prompt
+FIT_TEMPLATES = ['a photo of a {}', OAL_PROMPT, '{}']  # fit trains on all so sio and oal prompts both work
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='command', required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
+    common.add_argument('--data-root', default='./data')
+    common.add_argument('--out', required=True)
+    common.add_argument('--seed', type=int, default=None, help='default 0 (fit, sio) / 42 (oal, the paper)')
+    common.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    common.add_argument('--dtype', default='bf16', choices=['bf16', 'fp16', 'fp32'], help='pipeline precision on CUDA (CPU always fp32)')
+    f = sub.add_parser('fit', parents=[common], help='train a small SD-layout pipeline on the ID set')
+    f.add_argument('--steps', type=int, default=1000, help='UNet + text-encoder training steps')
+    f.add_argument('--vae-steps', type=int, default=200)
+    f.add_argument('--batch-size', type=int, default=192)
+    f.add_argument('--lr', type=float, default=3e-3)
+    f.add_argument('--unet-channels', default='16,32')
+    f.add_argument('--vae-channels', type=int, default=16)
+    f.add_argument('--text-dim', type=int, default=32)
+    f.add_argument('--prompt-dropout', type=float, default=0.1, help='share of empty prompts, for classifier-free guidance')
+    f.add_argument('--check-per-class', type=int, default=50, help='samples per class for the agreement check at the end')
+    for name, help_text in (('sio', 'synthetic ID images for SIO'), ('oal', 'latent-space outliers for OAL')):
+        s = sub.add_parser(name, parents=[common], help=help_text)
+        s.add_argument('--pipeline', default=None, help=f'diffusers pipeline: local folder or hub id (default pipelines/<dataset> if it exists, else {SD_HUB_ID})')
+        s.add_argument('--steps', type=int, default=None, help='denoising steps (default: 50 for oal, 25 for sio)')
+        s.add_argument('--guidance', type=float, default=None, help='classifier-free guidance (default 7.5 for oal, 4 for sio)')
+        s.add_argument('--batch-size', type=int, default=16, help='images per pipeline call (fixed index ranges)')
+        s.add_argument('--scheduler', default=None, choices=['pipeline', 'pndm', 'ddim'], help="default: pndm (PLMS) for oal, the pipeline's own for sio")
+        s.add_argument('--max-batches', type=int, default=None, help='leave after this many batches (time-limited jobs; run again to continue)')
+    s = sub.choices['sio']
+    s.add_argument('--per-class', type=int, default=100)
+    s.add_argument('--prompt', default='a photo of a {}', help='template over the class name')
+    o = sub.choices['oal']
+    o.add_argument('--teacher', default=None, help='run dir / .pt of ours, or a transformers image classifier (default runs/<dataset>_ce_s0)')
+    o.add_argument('--features-per-class', type=int, default=500)
+    o.add_argument('--knn-select', default='faithful', choices=['faithful', 'fixed'], help='faithful = the published (mis)indexing (SPEC 3.3)')
+    o.add_argument('--knn-k', type=int, default=300)
+    o.add_argument('--knn-sigma', type=float, default=0.07)
+    o.add_argument('--knn-draws', type=int, default=1500, help='Gaussian candidates per boundary point')
+    o.add_argument('--boundary', type=int, default=50, help='boundary (lowest-density) points per class')
+    o.add_argument('--keep', type=int, default=2, help='candidates kept per boundary point')
+    o.add_argument('--repeats', type=int, default=None, help='k-NN repeats per class (default = number of classes: 10 / 100 as the paper)')
+    o.add_argument('--anchor', default=None, choices=['pooled', 'token'], help='norm of the class anchor: pooled text-encoder output (CIFAR-10 in OAL) or input token embedding (CIFAR-100 in OAL)')
+    o.add_argument('--iterations', type=int, default=100)
+    o.add_argument('--samples-per-iteration', type=int, default=3)
+    o.add_argument('--prompt', default=OAL_PROMPT)
+    args = p.parse_args(argv)
+    if args.seed is None:
+        args.seed = 42 if args.command == 'oal' else 0
+    if args.command in ('sio', 'oal'):
+        if args.pipeline is None:
+            local = Path('pipelines') / args.dataset.replace(':', '_').replace('/', '_')
+            args.pipeline = str(local) if local.is_dir() else SD_HUB_ID
+        args.steps = args.steps or (50 if args.command == 'oal' else 25)
+        args.guidance = args.guidance if args.guidance is not None else (7.5 if args.command == 'oal' else 4.0)
+        args.scheduler = args.scheduler or ('pndm' if args.command == 'oal' else 'pipeline')
+        if '{}' not in args.prompt:
+            fail(f'--prompt must contain {{}} where the class name goes, got {args.prompt!r}')
+    return args
+
+
+def fail(message):
+    """One line for the user, exit code 2, no traceback."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data. Same loader in every script: a dict with uint8 (N, H, W, 3) arrays (or file lists for
+# image folders), int labels, class names, native image size and normalisation.
+
+CIFAR_STATS = {'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DIGIT_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+
+
+def digits_images():
+    """sklearn's 1,797 8x8 digits as uint8 (N, 8, 8, 3): value * 255 / 16, grey replicated."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.rint(digits.images * 255 / 16).astype(np.uint8)
+    return np.repeat(images[..., None], 3, axis=-1), digits.target.astype(np.int64)
+
+
+def load_digits_splits():
+    """ID = digits 0-5; per class RandomState(0).permutation of its indices: 60% train, 10% val, 30% test."""
+    images, labels = digits_images()
+    split = {'train': [], 'val': [], 'test': []}
+    for c in range(6):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.random.RandomState(0).permutation(len(idx))]
+        n_train, n_val = int(0.6 * len(idx)), int(0.1 * len(idx))
+        split['train'].append(idx[:n_train])
+        split['val'].append(idx[n_train:n_train + n_val])
+        split['test'].append(idx[n_train + n_val:])
+    out = {name: (images[np.concatenate(ix)], labels[np.concatenate(ix)]) for name, ix in split.items()}
+    train = out['train'][0].astype(np.float64) / 255
+    mean, std = tuple(float(m) for m in train.mean(axis=(0, 1, 2))), tuple(float(s) for s in train.std(axis=(0, 1, 2)))
+    return dict(out, classes=DIGIT_NAMES[:6], image_size=8, mean=mean, std=std)
+
+
+def torchvision_set(cls, root, **kwargs):
+    """A torchvision dataset, downloaded if absent; None when it is absent and cannot be downloaded."""
+    try:
+        return cls(root, download=False, **kwargs)
+    except Exception:
+        pass
+    try:
+        return cls(root, download=True, **kwargs)
+    except Exception:
+        return None
+
+
+def read_imglist(openood_root, list_path):
+    """OpenOOD image list: 'relative/path.png label' per line, relative to images_classic/."""
+    root = Path(openood_root)
+    lines = (root / 'benchmark_imglist' / list_path).read_text().split('\n')
+    paths, labels = [], []
+    for line in filter(None, (l.strip() for l in lines)):
+        rel, label = line.rsplit(' ', 1)
+        paths.append(str(root / 'images_classic' / rel))
+        labels.append(int(label))
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def read_images(paths, size):
+    """Decode image files to uint8 (N, size, size, 3) (resize only when the size differs)."""
+    from PIL import Image
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        image = Image.open(path).convert('RGB')
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        out[i] = np.asarray(image)
+    return out
+
+
+def image_folder(path):
+    """ImageFolder layout: class = sorted sub-folder names, files sorted within each."""
+    path = Path(path)
+    if not path.is_dir():
+        fail(f'{path} does not exist: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((path / name).rglob('*')):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(str(f))
+                labels.append(c)
+    return files, np.array(labels, dtype=np.int64), classes
+
+
+def load_dataset(name, data_root='./data', openood_root=None):
+    if name == 'digits':
+        return load_digits_splits()
+    if name in ('cifar10', 'cifar100'):
+        cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
+        train, test = torchvision_set(cls, data_root, train=True), torchvision_set(cls, data_root, train=False)
+        if train is None or test is None:
+            fail(f'{cls.__name__} is not under {os.path.abspath(data_root)} and could not be downloaded (offline?); '
+                 f'put it there or point --data-root at the folder that holds it')
+        test_x, test_y = test.data, np.array(test.targets, dtype=np.int64)
+        if openood_root:  # OpenOOD v1.5's own split of the official test set, exactly
+            val_paths, val_y = read_imglist(openood_root, f'{name}/val_{name}.txt')
+            test_paths, test_y = read_imglist(openood_root, f'{name}/test_{name}.txt')
+            val, test = (read_images(val_paths, 32), val_y), (read_images(test_paths, 32), test_y)
+        else:  # OpenOOD v1.5: 1,000 test images are validation, the other 9,000 the ID test set
+            perm = np.random.RandomState(0).permutation(len(test_x))
+            val, test = (test_x[perm[:1000]], test_y[perm[:1000]]), (test_x[perm[1000:]], test_y[perm[1000:]])
+        mean, std = CIFAR_STATS[name]
+        return dict(train=(train.data, np.array(train.targets, dtype=np.int64)), val=val, test=test,
+                    classes=list(train.classes), image_size=32, mean=mean, std=std)
+    if name.startswith('folder:'):
+        root = Path(name[len('folder:'):])
+        train_files, train_y, classes = image_folder(root / 'train')
+        val_files, val_y, val_classes = image_folder(root / 'val')
+        if val_classes != classes:
+            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {classes[:5]}...: they must match')
+        test = image_folder(root / 'test')[:2] if (root / 'test').is_dir() else (val_files, val_y)
+        mean, std = IMAGENET_STATS
+        return dict(train=(train_files, train_y), val=(val_files, val_y), test=test,
+                    classes=classes, image_size=224, mean=mean, std=std)
+    fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
+
+
+# ----------------------------------------------------------------------------------------------
+# Model. Same builder in every script: torchvision ResNets with a two-line CIFAR stem change, a
+# small CNN for 8x8 digits; forward(x, features=True) also returns the penultimate feature h.
+
+class Net(nn.Module):
+    def __init__(self, arch, num_classes):
+        super().__init__()
+        if arch == 'cnn':
+            def block(c_in, c_out):
+                return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            self.body = nn.Sequential(*block(3, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            dim = 128
+        elif arch in ('resnet18', 'resnet18_224', 'resnet50'):
+            self.body = getattr(torchvision.models, arch.replace('_224', ''))()
+            if arch == 'resnet18':  # CIFAR stem: 3x3 stride-1 conv, no max-pool (32x32 input)
+                self.body.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+                self.body.maxpool = nn.Identity()
+            dim = self.body.fc.in_features
+            self.body.fc = nn.Identity()
+        else:
+            fail(f'unknown --arch {arch!r}: use resnet18, resnet18_224, resnet50 or cnn')
+        self.fc = nn.Linear(dim, num_classes)
+        self.feature_dim = dim
+
+    def forward(self, x, features=False):
+        h = self.body(x)
+        z = self.fc(h)
+        return (z, h) if features else z
+
+
+ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}
+
+def normalize(x, mean, std, size):
+    x = x.float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def resize_uint8(images, size):
+    """float images in [0, 1], (N, H, W, 3) as pipelines return them -> uint8 (N, size, size, 3), antialiased."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 255
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def save_png_atomic(image, path):
+    from PIL import Image
+    tmp = path.with_name(path.name + '.tmp')
+    Image.fromarray(image).save(tmp, format='PNG')
+    os.replace(tmp, path)
+
+
+def save_npy_atomic(array, path):
+    with open(f'{path}.tmp', 'wb') as f:
+        np.save(f, array)
+    os.replace(f'{path}.tmp', path)
+
+
+def write_json(obj, path):
+    Path(f'{path}.tmp').write_text(json.dumps(obj, indent=1))
+    os.replace(f'{path}.tmp', path)
+
+
+def setup_distributed(device_name):
+    """torchrun -> (rank, world, device); one process without it."""
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        use_cuda = device_name.startswith('cuda')
+        dist.init_process_group('nccl' if use_cuda else 'gloo')
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu')
+        if use_cuda:
+            torch.cuda.set_device(device)
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, torch.device(device_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipelines: a real from_pretrained (hub id or folder), with one clear line when it cannot load.
+
+def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
+    from diffusers import DDIMScheduler, DiffusionPipeline, PNDMScheduler
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name] if device.type == 'cuda' else torch.float32
+    local = Path(name).is_dir()
+    if not local and (Path(name).exists() or name.startswith(('.', '/'))):
+        fail(f'--pipeline {name} is not a folder: pass a diffusers pipeline folder or a hub id')
+    options = dict(torch_dtype=dtype) if dtype != torch.float32 else {}
+    if not local or (Path(name) / 'safety_checker').exists():  # generation for research: no NSFW filter on outliers
+        options.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(name, **options)
+    except Exception as e:
+        where = 'a local pipeline folder' if local else f'hub id {name!r} (no network, or not a diffusers pipeline)'
+        fail(f'cannot load {where}: {type(e).__name__}; pass a local folder with --pipeline DIR, '
+             f'or make one with: python generate.py fit --dataset DATASET --out DIR')
+    for part in ('tokenizer', 'text_encoder', 'unet', 'vae', 'scheduler'):
+        if getattr(pipe, part, None) is None:
+            fail(f'{name} is not a text-to-image latent diffusion pipeline (no {part}); use a Stable-Diffusion-layout pipeline')
+    if scheduler == 'pndm':  # PLMS as in the papers' Stable Diffusion scripts
+        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    elif scheduler == 'ddim':
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# fit: a Stable-Diffusion-layout pipeline small enough to train on a CPU in minutes. What makes it
+# cheap: the native resolution (8x8 for digits), a one-level VAE (no downsampling, latent = image
+# size), 16/32-channel UNet blocks without attention, text conditioning added to the time embedding
+# (addition_embed_type="text") plus cross-attention only in the 2x2 middle block.
+
+def bytes_to_unicode():
+    """CLIP/GPT-2 byte-level BPE alphabet: every byte as a printable character."""
+    printable = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, codes)}
+
+
+def build_tokenizer(words, folder, max_length):
+    """A CLIP tokenizer whose vocabulary is every byte plus whole-word tokens for `words`."""
+    from transformers import CLIPTokenizer
+    alphabet = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + '</w>': len(alphabet) + i for i, c in enumerate(alphabet)})
+    merges = []
+    for word in words:  # merges that build each word left to right, so it becomes one token
+        pieces = list(word[:-1]) + [word[-1] + '</w>']
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if f'{merged} {piece}' not in merges:
+                merges.append(f'{merged} {piece}')
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    vocab['<|startoftext|>'] = len(vocab)
+    vocab['<|endoftext|>'] = len(vocab)  # highest id: CLIP pools the text at argmax(input_ids)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'vocab.json').write_text(json.dumps(vocab))
+    (folder / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n')
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
+
+
+def fit(args):
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from sklearn.linear_model import LogisticRegression
+    from transformers import CLIPTextConfig, CLIPTextModel
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    ds = load_dataset(args.dataset, args.data_root)
+    if args.dataset.startswith('folder:'):
+        fail('fit keeps the training set in memory and suits small images (digits, CIFAR); for image folders use a pretrained pipeline')
+    size, classes = ds['image_size'], ds['classes']
+    out, t_start = Path(args.out), time.time()
+    work = out.with_name(out.name + '.tmp')
+    shutil.rmtree(work, ignore_errors=True)
+    words = sorted({w for t in FIT_TEMPLATES for w in t.replace('-', ' ').replace('{}', ' ').lower().split()} |
+                   {w for c in classes for w in c.lower().replace('_', ' ').split()})
+    tokenizer = build_tokenizer(words, work / 'tokenizer_build', max_length=16)
+    vocab_size = len(tokenizer)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=args.text_dim, intermediate_size=2 * args.text_dim,
+                                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                                bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)).to(device)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',), up_block_types=('UpDecoderBlock2D',),
+                        block_out_channels=(args.vae_channels,), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                        sample_size=size, mid_block_add_attention=False).to(device)
+    channels = tuple(int(c) for c in args.unet_channels.split(','))
+    unet = UNet2DConditionModel(sample_size=size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=channels,
+                                down_block_types=('DownBlock2D',) * len(channels), up_block_types=('UpBlock2D',) * len(channels),
+                                mid_block_type='UNetMidBlock2DCrossAttn', cross_attention_dim=args.text_dim, attention_head_dim=8,
+                                norm_num_groups=8, addition_embed_type='text', addition_embed_type_num_heads=2).to(device)
+    images = torch.from_numpy(ds['train'][0]).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    labels = torch.from_numpy(ds['train'][1]).to(device)
+
+    # 1. the VAE: reconstruction + the tiny KL weight of Stable Diffusion's VAE
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr)
+    for step in tqdm(range(args.vae_steps), desc='fit vae', leave=False):
+        x = images[torch.randint(len(images), (min(128, args.batch_size),), device=device)]
+        posterior = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
+    vae.register_to_config(scaling_factor=1 / latents.std().item())  # unit-variance latents, as SD's 0.18215
+    latents = latents * vae.config.scaling_factor
+    print(f'vae: reconstruction mse {loss.item():.4f}, latent scaling {vae.config.scaling_factor:.3f} ({time.time() - t_start:.0f}s)')
+
+    # 2. UNet + text encoder: epsilon prediction on SD's noise schedule, prompts with dropout for CFG
+    noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012)
+    prompt_ids = torch.stack([torch.stack([tokenizer(t.format(c), padding='max_length', max_length=16, truncation=True,
+                                                     return_tensors='pt').input_ids[0] for t in FIT_TEMPLATES]) for c in classes]).to(device)
+    empty_ids = tokenizer('', padding='max_length', max_length=16, return_tensors='pt').input_ids[0].to(device)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    warmup = min(100, args.steps // 10 + 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+    bar = tqdm(range(args.steps), desc='fit unet', leave=False)
+    for step in bar:
+        idx = torch.randint(len(latents), (args.batch_size,), device=device)
+        ids = prompt_ids[labels[idx], torch.randint(len(FIT_TEMPLATES), (args.batch_size,), device=device)]
+        ids = torch.where((torch.rand(args.batch_size, 1, device=device) < args.prompt_dropout), empty_ids, ids)
+        noise = torch.randn_like(latents[idx])
+        t = torch.randint(0, 1000, (args.batch_size,), device=device)
+        pred = unet(noise_schedule.add_noise(latents[idx], noise, t), t, text_encoder(ids).last_hidden_state).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f'{loss.item():.4f}')
+    print(f'unet: {args.steps} steps, last loss {loss.item():.4f} ({time.time() - t_start:.0f}s)')
+
+    # 3. save as a Stable Diffusion pipeline; DDIM with SD's betas (clip_sample off: latents are not in [-1, 1])
+    sampler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear', clip_sample=False,
+                            set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=sampler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(work)
+    shutil.rmtree(work / 'tokenizer_build')
+
+    # 4. the check: a classifier fitted on the real digits labels the generated ones
+    pipe.set_progress_bar_config(disable=True)
+    grey = lambda x: x.reshape(len(x), -1, 3).mean(-1) / 255
+    clf = LogisticRegression(max_iter=3000).fit(grey(ds['train'][0]), ds['train'][1])
+    agree = []
+    for c, name in enumerate(classes):
+        with torch.no_grad():
+            out_images = pipe(['a photo of a {}'.format(name)] * args.check_per_class, num_inference_steps=25, guidance_scale=4.0,
+                              output_type='np', generator=torch.Generator(device).manual_seed(args.seed + c)).images
+        agree.append(clf.predict(grey(resize_uint8(out_images, size))) == c)
+    agreement = float(np.concatenate(agree).mean())
+    seconds = time.time() - t_start
+    write_json(dict(dataset=args.dataset, classes=classes, agreement=agreement, seconds=seconds, args=vars(args),
+                    check='logistic regression on real train pixels labels 25-step DDIM samples at guidance 4'), work / 'fit.json')
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(work, out)
+    print(f'fit: {seconds:.0f}s; class agreement of generated images {100 * agreement:.1f}% '
+          f'(real-digit classifier, {args.check_per_class}/class); saved {out}')
+
+
+# ----------------------------------------------------------------------------------------------
+# sio: image i (class i // per_class, number i % per_class) from generator seed (seed, i);
+# batch b = indices [b*B, (b+1)*B), so a resumed run recomputes whole batches bit for bit.
+
+def generate_sio(args):
+    rank, world, device = setup_distributed(args.device)
+    ds = load_dataset(args.dataset, args.data_root)
+    classes, size = ds['classes'], ds['image_size']
+    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
+    out = Path(args.out)
+    total = len(classes) * args.per_class
+    path_of = lambda i: out / f'{i // args.per_class:03d}' / f'{i % args.per_class}.png'
+    if rank == 0:
+        for c in range(len(classes)):
+            (out / f'{c:03d}').mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    batches = [range(s, min(s + args.batch_size, total)) for s in range(0, total, args.batch_size)]
+    todo = [b for n, b in enumerate(batches) if n % world == rank and not all(path_of(i).exists() for i in b)]
+    if args.max_batches is not None:
+        todo = todo[:args.max_batches]
+    if rank == 0:
+        print(f'sio: {len(classes)} classes x {args.per_class} = {total} images, {sum(len(b) for b in batches) - sum(len(b) for b in todo) * world} '
+              f'already done; prompt "{args.prompt}", {args.steps} steps, guidance {args.guidance}, {world} process(es)')
+    t0, made, written = time.time(), 0, 0
+    bar = tqdm(todo, desc=f'sio rank {rank}', disable=rank != 0)
+    for batch in bar:
+        prompts = [args.prompt.format(classes[i // args.per_class]) for i in batch]
+        generators = [torch.Generator(device).manual_seed(args.seed * 1_000_003 + i) for i in batch]
+        with torch.no_grad():
+            images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators, output_type='np').images
+        for i, image in zip(batch, resize_uint8(images, size)):
+            if not path_of(i).exists():
+                save_png_atomic(image, path_of(i))
+                written += 1
+        made += len(batch)
+        bar.set_postfix(img_s=f'{made * world / (time.time() - t0):.2f}')
+    if world > 1:
+        print(f'sio rank {rank}: wrote {written} files')
+        dist.barrier()
+    if rank == 0:
+        done = all(path_of(i).exists() for i in range(total))
+        if done:  # the SIO-release pair, read back from the PNGs so both formats hold the same bytes
+            images = np.stack([np.asarray(__import__('PIL.Image').Image.open(path_of(i)).convert('RGB')) for i in range(total)])
+            save_npy_atomic(images, out / 'images.npy')
+            save_npy_atomic(np.repeat(np.arange(len(classes)), args.per_class), out / 'labels.npy')
+        write_json(dict(dataset=args.dataset, classes=classes, generator=args.pipeline, prompt_template=args.prompt, seed=args.seed,
+                        steps=args.steps, guidance=args.guidance, scheduler=type(pipe.scheduler).__name__, per_class=args.per_class,
+                        counts=[sum(path_of(c * args.per_class + n).exists() for n in range(args.per_class)) for c in range(len(classes))],
+                        image_size=size, complete=done), out / 'meta.json')
+        seconds = time.time() - t0
+        print(f'sio: {made * world} images in {seconds:.1f}s ({made * world / max(seconds, 1e-9):.2f} images/s); '
+              + ('complete' if done else 'incomplete: run the same command again to continue') + f' -> {out}')
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# oal, steps 1-2: the teacher and its features of the ID training set. Same loader as train_oal.py.
+
+def load_teacher(spec, device):
+    """A synth-ood checkpoint (run dir or .pt) or a transformers image classifier (hub id or folder).
+    Returns (forward(uint8 NCHW) -> (logits, pre-logit features), info)."""
+    path = Path(spec)
+    ckpt_file = path / 'best.pt' if path.is_dir() and (path / 'best.pt').exists() else path if path.suffix == '.pt' else None
+    if ckpt_file is not None:
+        if not ckpt_file.exists():
+            fail(f'teacher {ckpt_file} does not exist: train one with python train_sio.py --dataset DATASET --out {path.parent if path.suffix else path}')
+        ckpt = torch.load(ckpt_file, map_location='cpu', weights_only=False)
+        model = Net(ckpt['arch'], ckpt['num_classes'])
+        model.load_state_dict(ckpt['model'])
+        model = model.to(device).eval().requires_grad_(False)
+        forward = lambda x: model(normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
+        return forward, dict(kind='checkpoint', name=str(ckpt_file), feature_dim=model.feature_dim, image_size=ckpt['image_size'],
+                             num_classes=ckpt['num_classes'], dataset=ckpt['dataset'])
+    from transformers import AutoConfig, AutoModelForImageClassification
+    try:
+        model = AutoModelForImageClassification.from_pretrained(spec).to(device).eval().requires_grad_(False)
+    except Exception as e:
+        fail(f'cannot load teacher {spec!r} as a checkpoint or a transformers image classifier ({type(e).__name__}; offline?): '
+             f'pass a run directory, a .pt, or a local transformers model folder')
+    try:
+        from transformers import AutoImageProcessor
+        processor = AutoImageProcessor.from_pretrained(spec)
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    except Exception:  # no preprocessor config: ViT's defaults
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    size = model.config.image_size if isinstance(model.config.image_size, int) else model.config.image_size[0]
+    head = model.classifier if hasattr(model, 'classifier') else model.get_output_embeddings()
+    captured = {}
+    head.register_forward_hook(lambda module, inputs, output: captured.__setitem__('h', inputs[0]))
+
+    def forward(x):  # the classifier head's input is the pre-logit feature (ViT: the normalised [CLS] token)
+        logits = model(pixel_values=normalize(x, mean, std, size).contiguous()).logits
+        return logits, captured['h']
+    return forward, dict(kind='transformers', name=spec, feature_dim=head.in_features, image_size=size,
+                         num_classes=model.config.num_labels, dataset=None)
+
+
+@torch.no_grad()
+def teacher_features(forward, images, labels, num_classes, per_class, pad, flip, device, seed):
+    """(C, n, d) teacher features of up to per_class training images per class, with training augmentation."""
+    g = np.random.RandomState(seed)
+    feats = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[g.permutation(len(idx))[:per_class]]
+        out = []
+        for i in range(0, len(idx), 256):
+            x = augment(torch.from_numpy(images[idx[i:i + 256]]).permute(0, 3, 1, 2).to(device), pad, flip)
+            out.append(forward(x)[1].float())
+        feats.append(torch.cat(out))
+    n = min(len(f) for f in feats)  # equal n per class for the (C, n, d) array
+    return torch.stack([f[:n] for f in feats])
+
+
+def augment(x, pad, flip):
+    """Random crop with zero padding + horizontal flip, per image, on whatever device x lives on."""
+    n, _, h, w = x.shape
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+        x = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        x = torch.where(torch.rand(n, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# oal, step 3: k-NN low-density sampling in the teacher's feature space (NPOS / Dream-OOD).
+
+def kth_distance(queries, bank, k, chunk=8192):
+    """Squared L2 distance from each query to its k-th nearest point of bank (a point counts as its own neighbour)."""
+    return torch.cat([torch.cdist(queries[i:i + chunk], bank).pow(2).topk(k, dim=1, largest=False).values[:, -1]
+                      for i in range(0, len(queries), chunk)])
+
+
+def knn_outliers(class_feats, k=300, select=50, sigma=0.07, draws=1500, keep=2, repeats=10, mode='faithful', generator=None):
+    """(select * keep * repeats, d) unit-norm outlier embeddings around one class's low-density boundary."""
+    X = F.normalize(class_feats.float(), dim=1)
+    k = min(k, len(X) - 1)
+    boundary = X[kth_distance(X, X, k).topk(select).indices]  # the `select` most isolated points, most isolated first
+    out = []
+    for _ in range(repeats):
+        # As in Dream-OOD/OAL: one set of `draws` Gaussian vectors per repeat, shared by every boundary point.
+        eps = torch.randn(draws, X.shape[1], generator=generator).to(X.device)
+        candidates = F.normalize(boundary.repeat_interleave(draws, dim=0) + sigma * eps.repeat(select, 1), dim=1)  # index b*draws + j
+        score = kth_distance(candidates, X, k)
+        if mode == 'faithful':
+            # Published behaviour: the boundary-major scores are viewed as (draws, select) and the top-`keep`
+            # rows r of each column b give candidate b*draws + r[:, b] - not the true top scorers of point b.
+            rows = score.view(draws, select).topk(keep, dim=0).indices  # (keep, select)
+            picked = (torch.arange(select, device=X.device) * draws)[None, :] + rows
+            picked = picked.T.reshape(-1)
+        else:  # fixed: the `keep` highest-scoring candidates of each boundary point
+            rows = score.view(select, draws).topk(keep, dim=1).indices  # (select, keep)
+            picked = ((torch.arange(select, device=X.device) * draws)[:, None] + rows).reshape(-1)
+        out.append(candidates[picked])
+    return torch.cat(out)
+
+
+def class_anchor_norms(pipe, classes, kind):
+    """Norm of each class's anchor in the generator's text encoder: 'pooled' = mean-pooled encoder output
+    of the class name (OAL on CIFAR-10, about 27 for SD v1.4), 'token' = mean input token embedding of
+    its tokens (OAL on CIFAR-100, about 0.39)."""
+    norms = []
+    table = pipe.text_encoder.get_input_embeddings().weight
+    for name in classes:
+        with torch.no_grad():
+            if kind == 'token':
+                ids = pipe.tokenizer(name, add_special_tokens=False).input_ids
+                norms.append(table[ids].float().mean(0).norm().item())
+            else:
+                ids = pipe.tokenizer(name, padding='max_length', max_length=pipe.tokenizer.model_max_length, truncation=True,
+                                     return_tensors='pt').input_ids.to(table.device)
+                norms.append(pipe.text_encoder(ids)[0].float().mean(1).norm().item())
+    return norms
+
+
+@contextmanager
+def injected(text_encoder, token_ids, vector):
+    """Temporarily overwrite the input-embedding rows of token_ids with vector; restored on exit."""
+    table = text_encoder.get_input_embeddings().weight
+    saved = table.data[token_ids].clone()
+    table.data[token_ids] = vector.to(table.dtype).to(table.device)
+    try:
+        yield
+    finally:
+        table.data[token_ids] = saved
+
+
+def projection(d_from, d_to, seed):
+    """A fixed, seeded random map with orthonormal rows or columns (d_from, d_to): keeps norms when d_from <= d_to."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(max(d_from, d_to), min(d_from, d_to), generator=g))
+    return q if d_from >= d_to else q.T
+
+
+def generate_oal(args):
+    rank, world, device = setup_distributed(args.device)
+    out = Path(args.out)
+    (out / 'images').mkdir(parents=True, exist_ok=True)
+    (out / 'latents').mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(args.dataset, args.data_root)
+    classes = ds['classes']
+    if args.teacher is None:
+        args.teacher = f"runs/{args.dataset.replace(':', '_').replace('/', '_')}_ce_s0"
+        if not Path(args.teacher).exists():
+            fail(f'no teacher given and {args.teacher} does not exist: train one with python train_sio.py --dataset {args.dataset} '
+                 f'--out {args.teacher}, or pass --teacher RUN_OR_HUB_ID')
+    forward, teacher = load_teacher(args.teacher, device)
+    if teacher['num_classes'] != len(classes):
+        fail(f"teacher {args.teacher} has {teacher['num_classes']} classes but {args.dataset} has {len(classes)}: pass a teacher trained on {args.dataset}")
+    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
+    anchor = args.anchor or ('token' if len(classes) >= 100 else 'pooled')  # the paper's choice per dataset
+    repeats = args.repeats or len(classes)
+    token_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    knn_settings = dict(teacher=teacher['name'], features_per_class=args.features_per_class, knn_select=args.knn_select, knn_k=args.knn_k,
+                        knn_sigma=args.knn_sigma, knn_draws=args.knn_draws, boundary=args.boundary, keep=args.keep, repeats=repeats,
+                        anchor=anchor, seed=args.seed, dataset=args.dataset)
+    knn_file, knn_meta = out / 'knn_outliers.npy', out / 'knn_meta.json'
+
+    # step 3: k-NN outliers (rank 0; kept and reused when a rerun asks for the same settings)
+    if rank == 0 and not (knn_file.exists() and knn_meta.exists() and json.loads(knn_meta.read_text()) == knn_settings):
+        t0 = time.time()
+        recipe = RECIPE_AUGMENT[args.dataset if args.dataset in RECIPE_AUGMENT else 'folder']
+        train_x, train_y = ds['train']
+        if not isinstance(train_x, np.ndarray):
+            train_x = read_images(train_x, teacher['image_size'])
+        torch.manual_seed(args.seed)
+        feats = teacher_features(forward, train_x, train_y, len(classes), args.features_per_class, *recipe, device, args.seed)
+        norms = class_anchor_norms(pipe, classes, anchor)
+        g = torch.Generator().manual_seed(args.seed)
+        knn = torch.stack([knn_outliers(feats[c], args.knn_k, args.boundary, args.knn_sigma, args.knn_draws, args.keep, repeats,
+                                        args.knn_select, g) * norms[c] for c in range(len(classes))])
+        save_npy_atomic(knn.cpu().numpy().astype(np.float32), knn_file)
+        write_json(dict(knn_settings, anchor_norms=norms), knn_meta)
+        print(f'knn: teacher features {tuple(feats.shape)} -> outliers {tuple(knn.shape)} ({args.knn_select} selection, '
+              f'{anchor} anchor, mean norm {np.mean(norms):.3f}) in {time.time() - t0:.1f}s')
+    if world > 1:
+        dist.barrier()
+    knn = torch.from_numpy(np.load(knn_file))
+    d = knn.shape[-1]
+    proj = projection(d, token_dim, args.seed) if d != token_dim else None  # teacher space -> token-embedding space
+
+    # step 4: diffusion outliers; iteration i draws its class, outlier and noise from (seed, i) alone
+    todo = [i for i in range(args.iterations) if i % world == rank and not (out / 'latents' / f'{i:04d}.npy').exists()]
+    if args.max_batches is not None:
+        todo = todo[:args.max_batches]
+    t0 = time.time()
+    for i in tqdm(todo, desc='oal diffusion outliers', disable=rank != 0):
+        rng = np.random.RandomState(args.seed * 1000 + i)
+        c = rng.randint(len(classes))
+        vector = knn[c, rng.randint(min(1000, knn.shape[1]))]
+        vector = vector @ proj if proj is not None else vector
+        # Fixed: the tokens replaced are those of the class name in this prompt (the authors' code swapped another class's).
+        token_ids = pipe.tokenizer(classes[c], add_special_tokens=False).input_ids
+        generator = torch.Generator(device).manual_seed(args.seed * 1000 + i)
+        with injected(pipe.text_encoder, token_ids, vector), torch.no_grad():
+            latents = pipe(args.prompt.format(classes[c]), num_images_per_prompt=args.samples_per_iteration, num_inference_steps=args.steps,
+                           guidance_scale=args.guidance, generator=generator, output_type='latent').images
+        with torch.no_grad():
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        for k, image in enumerate((decoded.float().clamp(-1, 1) * 127.5 + 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()):
+            save_png_atomic(image, out / 'images' / f'{i:04d}_{k}_{classes[c]}.png')
+        pooled = latents.float().mean(dim=1).mean(dim=1)  # channels, then rows: one vector of latent width per sample
+        save_npy_atomic(pooled.cpu().numpy().astype(np.float32), out / 'latents' / f'{i:04d}.npy')
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        files = [out / 'latents' / f'{i:04d}.npy' for i in range(args.iterations)]
+        done = all(f.exists() for f in files)
+        if done:
+            save_npy_atomic(np.concatenate([np.load(f) for f in files]), out / 'diffusion_outliers.npy')
+        write_json(dict(dataset=args.dataset, classes=classes, teacher=teacher, pipeline=args.pipeline, scheduler=type(pipe.scheduler).__name__,
+                        steps=args.steps, guidance=args.guidance, prompt=args.prompt, seed=args.seed, iterations=args.iterations,
+                        samples_per_iteration=args.samples_per_iteration, knn_outliers=list(knn.shape), anchor=anchor,
+                        anchor_norms=json.loads(knn_meta.read_text())['anchor_norms'], knn_select=args.knn_select,
+                        projection=None if proj is None else dict(kind='seeded random orthogonal', seed=args.seed, shape=[d, token_dim]),
+                        diffusion_outliers=[args.iterations * args.samples_per_iteration, int(np.load(files[0]).shape[-1])] if done else None,
+                        complete=done), out / 'meta.json')
+        print(f'oal: {len(todo) * world} iterations in {time.time() - t0:.1f}s; ' +
+              ('complete' if done else 'incomplete: run the same command again to continue') + f' -> {out}')
+    if world > 1:
+        dist.destroy_process_group()
+
+
+RECIPE_AUGMENT = {'digits': (1, False), 'cifar10': (4, True), 'cifar100': (4, True), 'folder': (0, True)}  # (crop pad, flip) as in training
+
+
+def main(argv=None):
+    args = get_args(argv)
+    {'fit': fit, 'sio': generate_sio, 'oal': generate_oal}[args.command](args)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,589 @@
+"""OAL: train an OOD-aware classifier with latent-space outliers, a mutual-information module and distillation.
+
+Paper: "Enhancing OOD Detection Using Latent Diffusion" (Outlier-Aware Learning), Gao et al.,
+arXiv 2406.16525 (code: HengGao12/OAL, a fork of OpenOOD).
+Idea: outliers synthesized in Stable Diffusion's latent space (generate.py oal) are cheap and few;
+CLUB upper bounds on the mutual information between outliers and the student's ID features push the
+two apart (MICL), and distillation from a strong frozen teacher keeps ID accuracy from dropping.
+
+    L = CE(z_s, y) + 4 KL(p_t || p_s) + 8 KL(softmax(DT(h_t)) || softmax(h_s))
+        + 0.1 CLUB(o_knn, h_s) + 0.2 CLUB(o_diff, h_s)
+
+    python train_oal.py --dataset digits                           # teacher/init runs/digits_ce_s0, outliers/digits
+    python train_oal.py --dataset cifar10 --teacher VIT_DIR --init runs/cifar10_ce_s0 --outliers outliers/cifar10
+    python train_oal.py --dataset cifar10 --club alternating                    # the CLUB estimator as designed
+    python train_oal.py --dataset cifar10 --w-knn 0 --w-diff 0                  # ablation: distillation only
+    torchrun --nproc_per_node=4 train_oal.py --dataset cifar100 ...
+Evaluate with: python evaluate.py runs/<dataset>_oal_s0 --detectors ebo (the paper's score)
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+RECIPE_AUGMENT = {'digits': (1, False), 'cifar10': (4, True), 'cifar100': (4, True), 'folder': (0, True)}  # (crop pad, flip) as in training
+MIN_LR_FACTOR = 2e-6  # per-iteration cosine down to lr * this (OAL's schedule)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
+    p.add_argument('--data-root', default='./data')
+    p.add_argument('--openood-root', default=None, help="OpenOOD's data dir: use its val/test lists")
+    p.add_argument('--teacher', default=None, help='run dir / .pt of ours or a transformers image classifier (default runs/<dataset>_ce_s0; '
+                                                     'the paper: a ViT-B/16 fine-tuned on the ID set at 224)')
+    p.add_argument('--init', default=None, help="student's starting checkpoint, as the paper (default runs/<dataset>_ce_s0; 'none' = scratch)")
+    p.add_argument('--outliers', default=None, help='folder from generate.py oal (default outliers/<dataset>)')
+    p.add_argument('--arch', default=None, help="student arch (default: the --init checkpoint's, else as train_sio.py)")
+    p.add_argument('--image-size', type=int, default=None, help="student resolution (default: the --init checkpoint's; the paper trains at 224)")
+    p.add_argument('--w-kd', type=float, default=4.0)
+    p.add_argument('--w-feat', type=float, default=8.0)
+    p.add_argument('--w-knn', type=float, default=0.1)
+    p.add_argument('--w-diff', type=float, default=0.2)
+    p.add_argument('--club', default='joint', choices=['joint', 'alternating'],
+                   help='joint (faithful): q-networks minimise the same loss; alternating: fit q by likelihood, then minimise CLUB')
+    p.add_argument('--epochs', type=int, default=None, help='default 100 (30 for digits)')
+    p.add_argument('--batch-size', type=int, default=None, help='default 128 (64 for digits)')
+    p.add_argument('--lr', type=float, default=0.005, help='student lr (DT 2x, q-networks 1e-4)')
+    p.add_argument('--lr-dt', type=float, default=0.01)
+    p.add_argument('--lr-q', type=float, default=1e-4)
+    p.add_argument('--weight-decay', type=float, default=5e-4)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', default=None, help='run directory (default runs/<dataset>_oal_s<seed>)')
+    p.add_argument('--resume', action='store_true')
+    p.add_argument('--stop-after', type=int, default=None, help='leave after this many epochs in this call (--resume continues)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--compile', action='store_true')
+    args = p.parse_args(argv)
+    tag = args.dataset.replace(':', '_').replace('/', '_')
+    digits = args.dataset == 'digits'
+    args.epochs = args.epochs or (30 if digits else 100)
+    args.batch_size = args.batch_size or (64 if digits else 128)
+    args.teacher = args.teacher or f'runs/{tag}_ce_s0'
+    args.init = args.init or f'runs/{tag}_ce_s0'
+    args.outliers = args.outliers or f'outliers/{tag}'
+    args.out = args.out or f'runs/{tag}_oal_s{args.seed}'
+    return args
+
+
+def fail(message):
+    """One line for the user, exit code 2, no traceback."""
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data. Same loader in every script: a dict with uint8 (N, H, W, 3) arrays (or file lists for
+# image folders), int labels, class names, native image size and normalisation.
+
+CIFAR_STATS = {'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DIGIT_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+
+
+def digits_images():
+    """sklearn's 1,797 8x8 digits as uint8 (N, 8, 8, 3): value * 255 / 16, grey replicated."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.rint(digits.images * 255 / 16).astype(np.uint8)
+    return np.repeat(images[..., None], 3, axis=-1), digits.target.astype(np.int64)
+
+
+def load_digits_splits():
+    """ID = digits 0-5; per class RandomState(0).permutation of its indices: 60% train, 10% val, 30% test."""
+    images, labels = digits_images()
+    split = {'train': [], 'val': [], 'test': []}
+    for c in range(6):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.random.RandomState(0).permutation(len(idx))]
+        n_train, n_val = int(0.6 * len(idx)), int(0.1 * len(idx))
+        split['train'].append(idx[:n_train])
+        split['val'].append(idx[n_train:n_train + n_val])
+        split['test'].append(idx[n_train + n_val:])
+    out = {name: (images[np.concatenate(ix)], labels[np.concatenate(ix)]) for name, ix in split.items()}
+    train = out['train'][0].astype(np.float64) / 255
+    mean, std = tuple(float(m) for m in train.mean(axis=(0, 1, 2))), tuple(float(s) for s in train.std(axis=(0, 1, 2)))
+    return dict(out, classes=DIGIT_NAMES[:6], image_size=8, mean=mean, std=std)
+
+
+def torchvision_set(cls, root, **kwargs):
+    """A torchvision dataset, downloaded if absent; None when it is absent and cannot be downloaded."""
+    try:
+        return cls(root, download=False, **kwargs)
+    except Exception:
+        pass
+    try:
+        return cls(root, download=True, **kwargs)
+    except Exception:
+        return None
+
+
+def read_imglist(openood_root, list_path):
+    """OpenOOD image list: 'relative/path.png label' per line, relative to images_classic/."""
+    root = Path(openood_root)
+    lines = (root / 'benchmark_imglist' / list_path).read_text().split('\n')
+    paths, labels = [], []
+    for line in filter(None, (l.strip() for l in lines)):
+        rel, label = line.rsplit(' ', 1)
+        paths.append(str(root / 'images_classic' / rel))
+        labels.append(int(label))
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def read_images(paths, size):
+    """Decode image files to uint8 (N, size, size, 3) (resize only when the size differs)."""
+    from PIL import Image
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        image = Image.open(path).convert('RGB')
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        out[i] = np.asarray(image)
+    return out
+
+
+def image_folder(path):
+    """ImageFolder layout: class = sorted sub-folder names, files sorted within each."""
+    path = Path(path)
+    if not path.is_dir():
+        fail(f'{path} does not exist: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((path / name).rglob('*')):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(str(f))
+                labels.append(c)
+    return files, np.array(labels, dtype=np.int64), classes
+
+
+def load_dataset(name, data_root='./data', openood_root=None):
+    if name == 'digits':
+        return load_digits_splits()
+    if name in ('cifar10', 'cifar100'):
+        cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
+        train, test = torchvision_set(cls, data_root, train=True), torchvision_set(cls, data_root, train=False)
+        if train is None or test is None:
+            fail(f'{cls.__name__} is not under {os.path.abspath(data_root)} and could not be downloaded (offline?); '
+                 f'put it there or point --data-root at the folder that holds it')
+        test_x, test_y = test.data, np.array(test.targets, dtype=np.int64)
+        if openood_root:  # OpenOOD v1.5's own split of the official test set, exactly
+            val_paths, val_y = read_imglist(openood_root, f'{name}/val_{name}.txt')
+            test_paths, test_y = read_imglist(openood_root, f'{name}/test_{name}.txt')
+            val, test = (read_images(val_paths, 32), val_y), (read_images(test_paths, 32), test_y)
+        else:  # OpenOOD v1.5: 1,000 test images are validation, the other 9,000 the ID test set
+            perm = np.random.RandomState(0).permutation(len(test_x))
+            val, test = (test_x[perm[:1000]], test_y[perm[:1000]]), (test_x[perm[1000:]], test_y[perm[1000:]])
+        mean, std = CIFAR_STATS[name]
+        return dict(train=(train.data, np.array(train.targets, dtype=np.int64)), val=val, test=test,
+                    classes=list(train.classes), image_size=32, mean=mean, std=std)
+    if name.startswith('folder:'):
+        root = Path(name[len('folder:'):])
+        train_files, train_y, classes = image_folder(root / 'train')
+        val_files, val_y, val_classes = image_folder(root / 'val')
+        if val_classes != classes:
+            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {classes[:5]}...: they must match')
+        test = image_folder(root / 'test')[:2] if (root / 'test').is_dir() else (val_files, val_y)
+        mean, std = IMAGENET_STATS
+        return dict(train=(train_files, train_y), val=(val_files, val_y), test=test,
+                    classes=classes, image_size=224, mean=mean, std=std)
+    fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
+
+
+# ----------------------------------------------------------------------------------------------
+# Model. Same builder in every script: torchvision ResNets with a two-line CIFAR stem change, a
+# small CNN for 8x8 digits; forward(x, features=True) also returns the penultimate feature h.
+
+class Net(nn.Module):
+    def __init__(self, arch, num_classes):
+        super().__init__()
+        if arch == 'cnn':
+            def block(c_in, c_out):
+                return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            self.body = nn.Sequential(*block(3, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            dim = 128
+        elif arch in ('resnet18', 'resnet18_224', 'resnet50'):
+            self.body = getattr(torchvision.models, arch.replace('_224', ''))()
+            if arch == 'resnet18':  # CIFAR stem: 3x3 stride-1 conv, no max-pool (32x32 input)
+                self.body.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+                self.body.maxpool = nn.Identity()
+            dim = self.body.fc.in_features
+            self.body.fc = nn.Identity()
+        else:
+            fail(f'unknown --arch {arch!r}: use resnet18, resnet18_224, resnet50 or cnn')
+        self.fc = nn.Linear(dim, num_classes)
+        self.feature_dim = dim
+
+    def forward(self, x, features=False):
+        h = self.body(x)
+        z = self.fc(h)
+        return (z, h) if features else z
+
+
+ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}
+
+def normalize(x, mean, std, size):
+    x = x.float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def augment(x, pad, flip):
+    """Random crop with zero padding + horizontal flip, per image, on whatever device x lives on."""
+    n, _, h, w = x.shape
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+        x = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        x = torch.where(torch.rand(n, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    return x
+
+
+def load_teacher(spec, device):
+    """A synth-ood checkpoint (run dir or .pt) or a transformers image classifier (hub id or folder).
+    Returns (forward(uint8 NCHW) -> (logits, pre-logit features), info)."""
+    path = Path(spec)
+    ckpt_file = path / 'best.pt' if path.is_dir() and (path / 'best.pt').exists() else path if path.suffix == '.pt' else None
+    if ckpt_file is not None:
+        if not ckpt_file.exists():
+            fail(f'teacher {ckpt_file} does not exist: train one with python train_sio.py --dataset DATASET --out {path.parent if path.suffix else path}')
+        ckpt = torch.load(ckpt_file, map_location='cpu', weights_only=False)
+        model = Net(ckpt['arch'], ckpt['num_classes'])
+        model.load_state_dict(ckpt['model'])
+        model = model.to(device).eval().requires_grad_(False)
+        forward = lambda x: model(normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
+        return forward, dict(kind='checkpoint', name=str(ckpt_file), feature_dim=model.feature_dim, image_size=ckpt['image_size'],
+                             num_classes=ckpt['num_classes'], dataset=ckpt['dataset'])
+    from transformers import AutoConfig, AutoModelForImageClassification
+    try:
+        model = AutoModelForImageClassification.from_pretrained(spec).to(device).eval().requires_grad_(False)
+    except Exception as e:
+        fail(f'cannot load teacher {spec!r} as a checkpoint or a transformers image classifier ({type(e).__name__}; offline?): '
+             f'pass a run directory, a .pt, or a local transformers model folder')
+    try:
+        from transformers import AutoImageProcessor
+        processor = AutoImageProcessor.from_pretrained(spec)
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    except Exception:  # no preprocessor config: ViT's defaults
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    size = model.config.image_size if isinstance(model.config.image_size, int) else model.config.image_size[0]
+    head = model.classifier if hasattr(model, 'classifier') else model.get_output_embeddings()
+    captured = {}
+    head.register_forward_hook(lambda module, inputs, output: captured.__setitem__('h', inputs[0]))
+
+    def forward(x):  # the classifier head's input is the pre-logit feature (ViT: the normalised [CLS] token)
+        logits = model(pixel_values=normalize(x, mean, std, size).contiguous()).logits
+        return logits, captured['h']
+    return forward, dict(kind='transformers', name=spec, feature_dim=head.in_features, image_size=size,
+                         num_classes=model.config.num_labels, dataset=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The OAL modules: DT adapter (teacher feature -> student feature space) and the CLUB estimators.
+
+def dt_adapter(d_t, d_s):
+    return nn.Sequential(nn.BatchNorm1d(d_t), nn.Linear(d_t, d_s), nn.ReLU(), nn.BatchNorm1d(d_s))
+
+
+class CLUB(nn.Module):
+    """CLUB (Cheng et al. 2020): an upper bound of I(x; y) with a Gaussian q(y|x) = N(mu(x), exp(logvar(x)))."""
+
+    def __init__(self, d_x, d_y, deep_mu=False):
+        super().__init__()
+        # OAL's diffusion-outlier CLUB uses a deeper mean network (d_x-32-16-256-d_y)
+        self.mu = (nn.Sequential(nn.Linear(d_x, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, d_y))
+                   if deep_mu else nn.Sequential(nn.Linear(d_x, 256), nn.ReLU(), nn.Linear(256, d_y)))
+        self.logvar = nn.Sequential(nn.Linear(d_x, 256), nn.ReLU(), nn.Linear(256, d_y), nn.Tanh())
+
+    def forward(self, x, y):
+        """mean_i (pos_i - neg_i): pos_i = -sum_d (mu_i - y_i)^2 / 2 var_i, neg_i = -sum_d mean_j (y_j - mu_i)^2 / 2 var_i."""
+        mu, logvar = self.mu(x), self.logvar(x)
+        pos = -((mu - y) ** 2 / 2 / logvar.exp()).sum(1)
+        neg = -(((y[None, :, :] - mu[:, None, :]) ** 2).mean(1) / 2 / logvar.exp()).sum(1)
+        return (pos - neg).mean()
+
+    def log_likelihood(self, x, y):
+        """What q maximises in the alternating scheme: -sum (mu - y)^2 / var - sum logvar, batch mean."""
+        mu, logvar = self.mu(x), self.logvar(x)
+        return (-((mu - y) ** 2) / logvar.exp() - logvar).sum(1).mean()
+
+
+def kl_teacher_student(student_logits, teacher_logits):
+    """KL(softmax(teacher) || softmax(student)), batchmean, T = 1."""
+    return F.kl_div(F.log_softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1), reduction='batchmean')
+
+
+def oal_loss(z_s, h_s, y, z_t, dt_h_t, o_knn, o_diff, club_knn, club_diff, args):
+    """The OAL objective (SPEC 3.5), term by term; returns (total, {term: value})."""
+    terms = dict(
+        ce=F.cross_entropy(z_s, y),
+        kd=kl_teacher_student(z_s, z_t),
+        feat=kl_teacher_student(h_s, dt_h_t),  # softmax over feature dimensions; DT(h_t) not detached (faithful)
+        club_knn=club_knn(o_knn, h_s),
+        club_diff=club_diff(o_diff, h_s),
+    )
+    total = terms['ce'] + args.w_kd * terms['kd'] + args.w_feat * terms['feat'] + args.w_knn * terms['club_knn'] + args.w_diff * terms['club_diff']
+    return total, terms
+
+
+def fit_q_step(optimizer, club_knn, club_diff, o_knn, o_diff, h_s, world=1):
+    """--club alternating: one ascent step of the q-networks' log-likelihood on detached features.
+    Parameters without a gradient (student, DT) are skipped by SGD, so only q moves."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = -(club_knn.log_likelihood(o_knn, h_s.detach()) + club_diff.log_likelihood(o_diff, h_s.detach()))
+    loss.backward()
+    average_gradients([club_knn, club_diff], world)
+    optimizer.step()
+    return -loss.detach()
+
+
+def average_gradients(modules, world):
+    """DDP for the small side modules: all-reduce their gradients by hand (they are called twice a step)."""
+    if world > 1:
+        for p in (p for m in modules for p in m.parameters() if p.grad is not None):
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def load_outliers(folder, num_classes, teacher_dim):
+    folder = Path(folder)
+    knn_file, diff_file = folder / 'knn_outliers.npy', folder / 'diffusion_outliers.npy'
+    if not knn_file.exists() or not diff_file.exists():
+        fail(f'{folder} has no knn_outliers.npy/diffusion_outliers.npy: make them with '
+             f'python generate.py oal --dataset DATASET --teacher TEACHER --out {folder}')
+    knn, diff = np.load(knn_file), np.load(diff_file)
+    if knn.ndim != 3 or knn.shape[0] != num_classes:
+        fail(f'{knn_file} has shape {knn.shape}, expected ({num_classes}, M, d): generate it for this --dataset')
+    if knn.shape[2] != teacher_dim:
+        fail(f'{knn_file} holds {knn.shape[2]}-d outliers but the teacher has {teacher_dim}-d features: '
+             f'generate them with the same --teacher (generate.py oal --teacher ...)')
+    if diff.ndim != 2 or len(diff) == 0:
+        fail(f'{diff_file} has shape {diff.shape}, expected (N, L) pooled latents: rerun generate.py oal')
+    return torch.from_numpy(knn.reshape(-1, knn.shape[2])).float(), torch.from_numpy(diff).float()
+
+
+def save_atomic(obj, path):
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_log(rows, path):
+    tmp = f'{path}.tmp'
+    Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def accuracy(model, images, labels, ds, size, device, rank=0, world=1):
+    """Top-1 on this rank's share of (images, labels); summed across ranks under DDP."""
+    model.eval()
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    correct = torch.zeros(2, device=device)
+    idx = torch.arange(rank, len(images), world, device=device)
+    for i in range(0, len(idx), 512):
+        with autocast:
+            pred = model(normalize(images[idx[i:i + 512]], ds['mean'], ds['std'], size)).argmax(1)
+        correct += torch.stack([(pred == labels[idx[i:i + 512]]).sum(), torch.tensor(len(pred), device=device)])
+    if world > 1:
+        dist.all_reduce(correct)
+    model.train()
+    return (correct[0] / correct[1]).item()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
+    if ddp:
+        rank, world, local_rank = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+        use_cuda = args.device.startswith('cuda')
+        dist.init_process_group('nccl' if use_cuda else 'gloo')
+        device = torch.device(f'cuda:{local_rank}' if use_cuda else 'cpu')
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, torch.device(args.device)
+    master = rank == 0
+    out = Path(args.out)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ---------------------------------------------------------------- data, teacher, outliers
+    ds = load_dataset(args.dataset, args.data_root, args.openood_root)
+    if args.dataset.startswith('folder:'):
+        fail('train_oal.py keeps the training set in memory; image-folder datasets are not supported yet (use CIFAR or digits)')
+    num_classes = len(ds['classes'])
+    tag = args.dataset.replace(':', '_').replace('/', '_')
+    if args.teacher == f'runs/{tag}_ce_s0' and not Path(args.teacher).exists():
+        fail(f'no teacher at the default {args.teacher}: train the baseline with python train_sio.py --dataset {args.dataset} '
+             f'--out {args.teacher}, or pass --teacher RUN_OR_TRANSFORMERS_MODEL')
+    teacher, teacher_info = load_teacher(args.teacher, device)
+    if teacher_info['num_classes'] != num_classes:
+        fail(f"teacher {args.teacher} has {teacher_info['num_classes']} classes but {args.dataset} has {num_classes}: pass --teacher trained on {args.dataset}")
+    init = None
+    if args.init != 'none':
+        init_file = Path(args.init) / 'best.pt' if Path(args.init).is_dir() else Path(args.init)
+        if not init_file.exists():
+            fail(f'--init {args.init} not found: train the cross-entropy baseline first with '
+                 f'python train_sio.py --dataset {args.dataset} --out {args.init}, or pass --init none to start from scratch')
+        init = torch.load(init_file, map_location='cpu', weights_only=False)
+        if init['dataset'] != args.dataset or init['num_classes'] != num_classes:
+            fail(f"--init {init_file} was trained on {init['dataset']} ({init['num_classes']} classes), not {args.dataset}")
+    args.arch = args.arch or (init['arch'] if init else {'digits': 'cnn'}.get(args.dataset, 'resnet18'))
+    args.image_size = args.image_size or (init['image_size'] if init else (ds['image_size'] if args.dataset == 'digits' else ARCH_SIZE[args.arch]))
+    if init and init['arch'] != args.arch:
+        fail(f"--init {args.init} is a {init['arch']}, not --arch {args.arch}: drop --arch or pass a matching --init")
+    knn_pool, diff_pool = (t.to(device) for t in load_outliers(args.outliers, num_classes, teacher_info['feature_dim']))
+    pad, flip = RECIPE_AUGMENT.get(args.dataset, (4, True))
+    train_x = torch.from_numpy(ds['train'][0]).permute(0, 3, 1, 2).contiguous().to(device)
+    train_y = torch.from_numpy(ds['train'][1]).to(device)
+    val_x = torch.from_numpy(ds['val'][0]).permute(0, 3, 1, 2).contiguous().to(device)
+    val_y = torch.from_numpy(ds['val'][1]).to(device)
+    steps_per_epoch = math.ceil(len(train_y) / args.batch_size)
+
+    # ---------------------------------------------------------------- student, DT, CLUBs, optimiser
+    student = Net(args.arch, num_classes)
+    if init:
+        student.load_state_dict(init['model'])
+    student = student.to(device).to(memory_format=torch.channels_last)
+    d_s, d_t = student.feature_dim, teacher_info['feature_dim']
+    dt = dt_adapter(d_t, d_s).to(device)
+    club_knn = CLUB(knn_pool.shape[1], d_s).to(device)
+    club_diff = CLUB(diff_pool.shape[1], d_s, deep_mu=True).to(device)
+    q_params = list(club_knn.parameters()) + list(club_diff.parameters())
+    optimizer = torch.optim.SGD([dict(params=student.parameters(), lr=args.lr), dict(params=dt.parameters(), lr=args.lr_dt),
+                                 dict(params=q_params, lr=args.lr_q)], momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+    total_steps = args.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    start_epoch, best_acc, log = 0, -1.0, []
+    if args.resume:
+        if not (out / 'last.pt').exists():
+            fail(f'--resume: {out}/last.pt does not exist (start without --resume, or pass the right --out)')
+        state = torch.load(out / 'last.pt', map_location='cpu', weights_only=False)
+        student.load_state_dict(state['model'])
+        for module, key in ((dt, 'dt'), (club_knn, 'club_knn'), (club_diff, 'club_diff')):
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        start_epoch, best_acc = state['epoch'], state['best_val_acc']
+        log = [r for r in map(json.loads, (out / 'log.jsonl').read_text().splitlines()) if r['epoch'] <= start_epoch]
+        if master:
+            print(f'resumed from {out}/last.pt after epoch {start_epoch}')
+    raw_student = student
+    if args.compile:
+        student = torch.compile(student)
+    if ddp:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    if master:
+        print(f"OAL: student {args.arch}@{args.image_size} ({'init ' + str(args.init) if init else 'scratch'}), teacher {teacher_info['name']} "
+              f"({d_t}-d), outliers {args.outliers}: knn {tuple(knn_pool.shape)}, diffusion {tuple(diff_pool.shape)}; club {args.club}")
+
+    def checkpoint(epoch, val_acc, full):
+        ckpt = dict(model=raw_student.state_dict(), arch=args.arch, num_classes=num_classes, classes=ds['classes'], dataset=args.dataset,
+                    image_size=args.image_size, mean=ds['mean'], std=ds['std'], epoch=epoch, val_acc=val_acc, args=vars(args), method='oal')
+        if full:  # bf16 autocast needs no GradScaler; the key is kept for the format
+            ckpt.update(dt=dt.state_dict(), club_knn=club_knn.state_dict(), club_diff=club_diff.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=None, best_val_acc=best_acc,
+                        rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
+        return ckpt
+
+    # ---------------------------------------------------------------- training
+    stop_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    if master:
+        print(f"{'epoch':>5} {'loss':>8} {'ce':>7} {'kd':>7} {'feat':>7} {'c_knn':>7} {'c_diff':>7} {'train':>7} {'val':>7} {'img/s':>7}")
+    for epoch in range(start_epoch, stop_epoch):
+        # Every random draw of an epoch derives from (seed, epoch, rank): a resumed run repeats it exactly.
+        torch.manual_seed((args.seed * 1000 + epoch) * 1000 + rank)
+        perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).to(device)
+        student.train()
+        dt.train()
+        sums = {k: torch.zeros((), device=device) for k in ('loss', 'ce', 'kd', 'feat', 'club_knn', 'club_diff', 'correct', 'seen')}
+        t0 = time.time()
+        bar = tqdm(range(steps_per_epoch), desc=f'epoch {epoch + 1}/{args.epochs}', disable=not master, leave=False, dynamic_ncols=True)
+        for step in bar:
+            idx = perm[step * args.batch_size:(step + 1) * args.batch_size][rank::world]
+            x, y = augment(train_x[idx], pad, flip), train_y[idx]
+            n = len(y)
+            o_knn = knn_pool[torch.randint(len(knn_pool), (n,), device=device)]  # random (outlier, ID sample) pairs
+            o_diff = diff_pool[torch.randint(len(diff_pool), (n,), device=device)]
+            with torch.no_grad(), autocast:
+                z_t, h_t = teacher(x)
+            with autocast:
+                z_s, h_s = student(normalize(x, ds['mean'], ds['std'], args.image_size), features=True)
+            z_s, h_s, z_t, h_t = z_s.float(), h_s.float(), z_t.float(), h_t.float()
+            if args.club == 'alternating':
+                fit_q_step(optimizer, club_knn, club_diff, o_knn, o_diff, h_s, world)
+            loss, terms = oal_loss(z_s, h_s, y, z_t, dt(h_t), o_knn, o_diff, club_knn, club_diff, args)
+            if not torch.isfinite(loss):  # one sync per step, so the message can name the step
+                bar.close()
+                fail(f'loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; {out}/last.pt holds the last good epoch (lower --lr)')
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.club == 'alternating':  # q stays fixed while the student minimises the bound
+                for p in q_params:
+                    p.grad = None
+            average_gradients([dt, club_knn, club_diff], world)
+            optimizer.step()
+            scheduler.step()
+            for key, value in terms.items():
+                sums[key] += value.detach() * n
+            sums['loss'] += loss.detach() * n
+            sums['correct'] += (z_s.argmax(1) == y).sum()
+            sums['seen'] += n
+            if step % 20 == 0:
+                bar.set_postfix(loss=f'{loss.item():.3f}', img_s=f'{sums["seen"].item() * world / (time.time() - t0):.0f}')
+        stats = torch.stack(list(sums.values()))
+        if ddp:
+            dist.all_reduce(stats)
+        seconds = time.time() - t0
+        totals = dict(zip(sums, stats.tolist()))
+        val_acc = accuracy(raw_student, val_x, val_y, ds, args.image_size, device, rank, world)
+        if master:
+            row = dict(epoch=epoch + 1, **{k: totals[k] / totals['seen'] for k in ('loss', 'ce', 'kd', 'feat', 'club_knn', 'club_diff')},
+                       train_acc=totals['correct'] / totals['seen'], val_acc=val_acc, lr=scheduler.get_last_lr()[0],
+                       images_per_s=totals['seen'] / seconds, seconds=seconds)
+            log.append(row)
+            print(f"{epoch + 1:>5} {row['loss']:>8.4f} {row['ce']:>7.4f} {row['kd']:>7.4f} {row['feat']:>7.4f} {row['club_knn']:>7.3f} "
+                  f"{row['club_diff']:>7.3f} {100 * row['train_acc']:>6.2f}% {100 * val_acc:>6.2f}% {row['images_per_s']:>7.0f}")
+            if val_acc > best_acc:
+                best_acc = val_acc
+                save_atomic(checkpoint(epoch + 1, val_acc, full=False), out / 'best.pt')
+            save_atomic(checkpoint(epoch + 1, val_acc, full=True), out / 'last.pt')
+            write_log(log, out / 'log.jsonl')
+    if master:
+        print(f'best val acc {100 * best_acc:.2f}% -> {out}/best.pt')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
