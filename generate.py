@@ -297,6 +297,18 @@ def write_json(obj, path):
     os.replace(f'{path}.tmp', path)
 
 
+def check_settings(path, settings, rank, world):
+    """A rerun continues an interrupted one only with the same settings; anything else would mix two sets."""
+    if path.exists() and json.loads(path.read_text()) != settings:
+        old = json.loads(path.read_text())
+        changed = ', '.join(f'{k} {old.get(k)!r} -> {v!r}' for k, v in settings.items() if old.get(k) != v)
+        fail(f'{path.parent} was made with other settings ({changed}): use a new --out, or delete it to start over')
+    if world > 1:
+        dist.barrier()  # every rank checked before rank 0 writes
+    if rank == 0:
+        write_json(settings, path)
+
+
 def setup_distributed(device_name):
     """torchrun -> (rank, world, device); one process without it."""
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
@@ -498,6 +510,9 @@ def generate_sio(args):
             (out / f'{c:03d}').mkdir(parents=True, exist_ok=True)
     if world > 1:
         dist.barrier()
+    settings = dict(dataset=args.dataset, generator=args.pipeline, prompt_template=args.prompt, seed=args.seed, steps=args.steps,
+                    guidance=args.guidance, scheduler=args.scheduler, per_class=args.per_class, batch_size=args.batch_size)
+    check_settings(out / 'settings.json', settings, rank, world)
     batches = [range(s, min(s + args.batch_size, total)) for s in range(0, total, args.batch_size)]
     todo = [b for n, b in enumerate(batches) if n % world == rank and not all(path_of(i).exists() for i in b)]
     if args.max_batches is not None:
@@ -704,7 +719,12 @@ def generate_oal(args):
     knn_settings = dict(teacher=teacher['name'], features_per_class=args.features_per_class, knn_select=args.knn_select, knn_k=args.knn_k,
                         knn_sigma=args.knn_sigma, knn_draws=args.knn_draws, boundary=args.boundary, keep=args.keep, repeats=repeats,
                         anchor=anchor, seed=args.seed, dataset=args.dataset)
+    if teacher['kind'] == 'checkpoint':  # a retrained teacher must not reuse old k-NN outliers
+        knn_settings['teacher_stamp'] = f"{Path(teacher['name']).stat().st_size}:{Path(teacher['name']).stat().st_mtime_ns}"
     knn_file, knn_meta = out / 'knn_outliers.npy', out / 'knn_meta.json'
+    check_settings(out / 'settings.json', dict(pipeline=args.pipeline, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
+                                               prompt=args.prompt, seed=args.seed, samples_per_iteration=args.samples_per_iteration,
+                                               knn=knn_settings), rank, world)
 
     # step 3: k-NN outliers (rank 0; kept and reused when a rerun asks for the same settings)
     if rank == 0 and not (knn_file.exists() and knn_meta.exists() and json.loads(knn_meta.read_text()) == knn_settings):

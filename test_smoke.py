@@ -625,3 +625,26 @@ def test_oal_mismatched_outliers_and_missing_assets(runs, oal_outliers, tmp_path
     assert_user_error(proc, 'train_sio.py --dataset digits')
     proc = run_script('train_oal.py', *oal_args(runs, tmp_path / 'none', tmp_path / 'z'))
     assert_user_error(proc, 'generate.py oal')
+
+
+def test_sio_rerun_with_other_settings_refuses(tiny_pipeline, sio_samples, tmp_path):
+    import shutil
+    shutil.copytree(sio_samples, tmp_path / 'copy')
+    proc = run_script('generate.py', *sio_args(tiny_pipeline, tmp_path / 'copy', '--prompt', 'a drawing of a {}'))
+    assert_user_error(proc, 'other settings', 'prompt_template', 'new --out')
+
+
+# ================================================================================================
+# quickstart.sh: the README's one command, with tiny settings
+
+def test_quickstart_chain_ends_with_the_comparison_table(tmp_path):
+    proc = subprocess.run(['bash', str(REPO / 'quickstart.sh'), str(tmp_path / 'qs')], env=dict(OFFLINE, QUICK='1', PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [l for l in proc.stdout.splitlines() if l.startswith('| ')]
+    assert table[0].startswith('| detector | setting | near AUROC | far AUROC | near FPR@95 | far FPR@95 | ACC |')
+    rows = [tuple(c.strip() for c in l.split('|')[1:3]) for l in table[1:]]  # the |---| line does not start with '| '
+    assert rows == [(d, s) for d in ('msp', 'ebo', 'knn') for s in ('baseline', 'sio', 'oal')]
+    assert all(l.count('±') == 5 for l in table[1:])  # mean ± std over the seeds in every cell
+    results = json.loads((tmp_path / 'qs' / 'results' / 'results.json').read_text())
+    assert set(results) == {'baseline', 'sio', 'oal', '_meta'} and results['_meta']['runs']['oal'] == ['oal_s0', 'oal_s1']

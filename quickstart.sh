@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole story on the embedded digits benchmark, offline, on a CPU, in one command:
+# fit a small diffusion pipeline on the ID digits, generate synthetic ID images (SIO) and latent-space
+# outliers (OAL), train baseline / SIO / OAL with 3 seeds each, evaluate, print one comparison table.
+#
+#   bash quickstart.sh [WORKDIR]        (default ./quickstart; finished steps are skipped on a rerun)
+#   QUICK=1 bash quickstart.sh DIR      (tiny settings: what test_smoke.py runs to keep this working)
+set -euo pipefail
+cd "$(dirname "$0")"
+work=${1:-quickstart}
+py=${PYTHON:-python}
+seeds="0 1 2"
+if [ "${QUICK:-0}" = 1 ]; then
+  fit="--steps 20 --vae-steps 10 --batch-size 64 --check-per-class 2"
+  sio="--per-class 6 --steps 2"
+  oal="--iterations 2 --samples-per-iteration 2 --steps 2 --features-per-class 40 --knn-k 10 --knn-draws 50 --boundary 5 --repeats 2"
+  epochs="--epochs 2"
+  seeds="0 1"
+else
+  fit=""
+  sio="--per-class 200"
+  oal="--iterations 30 --steps 25"
+  epochs=""
+fi
+
+[ -f "$work/pipeline/model_index.json" ] || $py generate.py fit --dataset digits --out "$work/pipeline" $fit
+$py generate.py sio --pipeline "$work/pipeline" --dataset digits --out "$work/sio_samples" $sio
+resume() { [ -f "$work/runs/$1/last.pt" ] && echo --resume || true; }  # an interrupted run continues where it stopped
+for s in $seeds; do
+  $py train_sio.py --dataset digits --seed "$s" --out "$work/runs/ce_s$s" $epochs $(resume "ce_s$s")
+done
+$py generate.py oal --pipeline "$work/pipeline" --teacher "$work/runs/ce_s0" --dataset digits --out "$work/outliers" $oal
+for s in $seeds; do
+  $py train_sio.py --dataset digits --synthetic "$work/sio_samples" --seed "$s" --out "$work/runs/sio_s$s" $epochs $(resume "sio_s$s")
+  $py train_oal.py --dataset digits --teacher "$work/runs/ce_s0" --init "$work/runs/ce_s$s" --outliers "$work/outliers" \
+    --seed "$s" --out "$work/runs/oal_s$s" $epochs $(resume "oal_s$s")
+done
+runs() { local out=""; for s in $seeds; do out="$out,$work/runs/$1_s$s"; done; echo "${out#,}"; }
+$py evaluate.py "baseline=$(runs ce)" "sio=$(runs sio)" "oal=$(runs oal)" --detectors msp,ebo,knn --out "$work/results" --cache "$work/cache" \
+  | sed -n '/^## comparison/,$p'
