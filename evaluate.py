@@ -486,9 +486,15 @@ def fit(train, val, W, b, args):
 
 
 def mahalanobis(h, means, prec):
-    """(N, C) squared Mahalanobis distances to each mean under one precision matrix."""
-    diff = h[:, None, :] - means[None, :, :]
-    return torch.einsum('ncd,de,nce->nc', diff, prec, diff)
+    """(N, C) squared Mahalanobis distances to each mean under one precision matrix, as matrix
+    products (h'Ph - 2h'Pmu + mu'Pmu), so no (N, C, d) tensor is ever built."""
+    hp = h @ prec
+    return (hp * h).sum(1, keepdim=True) - 2 * hp @ means.T + ((means @ prec) * means).sum(1)[None, :]
+
+
+def klm_score(p, class_means):
+    """-min_c KL(p || m_c) = -(sum p log p - max_c p . log m_c), without an (N, C, C) tensor."""
+    return -((p * p.clamp_min(1e-30).log()).sum(1) - (p @ class_means.clamp_min(1e-30).log().T).max(1).values)
 
 
 def knn_score(h, bank, k):
@@ -510,7 +516,7 @@ SCORES = {
     'ebo': lambda z, h, s, a: energy(z),  # T = 1
     'tempscale': lambda z, h, s, a: F.softmax(z / s['temperature'], 1).max(1).values,
     'gen': lambda z, h, s, a: -(lambda p: (p ** a.gen_gamma * (1 - p) ** a.gen_gamma).sum(1))(F.softmax(z, 1).sort(1).values[:, -min(100, z.shape[1]):]),
-    'klm': lambda z, h, s, a: -(lambda p: (p[:, None, :] * (p[:, None, :].clamp_min(1e-30).log() - s['klm_means'][None].clamp_min(1e-30).log())).sum(2).min(1).values)(F.softmax(z, 1)),
+    'klm': lambda z, h, s, a: klm_score(F.softmax(z, 1), s['klm_means']),
     'react': lambda z, h, s, a: energy(h.clamp(max=s['react_clip']) @ s['W'].T + s['b']),
     'ash': lambda z, h, s, a: energy(ash_b(h, a.ash_percentile) @ s['W'].T + s['b']),
     'dice': lambda z, h, s, a: energy(h @ s['dice_W'].T + s['b']),

@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +309,11 @@ def check_settings(path, settings, rank, world):
         write_json(settings, path)
 
 
+def prompt_name(class_name):
+    """Class names as words in a prompt: torchvision's 'aquarium_fish' -> 'aquarium fish'."""
+    return class_name.replace('_', ' ')
+
+
 def setup_distributed(device_name):
     """torchrun -> (rank, world, device); one process without it."""
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
@@ -406,7 +411,7 @@ def fit(args):
     work = out.with_name(out.name + '.tmp')
     shutil.rmtree(work, ignore_errors=True)
     words = sorted({w for t in FIT_TEMPLATES for w in t.replace('-', ' ').replace('{}', ' ').lower().split()} |
-                   {w for c in classes for w in c.lower().replace('_', ' ').split()})
+                   {w for c in classes for w in prompt_name(c).lower().split()})
     tokenizer = build_tokenizer(words, work / 'tokenizer_build', max_length=16)
     vocab_size = len(tokenizer)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=args.text_dim, intermediate_size=2 * args.text_dim,
@@ -441,7 +446,7 @@ def fit(args):
 
     # 2. UNet + text encoder: epsilon prediction on SD's noise schedule, prompts with dropout for CFG
     noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012)
-    prompt_ids = torch.stack([torch.stack([tokenizer(t.format(c), padding='max_length', max_length=16, truncation=True,
+    prompt_ids = torch.stack([torch.stack([tokenizer(t.format(prompt_name(c)), padding='max_length', max_length=16, truncation=True,
                                                      return_tensors='pt').input_ids[0] for t in FIT_TEMPLATES]) for c in classes]).to(device)
     empty_ids = tokenizer('', padding='max_length', max_length=16, return_tensors='pt').input_ids[0].to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -480,7 +485,7 @@ def fit(args):
     agree = []
     for c, name in enumerate(classes):
         with torch.no_grad():
-            out_images = pipe(['a photo of a {}'.format(name)] * args.check_per_class, num_inference_steps=25, guidance_scale=4.0,
+            out_images = pipe(['a photo of a {}'.format(prompt_name(name))] * args.check_per_class, num_inference_steps=25, guidance_scale=4.0,
                               output_type='np', generator=torch.Generator(device).manual_seed(args.seed + c)).images
         agree.append(clf.predict(grey(resize_uint8(out_images, size))) == c)
     agreement = float(np.concatenate(agree).mean())
@@ -523,7 +528,7 @@ def generate_sio(args):
     t0, made, written = time.time(), 0, 0
     bar = tqdm(todo, desc=f'sio rank {rank}', disable=rank != 0)
     for batch in bar:
-        prompts = [args.prompt.format(classes[i // args.per_class]) for i in batch]
+        prompts = [args.prompt.format(prompt_name(classes[i // args.per_class])) for i in batch]
         generators = [torch.Generator(device).manual_seed(args.seed * 1_000_003 + i) for i in batch]
         with torch.no_grad():
             images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators, output_type='np').images
@@ -571,7 +576,7 @@ def load_teacher(spec, device):
         forward = lambda x: model(normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
         return forward, dict(kind='checkpoint', name=str(ckpt_file), feature_dim=model.feature_dim, image_size=ckpt['image_size'],
                              num_classes=ckpt['num_classes'], dataset=ckpt['dataset'])
-    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
     try:
         model = AutoModelForImageClassification.from_pretrained(spec).to(device).eval().requires_grad_(False)
     except Exception as e:
@@ -666,7 +671,7 @@ def class_anchor_norms(pipe, classes, kind):
     its tokens (OAL on CIFAR-100, about 0.39)."""
     norms = []
     table = pipe.text_encoder.get_input_embeddings().weight
-    for name in classes:
+    for name in map(prompt_name, classes):
         with torch.no_grad():
             if kind == 'token':
                 ids = pipe.tokenizer(name, add_special_tokens=False).input_ids
@@ -760,10 +765,10 @@ def generate_oal(args):
         vector = knn[c, rng.randint(min(1000, knn.shape[1]))]
         vector = vector @ proj if proj is not None else vector
         # Fixed: the tokens replaced are those of the class name in this prompt (the authors' code swapped another class's).
-        token_ids = pipe.tokenizer(classes[c], add_special_tokens=False).input_ids
+        token_ids = pipe.tokenizer(prompt_name(classes[c]), add_special_tokens=False).input_ids
         generator = torch.Generator(device).manual_seed(args.seed * 1000 + i)
         with injected(pipe.text_encoder, token_ids, vector), torch.no_grad():
-            latents = pipe(args.prompt.format(classes[c]), num_images_per_prompt=args.samples_per_iteration, num_inference_steps=args.steps,
+            latents = pipe(args.prompt.format(prompt_name(classes[c])), num_images_per_prompt=args.samples_per_iteration, num_inference_steps=args.steps,
                            guidance_scale=args.guidance, generator=generator, output_type='latent').images
         with torch.no_grad():
             decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample

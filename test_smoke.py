@@ -648,3 +648,108 @@ def test_quickstart_chain_ends_with_the_comparison_table(tmp_path):
     assert all(l.count('±') == 5 for l in table[1:])  # mean ± std over the seeds in every cell
     results = json.loads((tmp_path / 'qs' / 'results' / 'results.json').read_text())
     assert set(results) == {'baseline', 'sio', 'oal', '_meta'} and results['_meta']['runs']['oal'] == ['oal_s0', 'oal_s1']
+
+
+# ================================================================================================
+# Loading paths on local stand-ins written in the real on-disk formats
+
+CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+
+def write_cifar10(root, n_train=20, n_test=1200):
+    """cifar-10-batches-py exactly as torchvision reads it (pickled dicts of uint8 rows), random pixels."""
+    import pickle
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for name, n in [(f'data_batch_{i}', n_train) for i in range(1, 6)] + [('test_batch', n_test)]:
+        with open(folder / name, 'wb') as f:
+            pickle.dump({'data': rng.randint(0, 256, (n, 3072), dtype=np.uint8), 'labels': [int(v) for v in rng.randint(0, 10, n)]}, f)
+    with open(folder / 'batches.meta', 'wb') as f:
+        pickle.dump({'label_names': CIFAR10_NAMES}, f)
+
+
+def test_cifar_split_and_openood_lists_on_stand_ins(tmp_path, monkeypatch):
+    import torchvision
+    from PIL import Image
+    monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity', lambda *a, **k: True)  # the one thing a stand-in cannot match: md5
+    monkeypatch.setenv('HTTPS_PROXY', 'http://127.0.0.1:9')
+    write_cifar10(tmp_path / 'data')
+    ds = train_sio.load_dataset('cifar10', str(tmp_path / 'data'))
+    test = torchvision.datasets.CIFAR10(str(tmp_path / 'data'), train=False)
+    perm = np.random.RandomState(0).permutation(1200)
+    assert ds['classes'] == CIFAR10_NAMES and len(ds['train'][1]) == 100 and ds['image_size'] == 32
+    assert np.array_equal(ds['val'][0], test.data[perm[:1000]]) and np.array_equal(ds['test'][1], np.array(test.targets)[perm[1000:]])
+    # OpenOOD's benchmark_imglist/ + images_classic/: its lists are used exactly
+    openood = tmp_path / 'openood'
+    lists = openood / 'benchmark_imglist' / 'cifar10'
+    lists.mkdir(parents=True)
+    for split, name, count in (('val', 'cifar10', 3), ('test', 'cifar10', 4), ('test', 'tin', 5)):
+        lines = []
+        for i in range(count):
+            rel = f'{name}/{split}/{i}.png'
+            (openood / 'images_classic' / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((64 if name == 'tin' else 32,) * 2 + (3,), 10 * i, np.uint8)).save(openood / 'images_classic' / rel)
+            lines.append(f'{rel} {i % 10}')
+        (lists / f'{split}_{name}.txt').write_text('\n'.join(lines) + '\n')
+    ds = train_sio.load_dataset('cifar10', str(tmp_path / 'data'), str(openood))
+    assert len(ds['val'][1]) == 3 and list(ds['test'][1]) == [0, 1, 2, 3] and ds['test'][0][2].max() == 20
+    args = evaluate.get_args(['x', '--openood-root', str(openood), '--data-root', str(tmp_path / 'data')])
+    sets = evaluate.ood_sets('cifar10', 32, args)
+    assert set(sets) == {'tin'} and sets['tin'][0] == 'near' and sets['tin'][1].shape == (5, 32, 32, 3)  # the rest skipped offline
+
+
+def test_folder_dataset_trains_and_evaluates(tmp_path):
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    for split, n in (('train', 12), ('val', 4)):
+        for c, name in enumerate(['cat', 'dog']):
+            (tmp_path / 'set' / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.randint(0, 100, (20, 24, 3)) + 120 * c).astype(np.uint8)).save(tmp_path / 'set' / split / name / f'{i}.jpg')
+    common = ['--dataset', f'folder:{tmp_path / "set"}', '--arch', 'cnn', '--image-size', '16', '--workers', '0']
+    train_sio.main(common + ['--epochs', '2', '--batch-size', '8', '--out', str(tmp_path / 'run')])
+    ckpt = torch.load(tmp_path / 'run' / 'best.pt', weights_only=False)
+    assert ckpt['classes'] == ['cat', 'dog'] and ckpt['image_size'] == 16 and len(json.loads((tmp_path / 'run' / 'log.jsonl').read_text().splitlines()[0])) > 5
+    (tmp_path / 'noise').mkdir()
+    for i in range(6):
+        Image.fromarray(rng.randint(0, 256, (30, 30, 3), dtype=np.uint8)).save(tmp_path / 'noise' / f'{i}.png')
+    evaluate.main([str(tmp_path / 'run'), '--far', f'noise={tmp_path / "noise"}', '--detectors', 'msp,knn', '--knn-k', '3', '--out', str(tmp_path / 'e')])
+    results = json.loads((tmp_path / 'e' / 'results.json').read_text())
+    assert set(results['knn']) == {'noise', 'far'} and results['_meta']['near'] == []
+
+
+@pytest.mark.parametrize('method', ['logitnorm', 'oe', 'cutmix'])
+def test_plugin_methods_train_with_and_without_sio(runs, tmp_path, method):
+    extra = ['--lr', '0.01'] if method == 'logitnorm' else []  # 1/tau = 25 multiplies the small CNN's logit gradients
+    if method == 'oe':  # outliers as a folder of images of another size (resized on load)
+        from PIL import Image
+        (tmp_path / 'ood').mkdir()
+        for i in range(10):
+            Image.fromarray(np.random.RandomState(i).randint(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / 'ood' / f'{i}.png')
+        extra = ['--oe-data', str(tmp_path / 'ood')]
+    for synthetic in ([], ['--synthetic', str(runs / 'syn')]):
+        out = tmp_path / f'{method}{len(synthetic)}'
+        train_sio.main(['--dataset', 'digits', '--method', method, '--epochs', '6', '--out', str(out)] + extra + synthetic)
+        log = [json.loads(l) for l in (out / 'log.jsonl').read_text().splitlines()]
+        assert len(log) == 6 and np.isfinite(log[-1]['loss']) and max(r['val_acc'] for r in log) > 0.5
+        assert torch.load(out / 'best.pt', weights_only=False)['args']['method'] == method
+
+
+def test_evaluate_torchrun_shards_give_the_same_table(runs, evaluated, tmp_path):
+    proc = run_script('evaluate.py', runs / 'ce_s0', '--detectors', 'msp,ebo,odin,knn,vim', '--out', tmp_path / 'ddp', torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads((tmp_path / 'ddp' / 'results.json').read_text())
+    single = json.loads((evaluated / 'cached1' / 'results.json').read_text())
+    for det in ('msp', 'ebo', 'odin', 'knn', 'vim'):
+        for row in ('digits6-9', 'far'):
+            for metric in ('AUROC', 'FPR95', 'AUPR_IN'):
+                assert sharded[det][row][metric] == pytest.approx(single[det][row][metric], abs=1e-6), (det, row, metric)
+
+
+def test_train_oal_torchrun_two_processes(runs, oal_outliers, tmp_path):
+    proc = run_script('train_oal.py', *oal_args(runs, oal_outliers, tmp_path / 'ddp', '--epochs', '2', '--club', 'alternating'), torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(l) for l in (tmp_path / 'ddp' / 'log.jsonl').read_text().splitlines()]
+    assert len(log) == 2 and all(np.isfinite(r['loss']) for r in log)
+    assert torch.load(tmp_path / 'ddp' / 'best.pt', weights_only=False)['val_acc'] > 0.5

@@ -276,7 +276,7 @@ def load_teacher(spec, device):
         forward = lambda x: model(normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
         return forward, dict(kind='checkpoint', name=str(ckpt_file), feature_dim=model.feature_dim, image_size=ckpt['image_size'],
                              num_classes=ckpt['num_classes'], dataset=ckpt['dataset'])
-    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
     try:
         model = AutoModelForImageClassification.from_pretrained(spec).to(device).eval().requires_grad_(False)
     except Exception as e:

@@ -1,7 +1,7 @@
 """SIO: train an OOD-ready classifier on real + synthetic in-distribution images.
 
-Paper: "Unleashing Mask... / SIO: Synthetic In-distribution Data Benefits Out-of-Distribution
-Detection", Sun et al., arXiv 2303.14531 (code: zjysteven/SIO, a fork of OpenOOD).
+Paper: "SIO: Synthetic In-Distribution Data Benefits Out-of-Distribution Detection", Zhang et al.,
+arXiv 2303.14531 (code: zjysteven/SIO, a fork of OpenOOD).
 Idea: no outlier data at all. A generative model makes more labelled ID images, and every batch
 holds int(B*alpha) real and B - int(B*alpha) synthetic images under one cross-entropy, so the
 classifier sees a denser ID manifold and post-hoc detectors (MSP, energy, KNN, ViM...) improve.
@@ -275,11 +275,16 @@ def load_synthetic(path, num_classes, size):
     found = len(json.loads(meta.read_text())['classes']) if meta.exists() else len(np.unique(labels))
     if found != num_classes:
         fail(f'{path}: synthetic set has {found} classes but the dataset has {num_classes}: generate it for this --dataset')
-    if images.shape[1:3] != (size, size):  # e.g. 512x512 diffusion samples for 32x32 CIFAR
-        resized = [F.interpolate(torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float(), size=(size, size),
-                                 mode='bilinear', antialias=True, align_corners=False) for i in range(0, len(images), 256)]
-        images = torch.cat(resized).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    return images, labels.astype(np.int64)
+    return resize_images(images, size), labels.astype(np.int64)  # e.g. 512x512 diffusion samples for 32x32 CIFAR
+
+
+def resize_images(images, size):
+    """uint8 (N, H, W, 3) -> uint8 (N, size, size, 3), antialiased bilinear, in chunks."""
+    if images.shape[1:3] == (size, size):
+        return images
+    resized = [F.interpolate(torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float(), size=(size, size),
+                             mode='bilinear', antialias=True, align_corners=False) for i in range(0, len(images), 256)]
+    return torch.cat(resized).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
 def load_outlier_images(path, size):
@@ -289,10 +294,7 @@ def load_outlier_images(path, size):
         images = np.load(path)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             fail(f'{path}: outlier images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}')
-        if images.shape[1:3] != (size, size):
-            images = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=(size, size),
-                                   mode='bilinear', antialias=True).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-        return images
+        return resize_images(images, size)
     files = sorted(str(f) for f in path.rglob('*') if f.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else []
     if not files:
         fail(f'--oe-data {path}: no images found (pass a .npy of uint8 images or a folder of image files)')
@@ -483,6 +485,12 @@ def main(argv=None):
     else:
         folder_set = FolderImages(train_x, train_y, args.image_size, train=True, extra_images=syn_x, extra_labels=syn_y)
         val_x, val_y = ds['val']
+
+    def take(real_idx, syn_idx):
+        if not n_syn:
+            return train_x[real_idx], train_y[real_idx]
+        return torch.cat([train_x[real_idx], syn_x[syn_idx]]), torch.cat([train_y[real_idx], syn_y[syn_idx]])
+
     oe_x = None
     if args.method == 'oe':
         oe_x = torch.from_numpy(load_outlier_images(args.oe_data, store_size)).permute(0, 3, 1, 2).contiguous().to(device)
@@ -541,13 +549,11 @@ def main(argv=None):
         # Every random draw of an epoch derives from (seed, epoch): a resumed run repeats it exactly.
         # The batch plan is the same on every rank; augmentation draws differ per rank.
         torch.manual_seed((args.seed * 1000 + epoch) * 1000 + rank)
-        np.random.seed((args.seed * 1000 + epoch) * 1000 + rank)
+        np.random.seed(((args.seed * 1000 + epoch) * 1000 + rank) % 2**32)
         batch_plan = sio_batches(n_real, n_syn, args.batch_size, args.alpha, torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        if in_memory:
-            batches = ((torch.cat([train_x[r[rank::world].to(device)], syn_x[s[rank::world].to(device)]]) if n_syn else train_x[r[rank::world].to(device)],
-                        torch.cat([train_y[r[rank::world].to(device)], syn_y[s[rank::world].to(device)]]) if n_syn else train_y[r[rank::world].to(device)])
-                       for r, s in batch_plan)
-        else:  # each rank takes its share of every batch, with the same real/synthetic proportion
+        if in_memory:  # each rank takes its share of every batch, with the same real/synthetic proportion
+            batches = (take(r[rank::world].to(device), s[rank::world].to(device)) for r, s in batch_plan)
+        else:
             sampler = [torch.cat([r[rank::world], s[rank::world] + n_real]).tolist() for r, s in batch_plan]
             batches = torch.utils.data.DataLoader(folder_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=device.type == 'cuda',
                                                   persistent_workers=False)
