@@ -753,3 +753,14 @@ def test_train_oal_torchrun_two_processes(runs, oal_outliers, tmp_path):
     log = [json.loads(l) for l in (tmp_path / 'ddp' / 'log.jsonl').read_text().splitlines()]
     assert len(log) == 2 and all(np.isfinite(r['loss']) for r in log)
     assert torch.load(tmp_path / 'ddp' / 'best.pt', weights_only=False)['val_acc'] > 0.5
+
+
+def test_shared_blocks_are_worded_the_same_in_every_script():
+    """The scripts share no code by design; the pieces they repeat must stay identical so readers see they are the same."""
+    start, end = '# Data. Same loader in every script', "ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}"
+    texts = {name: (REPO / name).read_text() for name in ('train_sio.py', 'train_oal.py', 'evaluate.py', 'generate.py')}
+    blocks = {name: t[t.index(start):t.index(end)] for name, t in texts.items()}
+    assert len(set(blocks.values())) == 1, 'the data + model block differs between scripts'
+    for fn in ('def normalize(', 'def augment(', 'def load_teacher(', 'def fail('):
+        bodies = {t[t.index(fn):t.index('\n\n\n', t.index(fn))] for t in texts.values() if fn in t}
+        assert len(bodies) == 1, fn
