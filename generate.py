@@ -731,8 +731,9 @@ def generate_oal(args):
                                                prompt=args.prompt, seed=args.seed, samples_per_iteration=args.samples_per_iteration,
                                                knn=knn_settings), rank, world)
 
-    # step 3: k-NN outliers (rank 0; kept and reused when a rerun asks for the same settings)
-    if rank == 0 and not (knn_file.exists() and knn_meta.exists() and json.loads(knn_meta.read_text()) == knn_settings):
+    # step 3: k-NN outliers (rank 0). check_settings above already refused a rerun with other settings,
+    # so finished files from an earlier run are reused as they are.
+    if rank == 0 and not (knn_file.exists() and knn_meta.exists()):
         t0 = time.time()
         recipe = RECIPE_AUGMENT[args.dataset if args.dataset in RECIPE_AUGMENT else 'folder']
         train_x, train_y = ds['train']

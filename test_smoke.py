@@ -543,6 +543,17 @@ def test_oal_outputs_shapes_and_meta(oal_outliers):
     assert len(list((oal_outliers / 'images').glob('*.png'))) == 6
 
 
+def test_oal_rerun_reuses_knn_and_finished_iterations(tiny_pipeline, runs, oal_outliers, capsys):
+    knn_file = oal_outliers / 'knn_outliers.npy'
+    stamp = knn_file.stat().st_mtime_ns
+    generate.main(['oal', '--pipeline', str(tiny_pipeline), '--teacher', str(runs / 'ce_s0'), '--dataset', 'digits', '--out', str(oal_outliers),
+                   '--iterations', '3', '--samples-per-iteration', '2', '--steps', '2', '--features-per-class', '40', '--knn-k', '10',
+                   '--knn-draws', '50', '--boundary', '5', '--repeats', '2'])
+    printed = capsys.readouterr().out
+    assert knn_file.stat().st_mtime_ns == stamp and 'knn:' not in printed  # same settings: nothing recomputed
+    assert 'oal: 0 iterations' in printed and json.loads((oal_outliers / 'meta.json').read_text())['complete']
+
+
 # ================================================================================================
 # train_oal.py
 
