@@ -253,15 +253,11 @@ def resize_crop(images, size):
 
 
 def read_files(files, size):
-    """Image files -> uint8 (N, size, size, 3) with the same resize + centre crop."""
+    """Image files -> uint8 (N, size, size, 3) through the same resize + centre crop as every other set."""
     from PIL import Image
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, f in enumerate(files):
-        image = Image.open(f).convert('RGB')
-        scale = size / min(image.size)
-        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BILINEAR)
-        left, top = (image.width - size) // 2, (image.height - size) // 2
-        out[i] = np.asarray(image.crop((left, top, left + size, top + size)))
+        out[i] = resize_crop(np.array(Image.open(f).convert('RGB'))[None], size)[0]
     return out
 
 

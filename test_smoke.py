@@ -332,8 +332,8 @@ def test_tempscale_and_odin(runs, evaluated):
     cache = {s: np.load(evaluated / 'cache' / 'ce_s0' / f'{s}.npz') for s in ('train', 'val', 'id')}
     scores = np.load(evaluated / 'cached1' / 'scores.npz')
     args = evaluate.get_args(['x'])
-    val = {k: torch.from_numpy(v).double() if k != 'labels' else torch.from_numpy(v).long() for k, v in cache['val'].items() if k != 'source'}
-    train = {k: torch.from_numpy(v).double() if k != 'labels' else torch.from_numpy(v).long() for k, v in cache['train'].items() if k != 'source'}
+    as_tensors = lambda npz: {k: torch.from_numpy(npz[k]).long() if k == 'labels' else torch.from_numpy(npz[k]).double() for k in ('logits', 'features', 'labels')}
+    val, train = as_tensors(cache['val']), as_tensors(cache['train'])
     ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
     W, b = ckpt['model']['fc.weight'].double(), ckpt['model']['fc.bias'].double()
     T = evaluate.fit(train, val, W, b, args)['temperature']

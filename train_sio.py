@@ -356,7 +356,7 @@ class FolderImages(torch.utils.data.Dataset):
     """Real image files followed by in-memory synthetic images, decoded and cropped in workers to uint8 CHW."""
 
     def __init__(self, files, labels, size, train, extra_images=None, extra_labels=None):
-        self.files, self.labels, self.size, self.train = files, labels, size, train
+        self.files, self.labels = files, labels
         self.extra_images, self.extra_labels = extra_images, extra_labels
         t = torchvision.transforms
         self.transform = (t.RandomResizedCrop(size) if train else
