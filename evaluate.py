@@ -2,14 +2,17 @@
 
 Protocol: OpenOOD v1.5 (Zhang et al. 2023). ID test vs near-OOD and far-OOD sets, OOD = positive
 class, FPR@95 / AUROC / AUPR-In / AUPR-Out / ACC in %, `near` and `far` = unweighted means.
-The network runs once per dataset; every detector except ODIN (which needs input gradients) is
-scored from the cached logits and penultimate features. Several runs = seeds: mean +- std.
+The network runs once per dataset, in float32 as OpenOOD does (--bf16 for speed); every detector
+except ODIN (which needs input gradients) is scored from the cached logits and penultimate features,
+with statistics fitted only for the detectors asked for, in memory that does not grow past the outputs
+themselves at ImageNet-1K scale. Several runs = seeds: mean +- std.
 
     python evaluate.py runs/digits_ce_s0 runs/digits_ce_s1 runs/digits_ce_s2 --out results/digits_ce
     python evaluate.py runs/c10_sio_s*/ --dataset cifar10 --near tin=data/tin --no-tin --cache cache/
     python evaluate.py runs/c10_oal_s0 --openood-root data/openood --detectors ebo,msp,knn --plots plots/
     python evaluate.py baseline=runs/ce_s0,runs/ce_s1 sio=runs/sio_s0,runs/sio_s1 --detectors msp,ebo,knn   # one comparison table
     torchrun --nproc_per_node=4 evaluate.py runs/c100_sio_s0    # rank-sharded network passes
+    python evaluate.py --bench-features 200000,2048,1000        # time + memory of each detector on synthetic features
 
 Detectors: msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim (SPEC section 4).
 """
@@ -38,7 +41,7 @@ METRIC_TITLES = {'FPR95': 'FPR@95', 'AUROC': 'AUROC', 'AUPR_IN': 'AUPR-In', 'AUP
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('runs', nargs='+', help='run directories (their best.pt) or .pt checkpoints; several = seeds of one setting; '
+    p.add_argument('runs', nargs='*', help='run directories (their best.pt) or .pt checkpoints; several = seeds of one setting; '
                    'or NAME=RUN,RUN,... per setting to compare settings in one table')
     p.add_argument('--dataset', default=None, help="override the checkpoint's dataset: digits | cifar10 | cifar100 | folder:PATH")
     p.add_argument('--data-root', default='./data')
@@ -53,6 +56,10 @@ def get_args(argv=None):
     p.add_argument('--plots', default=None, help='write score histograms and ROC curves (PNG) here')
     p.add_argument('--batch-size', type=int, default=512)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--bf16', action='store_true', help='run the network under bf16 autocast: faster, but scores move '
+                   '(see README); the default is float32 with TF32 off, as OpenOOD scores')
+    p.add_argument('--bench-features', default=None, metavar='N,D,C[,M]', help='no checkpoints: time fit + score of each '
+                   'detector on synthetic features (N train rows, D dims, C classes, M test rows) and print peak memory')
     # detector settings (OpenOOD v1.5 defaults)
     p.add_argument('--odin-temperature', type=float, default=1000.0)
     p.add_argument('--odin-eps', type=float, default=0.0014, help='ODIN step in [0,1] pixel units')
@@ -61,8 +68,10 @@ def get_args(argv=None):
     p.add_argument('--ash-percentile', type=float, default=90.0, help='ASH-B keeps the top 100-p percent')
     p.add_argument('--dice-percentile', type=float, default=90.0, help='DICE keeps the top 100-p percent of weights')
     p.add_argument('--knn-k', type=int, default=50)
-    p.add_argument('--vim-dim', type=int, default=None, help='ViM principal dimensions (default 256 for 512-d features, d/2 below, 1000 for 2048-d)')
+    p.add_argument('--vim-dim', type=int, default=None, help="ViM principal dimensions (default OpenOOD's 256; d/2 for features of 256 dims or fewer)")
     args = p.parse_args(argv)
+    if not args.runs and not args.bench_features:
+        fail('no runs given: pass run directories (or .pt checkpoints) to score, or --bench-features N,D,C to time the detectors')
     args.detectors = DETECTORS if args.detectors == 'all' else [d.strip() for d in args.detectors.split(',') if d.strip()]
     unknown = [d for d in args.detectors if d not in DETECTORS]
     if unknown:
@@ -384,21 +393,20 @@ def gather(array, world):
 
 
 @torch.no_grad()
-def forward_all(model, images, ckpt, device, batch_size, rank=0, world=1, desc=''):
-    """One pass over uint8 images -> (logits, features) as float32 numpy, sharded across ranks."""
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+def forward_all(model, images, ckpt, device, batch_size, bf16, rank=0, world=1, desc=''):
+    """One pass over uint8 images -> (logits, features) as float32 numpy, sharded across ranks.
+    float32 by default, as OpenOOD scores: bf16 moves AUROC and FPR@95 (README); --bf16 opts in for speed."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     idx = shard(len(images), rank, world)
-    logits, feats = [], []
+    # filled in place: at ImageNet-1K the train features alone are 1.28M x 2048 float32 (10 GB)
+    logits = np.empty((len(idx), model.fc.out_features), dtype=np.float32)
+    feats = np.empty((len(idx), model.feature_dim), dtype=np.float32)
     for i in tqdm(range(0, len(idx), batch_size), desc=desc, leave=False, disable=rank != 0):
         x = torch.from_numpy(images[idx[i:i + batch_size]]).to(device).permute(0, 3, 1, 2)
         with autocast:
             z, h = model(normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
-        logits.append(z.float().cpu())
-        feats.append(h.float().cpu())
-    empty = torch.zeros(0, model.fc.out_features), torch.zeros(0, model.feature_dim)
-    logits = torch.cat(logits) if logits else empty[0]
-    feats = torch.cat(feats) if feats else empty[1]
-    return gather(logits.numpy(), world), gather(feats.numpy(), world)
+        logits[i:i + len(x)], feats[i:i + len(x)] = z.float().cpu().numpy(), h.float().cpu().numpy()
+    return gather(logits, world), gather(feats, world)
 
 
 def normalize(x, mean, std, size):
@@ -434,50 +442,80 @@ def energy(z):
     return torch.logsumexp(z, dim=1)
 
 
+def train_moments(h, y, num_classes, with_scatter=True, rows=None):
+    """One chunked pass over float32 train features -> float64 (mean, class means, class counts, scatter),
+    scatter = sum_i (h_i - mean)(h_i - mean)^T (None unless asked). Rows are shifted by the first chunk's
+    mean before the products, so the scatter keeps its digits however large the mean is; no float64
+    copy of h is made."""
+    rows = rows or max(1, 2 ** 24 // h.shape[1])
+    shift = h[:rows].double().mean(0)
+    sums = torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device)
+    gram = torch.zeros(h.shape[1], h.shape[1], dtype=torch.float64, device=h.device) if with_scatter else None
+    for i in range(0, len(h), rows):
+        x = h[i:i + rows].double() - shift
+        sums.index_add_(0, y[i:i + rows], x)
+        if with_scatter:
+            gram += x.T @ x
+    counts = torch.bincount(y, minlength=num_classes).double()
+    mean_shifted = sums.sum(0) / len(h)
+    scatter = gram - len(h) * torch.outer(mean_shifted, mean_shifted) if with_scatter else None
+    return mean_shifted + shift, sums / counts[:, None] + shift, counts, scatter
+
+
 def fit(train, val, W, b, args):
-    """All statistics the detectors need, from ID train (and val) logits/features (float64 torch)."""
+    """The statistics the requested detectors need (and only those), from ID train and val outputs.
+    Train features stay float32 (ImageNet-1K: 10 GB); sums and covariances are float64."""
+    detectors = set(args.detectors)
     h_tr, z_tr, y_tr = train['features'], train['logits'], train['labels']
-    h_val, z_val = val['features'], val['logits']
+    h_val, z_val, y_val = val['features'], val['logits'].double(), val['labels']
     C, d = W.shape
     stats = dict(W=W, b=b)
-    # TempScale: T fitted on val by NLL, as OpenOOD does it (T from 1.5, LBFGS lr 0.01, 50 iterations).
-    # On a val set the model classifies perfectly the NLL keeps falling as T -> 0; the fixed budget
-    # is what keeps T finite, so it is kept.
-    temperature = torch.full((), 1.5, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([temperature], lr=0.01, max_iter=50)
+    if 'tempscale' in detectors:
+        # T fitted on val by NLL, as OpenOOD does it (T from 1.5, LBFGS lr 0.01, 50 iterations). On a
+        # val set the model classifies perfectly the NLL keeps falling as T -> 0; the fixed budget is
+        # what keeps T finite, so it is kept.
+        temperature = torch.full((), 1.5, dtype=torch.float64, device=z_val.device, requires_grad=True)
+        opt = torch.optim.LBFGS([temperature], lr=0.01, max_iter=50)
 
-    def nll():
-        opt.zero_grad()
-        loss = F.cross_entropy(z_val / temperature, val['labels'])
-        loss.backward()
-        return loss
-    opt.step(nll)
-    stats['temperature'] = temperature.item()
-    # KLM: mean softmax of the val samples predicted as each class (classes never predicted are left out)
-    p_val, pred_val = F.softmax(z_val, 1), z_val.argmax(1)
-    stats['klm_means'] = torch.stack([p_val[pred_val == c].mean(0) for c in range(C) if (pred_val == c).any()])
-    # ReAct: clip at the 90th percentile of ID val activations
-    stats['react_clip'] = torch.quantile(h_val.flatten().float(), args.react_percentile / 100).item()
-    # DICE: keep the weights whose contribution (mean train h * W) is in the top 10%
-    contrib = h_tr.mean(0)[None, :] * W
-    stats['dice_W'] = W * (contrib > torch.quantile(contrib.flatten().float(), args.dice_percentile / 100).double())
-    # MDS / RMDS: class means, tied covariance; RMDS also the class-agnostic Gaussian
-    means = torch.stack([h_tr[y_tr == c].mean(0) for c in range(C)])
-    centred = h_tr - means[y_tr]
-    stats['mds_means'], stats['mds_prec'] = means, torch.linalg.pinv(centred.T @ centred / len(h_tr), hermitian=True)
-    stats['rmds_mean'] = h_tr.mean(0)
-    background = h_tr - stats['rmds_mean']
-    stats['rmds_prec'] = torch.linalg.pinv(background.T @ background / len(h_tr), hermitian=True)
-    # KNN: the bank of L2-normalised train features
-    stats['knn_bank'] = F.normalize(h_tr.float(), dim=1)
-    # ViM: origin u = -pinv(W) b, residual space = eigenvectors outside the top-D principal subspace
-    D = args.vim_dim or (256 if d == 512 else 1000 if d >= 2048 else max(1, d // 2))
-    u = -torch.linalg.pinv(W) @ b
-    centred = h_tr - u
-    eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / len(h_tr))
-    residual_space = eigvecs[:, torch.argsort(eigvals, descending=True)[D:]]
-    residual_norm = torch.linalg.norm(centred @ residual_space, dim=1)
-    stats.update(vim_u=u, vim_ns=residual_space, vim_alpha=(z_tr.max(1).values.mean() / residual_norm.mean()).item())
+        def nll():
+            opt.zero_grad()
+            loss = F.cross_entropy(z_val / temperature, y_val)
+            loss.backward()
+            return loss
+        opt.step(nll)
+        stats['temperature'] = temperature.item()
+    if 'klm' in detectors:  # mean softmax of the val samples predicted as each class (classes never predicted are left out)
+        p_val, pred_val = F.softmax(z_val, 1), z_val.argmax(1)
+        stats['klm_means'] = torch.stack([p_val[pred_val == c].mean(0) for c in range(C) if (pred_val == c).any()])
+    if 'react' in detectors:  # clip at the 90th percentile of all ID val activations (np.percentile, as OpenOOD)
+        stats['react_clip'] = float(np.percentile(h_val.float().cpu().numpy(), args.react_percentile))
+    if detectors & {'dice', 'mds', 'rmds', 'vim'}:
+        mean, class_means, counts, scatter = train_moments(h_tr, y_tr, C, with_scatter=bool(detectors & {'mds', 'rmds', 'vim'}))
+    if 'dice' in detectors:  # keep the weights whose contribution (mean train h * W) is in the top 10%
+        contrib = mean[None, :] * W
+        stats['dice_W'] = W * (contrib > float(np.percentile(contrib.cpu().numpy(), args.dice_percentile)))
+    if detectors & {'mds', 'rmds'}:  # class means and the tied covariance = total minus between-class scatter
+        between = (class_means - mean).T @ ((class_means - mean) * counts[:, None])
+        stats['mds_means'], stats['mds_prec'] = class_means, torch.linalg.pinv((scatter - between) / len(h_tr), hermitian=True)
+    if 'rmds' in detectors:  # the class-agnostic Gaussian
+        stats['rmds_mean'], stats['rmds_prec'] = mean, torch.linalg.pinv(scatter / len(h_tr), hermitian=True)
+    if 'knn' in detectors:  # the bank is the train features themselves, normalised block by block when scoring
+        if args.knn_k > len(h_tr):
+            fail(f'--knn-k {args.knn_k} is larger than the {len(h_tr)} ID train features: pass a smaller --knn-k')
+        stats['knn_bank'] = h_tr
+    if 'vim' in detectors:
+        # origin u = -pinv(W) b; covariance of h - u around 0 (OpenOOD: EmpiricalCovariance(assume_centered=True));
+        # residual space = eigenvectors outside the top-D principal subspace
+        D = args.vim_dim or (256 if d > 256 else d // 2)
+        if not 0 < D < d:
+            fail(f'--vim-dim {D} must be between 1 and {d - 1} (the feature size is {d})')
+        u = -torch.linalg.pinv(W) @ b
+        eigvals, eigvecs = torch.linalg.eigh(scatter / len(h_tr) + torch.outer(mean - u, mean - u))
+        residual_space = eigvecs[:, torch.argsort(eigvals, descending=True)[D:]]
+        rows = max(1, 2 ** 24 // d)
+        residual_norm = sum(torch.linalg.norm((h_tr[i:i + rows].double() - u) @ residual_space, dim=1).sum() for i in range(0, len(h_tr), rows))
+        max_logit = sum(z_tr[i:i + rows].double().max(1).values.sum() for i in range(0, len(z_tr), rows))
+        stats.update(vim_u=u, vim_ns=residual_space, vim_alpha=(max_logit / residual_norm).item())
     return stats
 
 
@@ -493,10 +531,23 @@ def klm_score(p, class_means):
     return -((p * p.clamp_min(1e-30).log()).sum(1) - (p @ class_means.clamp_min(1e-30).log().T).max(1).values)
 
 
-def knn_score(h, bank, k):
+def knn_score(h, bank, k, block=2 ** 25):
+    """-distance to the k-th nearest L2-normalised train feature. Queries x bank in blocks of at most
+    `block` similarities (ImageNet-1K at once: 50k x 1.28M = 256 GB); each bank block is normalised as
+    it is used, so the train features are never copied; a running top-k merges the blocks."""
     q = F.normalize(h.float(), dim=1)
-    kth = torch.cat([torch.cdist(q[i:i + 4096], bank).topk(k, dim=1, largest=False).values[:, -1] for i in range(0, len(q), 4096)])
-    return -kth.double()
+    n_query = max(1, min(len(q), 4096, block // k))
+    n_bank = max(k, block // n_query)
+    kth = []
+    for i in range(0, len(q), n_query):
+        top = None
+        for j in range(0, len(bank), n_bank):
+            sims = q[i:i + n_query] @ F.normalize(bank[j:j + n_bank].float(), dim=1).T
+            top = sims if top is None else torch.cat([top, sims], 1)
+            top = top.topk(min(k, top.shape[1]), dim=1).values
+        kth.append(top[:, k - 1])
+    kth_sim = torch.cat(kth) if kth else q.new_zeros(0)
+    return -(2 - 2 * kth_sim.double()).clamp_min(0).sqrt()  # |a - b|^2 = 2 - 2 a.b for unit vectors
 
 
 def ash_b(h, percentile):
@@ -628,7 +679,8 @@ def score_runs(checkpoints, split_images, oods, groups, args, device, rank, worl
         outputs, t0 = {}, time.time()
         splits = {'train': split_images['train'], 'val': split_images['val'], 'id': split_images['test']}
         splits.update({name: (images, np.full(len(images), -1)) for name, (_, images) in oods.items()})
-        fingerprint = f'{ckpt_file.resolve()}:{ckpt_file.stat().st_size}:{ckpt_file.stat().st_mtime_ns}:{ckpt["dataset"]}'
+        precision = 'bf16' if args.bf16 else 'fp32'
+        fingerprint = f'{ckpt_file.resolve()}:{ckpt_file.stat().st_size}:{ckpt_file.stat().st_mtime_ns}:{ckpt["dataset"]}:{precision}'
         for split, (images, labels) in splits.items():
             cache_file = Path(args.cache) / run / f'{split}.npz' if args.cache else None
             if cache_file and cache_file.exists():
@@ -636,7 +688,7 @@ def score_runs(checkpoints, split_images, oods, groups, args, device, rank, worl
                 if str(cached['source']) == fingerprint and len(cached['labels']) == len(labels):
                     outputs[split] = dict(logits=cached['logits'], features=cached['features'], labels=cached['labels'])
                     continue
-            logits, feats = forward_all(model, images, ckpt, device, args.batch_size, rank, world, desc=f'{run}/{split}')
+            logits, feats = forward_all(model, images, ckpt, device, args.batch_size, args.bf16, rank, world, desc=f'{run}/{split}')
             outputs[split] = dict(logits=logits, features=feats, labels=np.asarray(labels))
             if cache_file and rank == 0:
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -651,19 +703,20 @@ def score_runs(checkpoints, split_images, oods, groups, args, device, rank, worl
         if rank != 0:
             continue
         t0 = time.time()
-        as_torch = {split: {k: torch.from_numpy(np.asarray(v)).to(device).long() if k == 'labels' else torch.from_numpy(np.asarray(v)).to(device).double()
-                            for k, v in o.items()} for split, o in outputs.items()}
+        # train and val stay float32 (fit() accumulates in float64); each scored split becomes float64 in turn
+        on_device = lambda o: dict(features=torch.from_numpy(o['features']).to(device), logits=torch.from_numpy(o['logits']).to(device),
+                                   labels=torch.from_numpy(np.asarray(o['labels'])).to(device).long())
         W, b = (p.detach().to(device).double() for p in (model.fc.weight, model.fc.bias))
-        stats = fit(as_torch['train'], as_torch['val'], W, b, args) if set(args.detectors) - {'msp', 'mls', 'ebo', 'odin', 'gen'} else {}
+        stats = fit(on_device(outputs['train']), on_device(outputs['val']), W, b, args)
         acc = 100 * float((outputs['id']['logits'].argmax(1) == outputs['id']['labels']).mean())
+        scores = {det: {} for det in args.detectors}
+        for split in ['id'] + list(oods):
+            z, h = (torch.from_numpy(outputs[split][k]).to(device).double() for k in ('logits', 'features'))
+            for det in args.detectors:
+                scores[det][split] = odin[split] if det == 'odin' else SCORES[det](z, h, stats, args).cpu().numpy()
         for det in args.detectors:
-            if det == 'odin':
-                scores = odin
-            else:
-                scores = {split: SCORES[det](as_torch[split]['logits'], as_torch[split]['features'], stats, args).cpu().numpy()
-                          for split in ['id'] + list(oods)}
-            scores_out.setdefault(det, {})[run] = scores
-            tables[det].append(run_table(scores, groups, acc))
+            scores_out.setdefault(det, {})[run] = scores[det]
+            tables[det].append(run_table(scores[det], groups, acc))
         time_det += time.time() - t0
     return tables, scores_out, time_net, time_det
 
@@ -680,8 +733,73 @@ def compare_table(all_results, runs_per_setting):
     return '\n'.join(lines) + '\n'
 
 
+def peak_memory_gb(device, reset=False):
+    """Peak memory in GB: the GPU's allocations on CUDA, else this process's resident memory
+    (Linux: reset=True restarts the peak from now)."""
+    if device.type == 'cuda':
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    if reset:
+        try:
+            Path('/proc/self/clear_refs').write_text('5')
+        except OSError:
+            pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def bench_features(args):
+    """--bench-features N,D,C[,M]: time fit + score of each detector on synthetic ReLU features (N train
+    rows, D dims, C classes, M test rows; ODIN needs a network and is left out) with the peak memory
+    (resident memory on a CPU, allocated GPU memory on CUDA)."""
+    try:
+        N, D, C, M = (int(v) for v in (args.bench_features.split(',') + ['10000'])[:4])
+        assert min(N, D, C, M) >= 1 and N >= args.knn_k
+    except (ValueError, AssertionError):
+        fail(f'--bench-features takes N,D,C[,M], positive integers with N >= --knn-k, e.g. 200000,2048,1000; got {args.bench_features!r}')
+    device, gen = torch.device(args.device), torch.Generator().manual_seed(0)
+    # one-time costs come first, not inside a detector's row: the first LBFGS step of a process takes ~1 GB
+    tiny = dict(features=torch.ones(2, 2), logits=torch.zeros(2, 2), labels=torch.arange(2))
+    fit(tiny, tiny, torch.eye(2), torch.zeros(2), argparse.Namespace(detectors=['tempscale']))
+    memory_start = peak_memory_gb(device, reset=True)
+    centres = 2 * torch.randn(C, D, generator=gen)
+    W, b = torch.randn(C, D, generator=gen, dtype=torch.float64) / D ** 0.5, 0.1 * torch.randn(C, generator=gen, dtype=torch.float64)
+
+    def outputs(n):
+        labels, features = torch.randint(C, (n,), generator=gen), torch.empty(n, D)
+        for i in range(0, n, 8192):
+            features[i:i + 8192] = (centres[labels[i:i + 8192]] + torch.randn(len(labels[i:i + 8192]), D, generator=gen)).clamp_min_(0)
+        logits = torch.cat([h @ W.T.float() + b.float() for h in features.split(8192)])
+        return dict(features=features.to(device), logits=logits.to(device), labels=labels.to(device))
+    train, val, test = outputs(N), outputs(min(N, 10000)), outputs(M)
+    W, b = W.to(device), b.to(device)
+    z, h = test['logits'].double(), test['features'].double()
+    features_gb = N * D * 4 / 2 ** 30
+    data_gb = peak_memory_gb(device, reset=True) - memory_start  # what every row holds anyway: train/val/test features and logits
+    print(f'synthetic outputs: train {N:,} x {D} features ({features_gb:.2f} GB float32) + {C} logits, val {len(val["labels"]):,}, '
+          f'test {M:,}; device {device}; {data_gb:.2f} GB held in all')
+    print('| detector | fit s | score s | peak GB above the held outputs |\n|---|---|---|---|')
+    worst = 0.0
+    for det in [d for d in args.detectors if d != 'odin']:
+        peak_memory_gb(device, reset=True)
+        t0 = time.time()
+        stats = fit(train, val, W, b, argparse.Namespace(**dict(vars(args), detectors=[det])))
+        t1 = time.time()
+        SCORES[det](z, h, stats, args)
+        t2 = time.time()
+        extra = max(0.0, peak_memory_gb(device) - memory_start - data_gb)
+        worst = max(worst, extra)
+        print(f'| {det} | {t1 - t0:.2f} | {t2 - t1:.2f} | {extra:.2f} |')
+    print(f'peak = held outputs + {worst:.2f} GB = {(data_gb + worst) / features_gb:.2f} x the train feature array')
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.bench_features:
+        return bench_features(args)
+    if not args.bf16:  # OpenOOD scores in float32: no TF32 in the convolutions or matmuls that feed the detectors
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
     if ddp:  # rank-sharded network passes; rank 0 scores and writes
         rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])

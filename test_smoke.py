@@ -2,6 +2,7 @@
 
     python -m pytest -q test_smoke.py
 """
+import argparse
 import json
 import math
 import os
@@ -388,6 +389,69 @@ def test_evaluate_errors(runs, tmp_path):
     missing = run_script('evaluate.py', runs / 'ce_s0', '--detectors', 'msp', '--far', f'extra={tmp_path}/none')
     assert missing.returncode == 0 and 'skipping OOD set extra' in missing.stderr
     assert_user_error(run_script('evaluate.py', runs / 'ce_s0', '--detectors', 'msp', '--far', f'extra={tmp_path}/none', '--strict'), 'extra', '--far extra=PATH')
+
+
+def test_scoring_is_float32_by_default_and_bf16_on_request(runs, evaluated, tmp_path):
+    """fp32 outputs equal a plain float32 forward; --bf16 is keyed apart in the cache and moves the outputs a little."""
+    import shutil
+    shutil.copytree(evaluated / 'cache', tmp_path / 'cache')
+    fp32 = np.load(evaluated / 'cache' / 'ce_s0' / 'id.npz')
+    assert str(fp32['source']).endswith(':fp32')
+    ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
+    model = evaluate.build_model(ckpt, torch.device('cpu'))
+    x = torch.from_numpy(train_sio.load_dataset('digits')['test'][0]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        z, h = model(evaluate.normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
+    np.testing.assert_allclose(fp32['features'], h.numpy(), rtol=1e-5, atol=1e-5)
+    evaluate.main([str(runs / 'ce_s0'), '--bf16', '--detectors', 'msp,ebo,knn', '--cache', str(tmp_path / 'cache'), '--out', str(tmp_path / 'bf16')])
+    bf16 = np.load(tmp_path / 'cache' / 'ce_s0' / 'id.npz')
+    assert str(bf16['source']).endswith(':bf16')  # recomputed, not read from the fp32 cache
+    assert not np.array_equal(bf16['logits'], fp32['logits'])
+    assert np.abs(bf16['logits'] - fp32['logits']).max() < 0.1 * np.abs(fp32['logits']).max()
+    shifted, exact = (json.loads((d / 'results.json').read_text()) for d in (tmp_path / 'bf16', evaluated / 'cached1'))
+    for det in ('msp', 'ebo', 'knn'):
+        assert abs(shifted[det]['far']['AUROC'] - exact[det]['far']['AUROC']) < 5
+
+
+def test_knn_in_blocks_equals_one_block():
+    rng = np.random.RandomState(0)
+    h, bank = torch.from_numpy(rng.rand(300, 32)), torch.from_numpy(rng.rand(1000, 32).astype(np.float32))
+    one_block = evaluate.knn_score(h, bank, 50, block=10 ** 9)
+    blocked = evaluate.knn_score(h, bank, 50, block=600)  # 12 queries x 50 bank rows per block
+    np.testing.assert_allclose(blocked.numpy(), one_block.numpy(), rtol=0, atol=1e-6)
+    q, nb = h.numpy() / np.linalg.norm(h.numpy(), axis=1, keepdims=True), bank.numpy() / np.linalg.norm(bank.numpy(), axis=1, keepdims=True)
+    np.testing.assert_allclose(blocked.numpy(), -np.sort(np.linalg.norm(q[:, None] - nb[None], axis=2), 1)[:, 49], atol=1e-5)
+
+
+def test_fit_computes_only_what_the_detectors_need(monkeypatch):
+    rng = np.random.RandomState(0)
+    y = torch.from_numpy(rng.randint(0, 4, 500))
+    h = (torch.from_numpy(rng.randn(500, 16)).float() + 100 + 5 * y[:, None]).relu()  # a large mean, to test the shifted sums
+    z = h @ torch.ones(16, 4) / 16
+    train = val = dict(features=h, logits=z, labels=y)
+    W, b = torch.from_numpy(rng.randn(4, 16)), torch.zeros(4, dtype=torch.float64)
+    args = lambda dets, **kw: argparse.Namespace(**dict(vars(evaluate.get_args(['x'])), detectors=dets, **kw))
+    assert set(evaluate.fit(train, val, W, b, args(['msp', 'ebo', 'knn']))) == {'W', 'b', 'knn_bank'}
+    monkeypatch.setattr(torch.linalg, 'eigh', lambda *a: pytest.fail('ViM was fitted though not asked for'))
+    assert set(evaluate.fit(train, val, W, b, args(['mds']))) == {'W', 'b', 'mds_means', 'mds_prec'}
+    monkeypatch.undo()
+    # the chunked float64 moments equal numpy's on the whole array
+    mean, class_means, counts, scatter = evaluate.train_moments(h, y, 4, rows=7)
+    hn = h.double().numpy()
+    np.testing.assert_allclose(mean.numpy(), hn.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(class_means.numpy(), np.stack([hn[y.numpy() == c].mean(0) for c in range(4)]), rtol=1e-12)
+    np.testing.assert_allclose(scatter.numpy() / 500, np.cov(hn.T, bias=True), rtol=1e-9, atol=1e-9)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.fit(train, val, W, b, args(['vim'], vim_dim=16))
+    assert stop.value.code == 2
+
+
+def test_bench_features_times_every_detector(capsys):
+    evaluate.main(['--bench-features', '2000,64,10,300'])
+    out = capsys.readouterr().out
+    assert 'train 2,000 x 64' in out
+    for det in evaluate.DETECTORS:
+        assert (f'| {det} |' in out) == (det != 'odin'), det
 
 
 def test_folder_ood_set_and_cifar_missing_sets(runs, tmp_path):
