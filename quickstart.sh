@@ -3,7 +3,8 @@
 # fit a small diffusion pipeline on the ID digits, generate synthetic ID images (SIO) and latent-space
 # outliers (OAL), train baseline / SIO / OAL with 3 seeds each, evaluate, print one comparison table.
 #
-#   bash quickstart.sh [WORKDIR]        (default ./quickstart; finished steps are skipped on a rerun)
+#   bash quickstart.sh [WORKDIR]        (default ./quickstart; finished steps are skipped on a rerun,
+#                                         so a rerun into a finished folder only prints the table again)
 #   QUICK=1 bash quickstart.sh DIR      (tiny settings: what test_smoke.py runs to keep this working)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,27 +15,44 @@ if [ "${QUICK:-0}" = 1 ]; then
   fit="--steps 20 --vae-steps 10 --batch-size 64 --check-per-class 2"
   sio="--per-class 6 --steps 2"
   oal="--iterations 2 --samples-per-iteration 2 --steps 2 --features-per-class 40 --knn-k 10 --knn-draws 50 --boundary 5 --repeats 2"
-  epochs="--epochs 2"
+  n_epochs=2
   seeds="0 1"
 else
   fit=""
   sio="--per-class 200"
   oal="--iterations 30 --steps 25"
-  epochs=""
+  n_epochs=30  # the digits recipe of both trainers, spelled out so a finished run can be recognised
 fi
+epochs="--epochs $n_epochs"
 
-[ -f "$work/pipeline/model_index.json" ] || $py generate.py fit --dataset digits --out "$work/pipeline" $fit
-$py generate.py sio --pipeline "$work/pipeline" --dataset digits --out "$work/sio_samples" $sio
+times=""
+stage() {  # stage NAME COMMAND...: run it and keep its wall time for the table at the end
+  local name=$1 start=$(date +%s.%N); shift
+  "$@"
+  times="$times$(awk -v n="$name" -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%-12s %7.1f s", n, b - a }')\n"
+}
+total_start=$(date +%s.%N)
+
+complete() { [ -f "$1/meta.json" ] && grep -q '"complete": true' "$1/meta.json"; }
+finished() { [ -f "$work/runs/$1/log.jsonl" ] && tail -n 1 "$work/runs/$1/log.jsonl" | grep -q "^{\"epoch\": $n_epochs,"; }
 resume() { [ -f "$work/runs/$1/last.pt" ] && echo --resume || true; }  # an interrupted run continues where it stopped
+
+[ -f "$work/pipeline/model_index.json" ] || stage fit $py generate.py fit --dataset digits --out "$work/pipeline" $fit
+complete "$work/sio_samples" || stage sio-images $py generate.py sio --pipeline "$work/pipeline" --dataset digits --out "$work/sio_samples" $sio
 for s in $seeds; do
-  $py train_sio.py --dataset digits --seed "$s" --out "$work/runs/ce_s$s" $epochs $(resume "ce_s$s")
+  finished "ce_s$s" || stage "ce s$s" $py train_sio.py --dataset digits --seed "$s" --out "$work/runs/ce_s$s" $epochs $(resume "ce_s$s")
 done
-$py generate.py oal --pipeline "$work/pipeline" --teacher "$work/runs/ce_s0" --dataset digits --out "$work/outliers" $oal
+complete "$work/outliers" || stage oal-outliers $py generate.py oal --pipeline "$work/pipeline" --teacher "$work/runs/ce_s0" --dataset digits \
+  --out "$work/outliers" $oal
 for s in $seeds; do
-  $py train_sio.py --dataset digits --synthetic "$work/sio_samples" --seed "$s" --out "$work/runs/sio_s$s" $epochs $(resume "sio_s$s")
-  $py train_oal.py --dataset digits --teacher "$work/runs/ce_s0" --init "$work/runs/ce_s$s" --outliers "$work/outliers" \
-    --seed "$s" --out "$work/runs/oal_s$s" $epochs $(resume "oal_s$s")
+  finished "sio_s$s" || stage "sio s$s" $py train_sio.py --dataset digits --synthetic "$work/sio_samples" --seed "$s" --out "$work/runs/sio_s$s" \
+    $epochs $(resume "sio_s$s")
+  finished "oal_s$s" || stage "oal s$s" $py train_oal.py --dataset digits --teacher "$work/runs/ce_s0" --init "$work/runs/ce_s$s" \
+    --outliers "$work/outliers" --seed "$s" --out "$work/runs/oal_s$s" $epochs $(resume "oal_s$s")
 done
 runs() { local out=""; for s in $seeds; do out="$out,$work/runs/$1_s$s"; done; echo "${out#,}"; }
-$py evaluate.py "baseline=$(runs ce)" "sio=$(runs sio)" "oal=$(runs oal)" --detectors msp,ebo,knn --out "$work/results" --cache "$work/cache" \
-  | sed -n '/^## comparison/,$p'
+stage evaluate $py evaluate.py "baseline=$(runs ce)" "sio=$(runs sio)" "oal=$(runs oal)" --detectors msp,ebo,knn --out "$work/results" \
+  --cache "$work/cache" > "$work/evaluate.log"
+sed -n '/^## comparison/,$p' "$work/evaluate.log"
+printf '\nwall time per stage:\n%b' "$times"
+awk -v a="$total_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%-12s %7.1f s\n", "total", b - a }'

@@ -40,6 +40,19 @@ def assert_user_error(proc, *words):
         assert word in lines[0], lines[0]
 
 
+def main_error(capsys, main, *args):
+    """A script's main() in this process (no interpreter start-up): exit code 2, no traceback (any other
+    exception fails the test) and one 'error:' line, which is returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    lines = [l for l in err.splitlines() if l.startswith('error:')]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def digits_train_set():
     ds = train_sio.load_dataset('digits')
     return ds['train']
@@ -179,7 +192,7 @@ def test_missing_cifar_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize('case', ['class_count', 'label_range', 'shape'])
-def test_bad_synthetic_sets(tmp_path, case):
+def test_bad_synthetic_sets(tmp_path, capsys, case):
     images, labels = digits_train_set()
     if case == 'class_count':
         keep = labels < 4
@@ -191,8 +204,8 @@ def test_bad_synthetic_sets(tmp_path, case):
         images, words = images[..., 0], ('uint8 (N, H, W, 3)',)
     np.save(tmp_path / 'images.npy', images)
     np.save(tmp_path / 'labels.npy', labels)
-    proc = run_script('train_sio.py', '--dataset', 'digits', '--synthetic', tmp_path, '--epochs', '1', '--out', tmp_path / 'x')
-    assert_user_error(proc, *words)
+    error = main_error(capsys, train_sio.main, '--dataset', 'digits', '--synthetic', tmp_path, '--epochs', '1', '--out', tmp_path / 'x')
+    assert all(word in error for word in words), error
 
 
 def test_synthetic_class_folders_are_read_with_padded_labels(tmp_path):
@@ -377,18 +390,20 @@ def test_mean_and_std_over_runs(runs, tmp_path):
     assert set(np.load(tmp_path / 'both' / 'scores.npz').files) >= {'ce_s0/ebo/id', 'ce_s1/knn/china'}
 
 
-def test_evaluate_errors(runs, tmp_path):
+def test_evaluate_errors(runs, tmp_path, capsys):
     ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
     ckpt.update(model=train_sio.Net('cnn', 10).state_dict(), num_classes=10, classes=[str(i) for i in range(10)])
     torch.save(ckpt, tmp_path / 'ten.pt')
-    assert_user_error(run_script('evaluate.py', tmp_path / 'ten.pt', '--detectors', 'msp'), '10 classes', '6')
+    error = main_error(capsys, evaluate.main, tmp_path / 'ten.pt', '--detectors', 'msp')
+    assert '10 classes' in error and '6' in error
     (tmp_path / 'notes.pt').write_text('not a checkpoint')
-    assert_user_error(run_script('evaluate.py', tmp_path / 'notes.pt'), 'not a readable torch checkpoint')
+    assert_user_error(run_script('evaluate.py', tmp_path / 'notes.pt'), 'not a readable torch checkpoint')  # once as a user runs it
     torch.save({'weights': 1}, tmp_path / 'dict.pt')
-    assert_user_error(run_script('evaluate.py', tmp_path / 'dict.pt'), 'not a synth-ood checkpoint')
-    missing = run_script('evaluate.py', runs / 'ce_s0', '--detectors', 'msp', '--far', f'extra={tmp_path}/none')
-    assert missing.returncode == 0 and 'skipping OOD set extra' in missing.stderr
-    assert_user_error(run_script('evaluate.py', runs / 'ce_s0', '--detectors', 'msp', '--far', f'extra={tmp_path}/none', '--strict'), 'extra', '--far extra=PATH')
+    assert 'not a synth-ood checkpoint' in main_error(capsys, evaluate.main, tmp_path / 'dict.pt')
+    evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--far', f'extra={tmp_path}/none'])
+    assert 'skipping OOD set extra' in capsys.readouterr().err
+    error = main_error(capsys, evaluate.main, runs / 'ce_s0', '--detectors', 'msp', '--far', f'extra={tmp_path}/none', '--strict')
+    assert 'extra' in error and '--far extra=PATH' in error
 
 
 def test_scoring_is_float32_by_default_and_bf16_on_request(runs, evaluated, tmp_path):
@@ -690,23 +705,23 @@ def test_oal_alternating_and_resume(runs, oal_outliers, tmp_path):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
-def test_oal_mismatched_outliers_and_missing_assets(runs, oal_outliers, tmp_path):
+def test_oal_mismatched_outliers_and_missing_assets(runs, oal_outliers, tmp_path, capsys):
     bad = tmp_path / 'bad'
     bad.mkdir()
     np.save(bad / 'knn_outliers.npy', np.zeros((6, 10, 64), np.float32))
     np.save(bad / 'diffusion_outliers.npy', np.zeros((4, 8), np.float32))
-    assert_user_error(run_script('train_oal.py', *oal_args(runs, bad, tmp_path / 'x')), '64-d', '128-d', '--teacher')
+    error = main_error(capsys, train_oal.main, *oal_args(runs, bad, tmp_path / 'x'))
+    assert '64-d' in error and '128-d' in error and '--teacher' in error
     proc = run_script('train_oal.py', '--dataset', 'digits', '--out', tmp_path / 'y', cwd=tmp_path)  # defaults, nothing there yet
     assert_user_error(proc, 'train_sio.py --dataset digits')
-    proc = run_script('train_oal.py', *oal_args(runs, tmp_path / 'none', tmp_path / 'z'))
-    assert_user_error(proc, 'generate.py oal')
+    assert 'generate.py oal' in main_error(capsys, train_oal.main, *oal_args(runs, tmp_path / 'none', tmp_path / 'z'))
 
 
-def test_sio_rerun_with_other_settings_refuses(tiny_pipeline, sio_samples, tmp_path):
+def test_sio_rerun_with_other_settings_refuses(tiny_pipeline, sio_samples, tmp_path, capsys):
     import shutil
     shutil.copytree(sio_samples, tmp_path / 'copy')
-    proc = run_script('generate.py', *sio_args(tiny_pipeline, tmp_path / 'copy', '--prompt', 'a drawing of a {}'))
-    assert_user_error(proc, 'other settings', 'prompt_template', 'new --out')
+    error = main_error(capsys, generate.main, *sio_args(tiny_pipeline, tmp_path / 'copy', '--prompt', 'a drawing of a {}'))
+    assert 'other settings' in error and 'prompt_template' in error and 'new --out' in error
 
 
 # ================================================================================================
@@ -723,6 +738,14 @@ def test_quickstart_chain_ends_with_the_comparison_table(tmp_path):
     assert all(l.count('±') == 5 for l in table[1:])  # mean ± std over the seeds in every cell
     results = json.loads((tmp_path / 'qs' / 'results' / 'results.json').read_text())
     assert set(results) == {'baseline', 'sio', 'oal', '_meta'} and results['_meta']['runs']['oal'] == ['oal_s0', 'oal_s1']
+    stages = proc.stdout[proc.stdout.index('wall time per stage:'):].splitlines()[1:]
+    assert [l.split()[0] for l in stages] == ['fit', 'sio-images', 'ce', 'ce', 'oal-outliers', 'sio', 'oal', 'sio', 'oal', 'evaluate', 'total']
+    # a rerun into the finished folder runs nothing but the evaluation (from its cache) and prints the same table
+    rerun = subprocess.run(['bash', str(REPO / 'quickstart.sh'), str(tmp_path / 'qs')], env=dict(OFFLINE, QUICK='1', PYTHON=sys.executable),
+                           capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [l.split()[0] for l in rerun.stdout[rerun.stdout.index('wall time per stage:'):].splitlines()[1:]] == ['evaluate', 'total']
+    assert [l for l in rerun.stdout.splitlines() if l.startswith('| ')] == table
 
 
 # ================================================================================================
