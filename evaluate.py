@@ -442,12 +442,15 @@ def energy(z):
     return torch.logsumexp(z, dim=1)
 
 
+CHUNK_VALUES = 2 ** 24  # float64 values per chunk when streaming over train features (128 MB)
+
+
 def train_moments(h, y, num_classes, with_scatter=True, rows=None):
     """One chunked pass over float32 train features -> float64 (mean, class means, class counts, scatter),
     scatter = sum_i (h_i - mean)(h_i - mean)^T (None unless asked). Rows are shifted by the first chunk's
     mean before the products, so the scatter keeps its digits however large the mean is; no float64
     copy of h is made."""
-    rows = rows or max(1, 2 ** 24 // h.shape[1])
+    rows = rows or max(1, CHUNK_VALUES // h.shape[1])
     shift = h[:rows].double().mean(0)
     sums = torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device)
     gram = torch.zeros(h.shape[1], h.shape[1], dtype=torch.float64, device=h.device) if with_scatter else None
@@ -512,7 +515,7 @@ def fit(train, val, W, b, args):
         u = -torch.linalg.pinv(W) @ b
         eigvals, eigvecs = torch.linalg.eigh(scatter / len(h_tr) + torch.outer(mean - u, mean - u))
         residual_space = eigvecs[:, torch.argsort(eigvals, descending=True)[D:]]
-        rows = max(1, 2 ** 24 // d)
+        rows = max(1, CHUNK_VALUES // d)
         residual_norm = sum(torch.linalg.norm((h_tr[i:i + rows].double() - u) @ residual_space, dim=1).sum() for i in range(0, len(h_tr), rows))
         max_logit = sum(z_tr[i:i + rows].double().max(1).values.sum() for i in range(0, len(z_tr), rows))
         stats.update(vim_u=u, vim_ns=residual_space, vim_alpha=(max_logit / residual_norm).item())
