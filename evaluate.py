@@ -19,6 +19,7 @@ Detectors: msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim (S
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -79,6 +80,17 @@ def get_args(argv=None):
     for flag in args.near + args.far:
         if '=' not in flag:
             fail(f'--near/--far take NAME=PATH (e.g. --near tin=data/tin), got {flag!r}')
+    percentile = ('in (0, 100)', lambda v: 0 < v < 100)
+    check_ranges(args, [
+        ('--batch-size', 'an integer >= 1', lambda v: v >= 1),
+        ('--odin-temperature', 'a number > 0', lambda v: 0 < v < math.inf),
+        ('--odin-eps', 'a number >= 0', lambda v: 0 <= v < math.inf),
+        ('--gen-gamma', 'a number > 0', lambda v: 0 < v < math.inf),
+        ('--react-percentile', *percentile), ('--ash-percentile', *percentile), ('--dice-percentile', *percentile),
+        ('--knn-k', 'an integer >= 1', lambda v: v >= 1),
+        ('--vim-dim', 'an integer >= 1', lambda v: v >= 1),
+    ])
+    check_device(args.device)
     return args
 
 
@@ -86,6 +98,40 @@ def fail(message):
     """One line for the user, exit code 2, no traceback."""
     print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
+
+
+def check_ranges(args, rules):
+    """(flag, valid range in words, test) for every numeric flag: one line before anything is loaded."""
+    for flag, valid, ok in rules:
+        value = getattr(args, flag[2:].replace('-', '_'))
+        if value is not None and not ok(value):  # NaN fails every comparison, so it is refused too
+            fail(f'{flag} must be {valid}, got {value}')
+
+
+def check_device(name):
+    """--device must name a device this machine has, said now rather than deep inside a run."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f'--device {name!r} is not a device name: pass cpu, cuda or cuda:N')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        fail(f'--device {name}: this machine has no CUDA device; pass --device cpu')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        fail(f'--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}')
+
+
+def check_out(out):
+    """--out must be a folder this process can write: one line now, not a traceback at the first save."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        fail(f'--out {out} is a file, not a folder: pass a folder')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f'.write-test-{os.getpid()}'
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        fail(f'--out {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +199,10 @@ def read_images(paths, size):
     from PIL import Image
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        image = Image.open(path).convert('RGB')
+        try:
+            image = Image.open(path).convert('RGB')
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            fail(f'cannot read image {path} ({type(e).__name__}): replace or remove that file')
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         out[i] = np.asarray(image)
@@ -687,10 +736,13 @@ def score_runs(checkpoints, split_images, oods, groups, args, device, rank, worl
         for split, (images, labels) in splits.items():
             cache_file = Path(args.cache) / run / f'{split}.npz' if args.cache else None
             if cache_file and cache_file.exists():
-                cached = np.load(cache_file)
-                if str(cached['source']) == fingerprint and len(cached['labels']) == len(labels):
-                    outputs[split] = dict(logits=cached['logits'], features=cached['features'], labels=cached['labels'])
-                    continue
+                try:
+                    with np.load(cache_file) as cached:
+                        if str(cached['source']) == fingerprint and len(cached['labels']) == len(labels):
+                            outputs[split] = dict(logits=cached['logits'], features=cached['features'], labels=cached['labels'])
+                            continue
+                except Exception as e:  # damaged outside this script (BadZipFile, missing key...): computed again and rewritten
+                    print(f'note: cache {cache_file} is unreadable ({type(e).__name__}); computing it again', file=sys.stderr)
             logits, feats = forward_all(model, images, ckpt, device, args.batch_size, args.bf16, rank, world, desc=f'{run}/{split}')
             outputs[split] = dict(logits=logits, features=feats, labels=np.asarray(labels))
             if cache_file and rank == 0:
@@ -814,6 +866,9 @@ def main(argv=None):
     else:
         rank, world, device = 0, 1, torch.device(args.device)
     master = rank == 0
+    for folder in (args.out, args.plots, args.cache):
+        if folder and master:
+            check_out(folder)
     settings = {name: [load_checkpoint(r) for r in runs] for name, runs in parse_settings(args.runs).items()}
     checkpoints = [c for runs in settings.values() for c in runs]
     names = [name for _, name, _ in checkpoints]

@@ -96,11 +96,36 @@ def get_args(argv=None):
         if args.pipeline is None:
             local = Path('pipelines') / args.dataset.replace(':', '_').replace('/', '_')
             args.pipeline = str(local) if local.is_dir() else SD_HUB_ID
-        args.steps = args.steps or (50 if args.command == 'oal' else 25)
+        args.steps = args.steps if args.steps is not None else 50 if args.command == 'oal' else 25
         args.guidance = args.guidance if args.guidance is not None else (7.5 if args.command == 'oal' else 4.0)
         args.scheduler = args.scheduler or ('pndm' if args.command == 'oal' else 'pipeline')
         if '{}' not in args.prompt:
             fail(f'--prompt must contain {{}} where the class name goes, got {args.prompt!r}')
+    positive = ('an integer >= 1', lambda v: v >= 1)
+    rules = [('--seed', 'an integer in [0, 2**31)', lambda v: 0 <= v < 2 ** 31), ('--batch-size', *positive)]
+    if args.command == 'fit':
+        rules += [('--steps', *positive), ('--vae-steps', *positive), ('--lr', 'a number > 0', lambda v: 0 < v < math.inf),
+                  ('--vae-channels', 'a multiple of 8 (GroupNorm with 8 groups)', lambda v: v >= 8 and v % 8 == 0),
+                  ('--text-dim', 'an even integer >= 2 (two attention heads)', lambda v: v >= 2 and v % 2 == 0),
+                  ('--prompt-dropout', 'in [0, 1)', lambda v: 0 <= v < 1), ('--check-per-class', *positive)]
+    else:
+        rules += [('--steps', 'an integer in [1, 1000] (denoising steps)', lambda v: 1 <= v <= 1000),
+                  ('--guidance', 'a number >= 0 (classifier-free guidance; 1 = none)', lambda v: 0 <= v < math.inf),
+                  ('--max-batches', *positive)]
+    if args.command == 'sio':
+        rules += [('--per-class', *positive)]
+    if args.command == 'oal':
+        rules += [('--knn-k', *positive), ('--knn-sigma', 'a number > 0', lambda v: 0 < v < math.inf), ('--knn-draws', *positive),
+                  ('--boundary', *positive), ('--keep', f'an integer in [1, --knn-draws ({args.knn_draws})]', lambda v: 1 <= v <= args.knn_draws),
+                  ('--features-per-class', f'an integer > --knn-k ({args.knn_k}) and >= --boundary ({args.boundary})',
+                   lambda v: v > args.knn_k and v >= args.boundary),
+                  ('--repeats', *positive), ('--iterations', *positive), ('--samples-per-iteration', *positive)]
+    check_ranges(args, rules)
+    if args.command == 'fit':
+        channels = args.unet_channels.split(',')
+        if not all(c.strip().isdigit() and int(c) >= 8 and int(c) % 8 == 0 for c in channels):
+            fail(f'--unet-channels must be a comma list of multiples of 8 (GroupNorm with 8 groups), e.g. 16,32; got {args.unet_channels!r}')
+    check_device(args.device)
     return args
 
 
@@ -108,6 +133,51 @@ def fail(message):
     """One line for the user, exit code 2, no traceback."""
     print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
+
+
+def check_ranges(args, rules):
+    """(flag, valid range in words, test) for every numeric flag: one line before anything is loaded."""
+    for flag, valid, ok in rules:
+        value = getattr(args, flag[2:].replace('-', '_'))
+        if value is not None and not ok(value):  # NaN fails every comparison, so it is refused too
+            fail(f'{flag} must be {valid}, got {value}')
+
+
+def check_device(name):
+    """--device must name a device this machine has, said now rather than deep inside a run."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f'--device {name!r} is not a device name: pass cpu, cuda or cuda:N')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        fail(f'--device {name}: this machine has no CUDA device; pass --device cpu')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        fail(f'--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}')
+
+
+def check_out(out):
+    """--out must be a folder this process can write: one line now, not a traceback at the first save."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        fail(f'--out {out} is a file, not a folder: pass a folder')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f'.write-test-{os.getpid()}'
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        fail(f'--out {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
+
+
+def read_checkpoint(file, what):
+    """torch.load with one line for a file that is cut short, not a checkpoint, or not one of ours."""
+    try:
+        ckpt = torch.load(file, map_location='cpu', weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, empty file...
+        fail(f'{what} {file} cannot be read ({type(e).__name__}; cut short?): pass a best.pt or last.pt written by train_sio.py or train_oal.py')
+    if not isinstance(ckpt, dict) or not {'model', 'arch', 'num_classes', 'dataset'} <= ckpt.keys():
+        fail(f'{what} {file} is not a synth-ood checkpoint (no model/arch/num_classes/dataset): pass a best.pt or last.pt written by train_sio.py or train_oal.py')
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +245,10 @@ def read_images(paths, size):
     from PIL import Image
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        image = Image.open(path).convert('RGB')
+        try:
+            image = Image.open(path).convert('RGB')
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            fail(f'cannot read image {path} ({type(e).__name__}): replace or remove that file')
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         out[i] = np.asarray(image)
@@ -299,14 +372,30 @@ def write_json(obj, path):
 
 def check_settings(path, settings, rank, world):
     """A rerun continues an interrupted one only with the same settings; anything else would mix two sets."""
-    if path.exists() and json.loads(path.read_text()) != settings:
-        old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text()) if path.exists() else settings
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        fail(f'{path} is not a settings file of this script (unreadable JSON): remove it or use a new --out')
+    if old != settings:
         changed = ', '.join(f'{k} {old.get(k)!r} -> {v!r}' for k, v in settings.items() if old.get(k) != v)
         fail(f'{path.parent} was made with other settings ({changed}): use a new --out, or delete it to start over')
     if world > 1:
         dist.barrier()  # every rank checked before rank 0 writes
     if rank == 0:
         write_json(settings, path)
+
+
+def readable_image(path):
+    """A finished image: present and decodable (a file cut short or damaged outside this script is made again)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (OSError, SyntaxError):  # missing, truncated, not an image
+        return False
 
 
 def prompt_name(class_name):
@@ -407,7 +496,10 @@ def fit(args):
     if args.dataset.startswith('folder:'):
         fail('fit keeps the training set in memory and suits small images (digits, CIFAR); for image folders use a pretrained pipeline')
     size, classes = ds['image_size'], ds['classes']
-    out, t_start = Path(args.out), time.time()
+    out, t_start = Path(args.out).resolve(), time.time()
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / 'fit.json').exists())):
+        fail(f'--out {args.out} holds files that are not a pipeline made by generate.py fit, and fit replaces its --out whole: pass a new or empty folder')
+    check_out(out.parent)
     work = out.with_name(out.name + '.tmp')
     shutil.rmtree(work, ignore_errors=True)
     words = sorted({w for t in FIT_TEMPLATES for w in t.replace('-', ' ').replace('{}', ' ').lower().split()} |
@@ -511,6 +603,7 @@ def generate_sio(args):
     total = len(classes) * args.per_class
     path_of = lambda i: out / f'{i // args.per_class:03d}' / f'{i % args.per_class}.png'
     if rank == 0:
+        check_out(out)
         for c in range(len(classes)):
             (out / f'{c:03d}').mkdir(parents=True, exist_ok=True)
     if world > 1:
@@ -519,11 +612,12 @@ def generate_sio(args):
                     guidance=args.guidance, scheduler=args.scheduler, per_class=args.per_class, batch_size=args.batch_size)
     check_settings(out / 'settings.json', settings, rank, world)
     batches = [range(s, min(s + args.batch_size, total)) for s in range(0, total, args.batch_size)]
-    todo = [b for n, b in enumerate(batches) if n % world == rank and not all(path_of(i).exists() for i in b)]
+    finished = [all(readable_image(path_of(i)) for i in b) for b in batches]
+    todo = [b for n, b in enumerate(batches) if n % world == rank and not finished[n]]
     if args.max_batches is not None:
         todo = todo[:args.max_batches]
     if rank == 0:
-        print(f'sio: {len(classes)} classes x {args.per_class} = {total} images, {sum(len(b) for b in batches) - sum(len(b) for b in todo) * world} '
+        print(f'sio: {len(classes)} classes x {args.per_class} = {total} images, {sum(len(b) for b, done in zip(batches, finished) if done)} '
               f'already done; prompt "{args.prompt}", {args.steps} steps, guidance {args.guidance}, {world} process(es)')
     t0, made, written = time.time(), 0, 0
     bar = tqdm(todo, desc=f'sio rank {rank}', disable=rank != 0)
@@ -533,7 +627,7 @@ def generate_sio(args):
         with torch.no_grad():
             images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators, output_type='np').images
         for i, image in zip(batch, resize_uint8(images, size)):
-            if not path_of(i).exists():
+            if not readable_image(path_of(i)):  # a damaged leftover is made again
                 save_png_atomic(image, path_of(i))
                 written += 1
         made += len(batch)
@@ -569,7 +663,7 @@ def load_teacher(spec, device):
     if ckpt_file is not None:
         if not ckpt_file.exists():
             fail(f'teacher {ckpt_file} does not exist: train one with python train_sio.py --dataset DATASET --out {path.parent if path.suffix else path}')
-        ckpt = torch.load(ckpt_file, map_location='cpu', weights_only=False)
+        ckpt = read_checkpoint(ckpt_file, 'teacher')
         model = Net(ckpt['arch'], ckpt['num_classes'])
         model.load_state_dict(ckpt['model'])
         model = model.to(device).eval().requires_grad_(False)
@@ -705,6 +799,8 @@ def projection(d_from, d_to, seed):
 def generate_oal(args):
     rank, world, device = setup_distributed(args.device)
     out = Path(args.out)
+    if rank == 0:
+        check_out(out)
     (out / 'images').mkdir(parents=True, exist_ok=True)
     (out / 'latents').mkdir(parents=True, exist_ok=True)
     ds = load_dataset(args.dataset, args.data_root)

@@ -215,7 +215,7 @@ def test_synthetic_class_folders_are_read_with_padded_labels(tmp_path):
         (tmp_path / f'{c:03d}').mkdir()
         for n, i in enumerate(np.flatnonzero(labels == c)[:3]):
             Image.fromarray(images[i]).save(tmp_path / f'{c:03d}' / f'{n}.png')
-    got_images, got_labels = train_sio.load_synthetic(tmp_path, 6, 8)
+    got_images, got_labels = train_sio.load_synthetic(tmp_path, 'digits', train_sio.DIGIT_NAMES[:6], 8)
     assert got_images.shape == (18, 8, 8, 3) and list(got_labels) == [c for c in range(6) for _ in range(3)]
     assert np.array_equal(got_images[:3], images[np.flatnonzero(labels == 0)[:3]])
 
@@ -524,7 +524,7 @@ def test_sio_writes_counts_labels_and_formats(sio_samples):
     assert images.shape == (18, 8, 8, 3) and images.dtype == np.uint8 and list(labels) == [c for c in range(6) for _ in range(3)]
     from PIL import Image
     assert np.array_equal(np.asarray(Image.open(sio_samples / '004' / '2.png')), images[4 * 3 + 2])
-    read_images, read_labels = train_sio.load_synthetic(sio_samples, 6, 8)  # the trainer accepts it
+    read_images, read_labels = train_sio.load_synthetic(sio_samples, 'digits', train_sio.DIGIT_NAMES[:6], 8)  # the trainer accepts it
     assert np.array_equal(read_images, images) and np.array_equal(read_labels, labels)
 
 

@@ -70,8 +70,24 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     tag = args.dataset.replace(':', '_').replace('/', '_')
     digits = args.dataset == 'digits'
-    args.epochs = args.epochs or (30 if digits else 100)
-    args.batch_size = args.batch_size or (64 if digits else 128)
+    args.epochs = args.epochs if args.epochs is not None else 30 if digits else 100
+    args.batch_size = args.batch_size if args.batch_size is not None else 64 if digits else 128
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    weight = ('a number >= 0', lambda v: 0 <= v < math.inf)
+    check_ranges(args, [
+        ('--w-kd', *weight), ('--w-feat', *weight), ('--w-knn', *weight), ('--w-diff', *weight),
+        ('--epochs', 'an integer >= 1', lambda v: v >= 1),
+        ('--batch-size', f'an integer >= {2 * world} (DT\'s BatchNorm needs 2 images per process)', lambda v: v >= 2 * world),
+        ('--lr', 'a number > 0', lambda v: 0 < v < math.inf),
+        ('--lr-dt', 'a number > 0', lambda v: 0 < v < math.inf),
+        ('--lr-q', 'a number > 0', lambda v: 0 < v < math.inf),
+        ('--weight-decay', 'a number >= 0', lambda v: 0 <= v < math.inf),
+        ('--seed', 'an integer in [0, 2**32)', lambda v: 0 <= v < 2 ** 32),
+        ('--stop-after', 'an integer >= 1 (epochs to run in this call)', lambda v: v >= 1),
+    ])
+    if args.arch is not None and args.arch not in ARCH_SIZE:
+        fail(f'unknown --arch {args.arch!r}: use resnet18, resnet18_224, resnet50 or cnn')
+    check_device(args.device)
     args.teacher = args.teacher or f'runs/{tag}_ce_s0'
     args.init = args.init or f'runs/{tag}_ce_s0'
     args.outliers = args.outliers or f'outliers/{tag}'
@@ -83,6 +99,51 @@ def fail(message):
     """One line for the user, exit code 2, no traceback."""
     print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
+
+
+def check_ranges(args, rules):
+    """(flag, valid range in words, test) for every numeric flag: one line before anything is loaded."""
+    for flag, valid, ok in rules:
+        value = getattr(args, flag[2:].replace('-', '_'))
+        if value is not None and not ok(value):  # NaN fails every comparison, so it is refused too
+            fail(f'{flag} must be {valid}, got {value}')
+
+
+def check_device(name):
+    """--device must name a device this machine has, said now rather than deep inside a run."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f'--device {name!r} is not a device name: pass cpu, cuda or cuda:N')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        fail(f'--device {name}: this machine has no CUDA device; pass --device cpu')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        fail(f'--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}')
+
+
+def check_out(out):
+    """--out must be a folder this process can write: one line now, not a traceback at the first save."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        fail(f'--out {out} is a file, not a folder: pass a folder')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f'.write-test-{os.getpid()}'
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        fail(f'--out {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
+
+
+def read_checkpoint(file, what):
+    """torch.load with one line for a file that is cut short, not a checkpoint, or not one of ours."""
+    try:
+        ckpt = torch.load(file, map_location='cpu', weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, empty file...
+        fail(f'{what} {file} cannot be read ({type(e).__name__}; cut short?): pass a best.pt or last.pt written by train_sio.py or train_oal.py')
+    if not isinstance(ckpt, dict) or not {'model', 'arch', 'num_classes', 'dataset'} <= ckpt.keys():
+        fail(f'{what} {file} is not a synth-ood checkpoint (no model/arch/num_classes/dataset): pass a best.pt or last.pt written by train_sio.py or train_oal.py')
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +211,10 @@ def read_images(paths, size):
     from PIL import Image
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        image = Image.open(path).convert('RGB')
+        try:
+            image = Image.open(path).convert('RGB')
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            fail(f'cannot read image {path} ({type(e).__name__}): replace or remove that file')
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         out[i] = np.asarray(image)
@@ -237,6 +301,7 @@ class Net(nn.Module):
 
 
 ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}
+ARCH_MIN_SIZE = {'cnn': 8, 'resnet18': 8, 'resnet18_224': 32, 'resnet50': 32}  # cnn: the digits' 8x8; ResNets: their total downsampling
 
 def normalize(x, mean, std, size):
     x = x.float().div_(255)
@@ -269,7 +334,7 @@ def load_teacher(spec, device):
     if ckpt_file is not None:
         if not ckpt_file.exists():
             fail(f'teacher {ckpt_file} does not exist: train one with python train_sio.py --dataset DATASET --out {path.parent if path.suffix else path}')
-        ckpt = torch.load(ckpt_file, map_location='cpu', weights_only=False)
+        ckpt = read_checkpoint(ckpt_file, 'teacher')
         model = Net(ckpt['arch'], ckpt['num_classes'])
         model.load_state_dict(ckpt['model'])
         model = model.to(device).eval().requires_grad_(False)
@@ -367,33 +432,80 @@ def average_gradients(modules, world):
             p.grad /= world
 
 
-def load_outliers(folder, num_classes, teacher_dim):
-    folder = Path(folder)
+def read_meta(path):
+    """A set's meta.json as a dict; None when there is none (SIO's released npy pair has none)."""
+    try:
+        return json.loads((path / 'meta.json').read_text()) if (path / 'meta.json').exists() else None
+    except (ValueError, OSError) as e:
+        fail(f'{path}/meta.json cannot be read ({type(e).__name__}): rerun the generate.py command that made {path}, or remove meta.json')
+
+
+def load_npy(file):
+    """np.load with one line for a truncated or pickled (object) array."""
+    try:
+        return np.load(file)  # allow_pickle=False: an object array is refused, not unpickled
+    except (ValueError, OSError, EOFError) as e:
+        fail(f'{file} cannot be read as a numeric .npy ({e}): rewrite it, e.g. rerun the generate.py command that made it')
+
+
+def load_outliers(folder, dataset, classes, teacher_dim):
+    """The outlier folder checked before any step: finished, made for these classes and this teacher's feature size."""
+    folder, num_classes = Path(folder), len(classes)
     knn_file, diff_file = folder / 'knn_outliers.npy', folder / 'diffusion_outliers.npy'
+    meta = read_meta(folder) if folder.is_dir() else None
+    if meta is not None and meta.get('complete', True) is not True:  # generate.py writes complete: false until the last iteration
+        fail(f'{folder} is unfinished (meta.json complete: false): run the same generate.py oal command again (it resumes), then train')
     if not knn_file.exists() or not diff_file.exists():
         fail(f'{folder} has no knn_outliers.npy/diffusion_outliers.npy: make them with '
              f'python generate.py oal --dataset DATASET --teacher TEACHER --out {folder}')
-    knn, diff = np.load(knn_file), np.load(diff_file)
-    if knn.ndim != 3 or knn.shape[0] != num_classes:
-        fail(f'{knn_file} has shape {knn.shape}, expected ({num_classes}, M, d): generate it for this --dataset')
+    if meta is not None and 'classes' in meta and list(meta['classes']) != list(classes):
+        fail(f"{folder} was generated for classes {meta['classes'][:4]}... but --dataset {dataset} has {classes[:4]}...: generate outliers for this --dataset")
+    if meta is not None and meta.get('dataset', dataset) != dataset and not dataset.startswith('folder:'):  # folders: the class check decides
+        fail(f"{folder} was generated for --dataset {meta['dataset']}, not {dataset}: generate outliers for this --dataset")
+    knn, diff = load_npy(knn_file), load_npy(diff_file)
+    if knn.ndim != 3 or knn.shape[0] != num_classes or knn.shape[1] == 0:
+        fail(f'{knn_file} has shape {knn.shape}, expected ({num_classes}, M >= 1, d): generate it for this --dataset')
     if knn.shape[2] != teacher_dim:
         fail(f'{knn_file} holds {knn.shape[2]}-d outliers but the teacher has {teacher_dim}-d features: '
              f'generate them with the same --teacher (generate.py oal --teacher ...)')
-    if diff.ndim != 2 or len(diff) == 0:
+    if diff.ndim != 2 or 0 in diff.shape:
         fail(f'{diff_file} has shape {diff.shape}, expected (N, L) pooled latents: rerun generate.py oal')
+    for file, array in ((knn_file, knn), (diff_file, diff)):
+        if array.dtype.kind != 'f' or not np.isfinite(array).all():
+            fail(f'{file} must hold finite floats, got {array.dtype}{" with NaN/inf" if array.dtype.kind == "f" else ""}: rerun generate.py oal')
     return torch.from_numpy(knn.reshape(-1, knn.shape[2])).float(), torch.from_numpy(diff).float()
 
 
 def save_atomic(obj, path):
+    """Write a temporary file, then rename it over path: a crash or a full disk never leaves half a file."""
     tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(obj, str):
+            Path(tmp).write_text(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its zip writer
+        Path(tmp).unlink(missing_ok=True)
+        fail(f'could not write {path} ({e}); the previous {Path(path).name}, if any, is intact: free some space or pass another --out')
 
 
 def write_log(rows, path):
-    tmp = f'{path}.tmp'
-    Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    os.replace(tmp, path)
+    save_atomic(''.join(json.dumps(r) + '\n' for r in rows), path)
+
+
+RUN_FLAGS = ('dataset', 'openood_root', 'teacher', 'init', 'outliers', 'arch', 'image_size', 'w_kd', 'w_feat', 'w_knn', 'w_diff', 'club',
+             'epochs', 'batch_size', 'lr', 'lr_dt', 'lr_q', 'weight_decay', 'seed')  # what --resume must match
+
+
+def check_resume(state, run, out):
+    """--resume continues only the same run: every flag that changes the result, and the same data set, as in last.pt."""
+    if 'run' not in state or 'log' not in state:
+        fail(f'--resume: {out}/last.pt was written by an older synth-ood that did not record its settings: start again with a new --out')
+    stored = state['run']
+    changed = [f"{'--' + k.replace('_', '-') if k in RUN_FLAGS else k} {stored.get(k)!r} -> {v!r}" for k, v in run.items() if stored.get(k) != v]
+    if changed:
+        fail(f"--resume: {out}/last.pt was trained with other settings ({'; '.join(changed)}): resume with its flags, or pass a new --out")
 
 
 @torch.no_grad()
@@ -428,7 +540,7 @@ def main(argv=None):
     master = rank == 0
     out = Path(args.out)
     if master:
-        out.mkdir(parents=True, exist_ok=True)
+        check_out(out)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -454,20 +566,24 @@ def main(argv=None):
         if not init_file.exists():
             fail(f'--init {args.init} not found: train the cross-entropy baseline first with '
                  f'python train_sio.py --dataset {args.dataset} --out {args.init}, or pass --init none to start from scratch')
-        init = torch.load(init_file, map_location='cpu', weights_only=False)
+        init = read_checkpoint(init_file, '--init')
         if init['dataset'] != args.dataset or init['num_classes'] != num_classes:
             fail(f"--init {init_file} was trained on {init['dataset']} ({init['num_classes']} classes), not {args.dataset}")
     args.arch = args.arch or (init['arch'] if init else {'digits': 'cnn'}.get(args.dataset, 'resnet18'))
     args.image_size = args.image_size or (init['image_size'] if init else (ds['image_size'] if args.dataset == 'digits' else ARCH_SIZE[args.arch]))
     if init and init['arch'] != args.arch:
         fail(f"--init {args.init} is a {init['arch']}, not --arch {args.arch}: drop --arch or pass a matching --init")
-    knn_pool, diff_pool = (t.to(device) for t in load_outliers(args.outliers, num_classes, teacher_info['feature_dim']))
+    if args.image_size < ARCH_MIN_SIZE[args.arch]:
+        fail(f'--image-size must be at least {ARCH_MIN_SIZE[args.arch]} for --arch {args.arch}, got {args.image_size}')
+    knn_pool, diff_pool = (t.to(device) for t in load_outliers(args.outliers, args.dataset, ds['classes'], teacher_info['feature_dim']))
     pad, flip = RECIPE_AUGMENT.get(args.dataset, (4, True))
     train_x = torch.from_numpy(ds['train'][0]).permute(0, 3, 1, 2).contiguous().to(device)
     train_y = torch.from_numpy(ds['train'][1]).to(device)
     val_x = torch.from_numpy(ds['val'][0]).permute(0, 3, 1, 2).contiguous().to(device)
     val_y = torch.from_numpy(ds['val'][1]).to(device)
     steps_per_epoch = math.ceil(len(train_y) / args.batch_size)
+    if len(train_y) - (steps_per_epoch - 1) * args.batch_size < 2 * world:  # a last batch too small for DT's BatchNorm is left out
+        steps_per_epoch -= 1
 
     # ---------------------------------------------------------------- student, DT, CLUBs, optimiser
     student = Net(args.arch, num_classes)
@@ -484,18 +600,24 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     start_epoch, best_acc, log = 0, -1.0, []
+    run = {k: os.path.abspath(v) if k in ('openood_root', 'teacher', 'init', 'outliers') and v and Path(v).exists() else v
+           for k, v in vars(args).items() if k in RUN_FLAGS}
+    run['outlier set'] = read_meta(Path(args.outliers))
     if args.resume:
         if not (out / 'last.pt').exists():
             fail(f'--resume: {out}/last.pt does not exist (start without --resume, or pass the right --out)')
-        state = torch.load(out / 'last.pt', map_location='cpu', weights_only=False)
+        state = read_checkpoint(out / 'last.pt', '--resume:')
+        if state.get('method') != 'oal' or 'dt' not in state:
+            fail(f'--resume: {out}/last.pt is not a train_oal.py run (method {state.get("method")}): pass the --out of a train_oal.py run')
+        check_resume(state, run, out)
         student.load_state_dict(state['model'])
         for module, key in ((dt, 'dt'), (club_knn, 'club_knn'), (club_diff, 'club_diff')):
             module.load_state_dict(state[key])
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
-        start_epoch, best_acc = state['epoch'], state['best_val_acc']
-        log = [r for r in map(json.loads, (out / 'log.jsonl').read_text().splitlines()) if r['epoch'] <= start_epoch]
-        if master:
+        start_epoch, best_acc, log = state['epoch'], state['best_val_acc'], state['log']
+        if master:  # the log rows travel inside last.pt, so a crash between the two writes loses no row
+            write_log(log, out / 'log.jsonl')
             print(f'resumed from {out}/last.pt after epoch {start_epoch}')
     raw_student = student
     if args.compile:
@@ -512,7 +634,7 @@ def main(argv=None):
                     image_size=args.image_size, mean=ds['mean'], std=ds['std'], epoch=epoch, val_acc=val_acc, args=vars(args), method='oal')
         if full:  # bf16 autocast needs no GradScaler; the key is kept for the format
             ckpt.update(dt=dt.state_dict(), club_knn=club_knn.state_dict(), club_diff=club_diff.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=None, best_val_acc=best_acc,
+                        scheduler=scheduler.state_dict(), scaler=None, best_val_acc=best_acc, run=run, log=log,
                         rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
         return ckpt
 

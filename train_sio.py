@@ -59,6 +59,8 @@ def get_args(argv=None):
     p.add_argument('--oe-data', default=None, help='outlier images for --method oe: a .npy (N,H,W,3) uint8 or an image folder')
     p.add_argument('--oe-weight', type=float, default=0.5)
     p.add_argument('--oe-batch-size', type=int, default=None, help='outliers per step (default 2x batch, as in OE)')
+    p.add_argument('--oe-augment', action='store_true', help='outliers get the training crop/flip and are drawn with replacement '
+                                                              '(default, as the SIO code: un-augmented, in order from a per-epoch permutation)')
     p.add_argument('--epochs', type=int, default=None)
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--lr', type=float, default=None)
@@ -76,10 +78,30 @@ def get_args(argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.arch = args.arch or {'digits': 'cnn', 'cifar': 'resnet18', 'folder': 'resnet18_224'}[kind]
+    if args.arch not in ARCH_SIZE:
+        fail(f'unknown --arch {args.arch!r}: use resnet18, resnet18_224, resnet50 or cnn')
     if args.synthetic is None:
         args.alpha = 1.0
-    if not 0 < args.alpha <= 1:
-        fail(f'--alpha must be in (0, 1], got {args.alpha}')
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    check_ranges(args, [
+        ('--alpha', 'in (0, 1]', lambda v: 0 < v <= 1),
+        ('--tau', 'a number > 0', lambda v: 0 < v < math.inf),
+        ('--oe-weight', 'a number >= 0', lambda v: 0 <= v < math.inf),
+        ('--oe-batch-size', f'an integer >= {world} (the number of processes)', lambda v: v >= world),
+        ('--epochs', 'an integer >= 1', lambda v: v >= 1),
+        ('--batch-size', f'an integer >= {world} (the number of processes)', lambda v: v >= max(1, world)),
+        ('--lr', 'a number > 0', lambda v: 0 < v < math.inf),
+        ('--weight-decay', 'a number >= 0', lambda v: 0 <= v < math.inf),
+        ('--seed', 'an integer in [0, 2**32)', lambda v: 0 <= v < 2 ** 32),
+        ('--stop-after', 'an integer >= 1 (epochs to run in this call)', lambda v: v >= 1),
+        ('--workers', 'an integer >= 0', lambda v: v >= 0),
+        ('--image-size', f"at least {ARCH_MIN_SIZE.get(args.arch, 1)} for --arch {args.arch}",
+         lambda v: v >= ARCH_MIN_SIZE.get(args.arch, 1)),
+    ])
+    if args.synthetic and int(args.batch_size * args.alpha) < world:
+        fail(f'--alpha {args.alpha} leaves {int(args.batch_size * args.alpha)} real images in a batch of {args.batch_size}: '
+             f'raise --alpha or --batch-size')
+    check_device(args.device)
     if args.method == 'oe' and not args.oe_data:
         fail('--method oe needs outlier images: pass --oe-data PATH (a .npy of uint8 images or an image folder)')
     if args.out is None:
@@ -91,6 +113,51 @@ def fail(message):
     """One line for the user, exit code 2, no traceback."""
     print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
+
+
+def check_ranges(args, rules):
+    """(flag, valid range in words, test) for every numeric flag: one line before anything is loaded."""
+    for flag, valid, ok in rules:
+        value = getattr(args, flag[2:].replace('-', '_'))
+        if value is not None and not ok(value):  # NaN fails every comparison, so it is refused too
+            fail(f'{flag} must be {valid}, got {value}')
+
+
+def check_device(name):
+    """--device must name a device this machine has, said now rather than deep inside a run."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f'--device {name!r} is not a device name: pass cpu, cuda or cuda:N')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        fail(f'--device {name}: this machine has no CUDA device; pass --device cpu')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        fail(f'--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}')
+
+
+def check_out(out):
+    """--out must be a folder this process can write: one line now, not a traceback at the first save."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        fail(f'--out {out} is a file, not a folder: pass a folder')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f'.write-test-{os.getpid()}'
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        fail(f'--out {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
+
+
+def read_checkpoint(file, what):
+    """torch.load with one line for a file that is cut short, not a checkpoint, or not one of ours."""
+    try:
+        ckpt = torch.load(file, map_location='cpu', weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, empty file...
+        fail(f'{what} {file} cannot be read ({type(e).__name__}; cut short?): pass a best.pt or last.pt written by train_sio.py or train_oal.py')
+    if not isinstance(ckpt, dict) or not {'model', 'arch', 'num_classes', 'dataset'} <= ckpt.keys():
+        fail(f'{what} {file} is not a synth-ood checkpoint (no model/arch/num_classes/dataset): pass a best.pt or last.pt written by train_sio.py or train_oal.py')
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +225,10 @@ def read_images(paths, size):
     from PIL import Image
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        image = Image.open(path).convert('RGB')
+        try:
+            image = Image.open(path).convert('RGB')
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            fail(f'cannot read image {path} ({type(e).__name__}): replace or remove that file')
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         out[i] = np.asarray(image)
@@ -245,37 +315,73 @@ class Net(nn.Module):
 
 
 ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}
+ARCH_MIN_SIZE = {'cnn': 8, 'resnet18': 8, 'resnet18_224': 32, 'resnet50': 32}  # cnn: the digits' 8x8; ResNets: their total downsampling
 
 
 # ----------------------------------------------------------------------------------------------
 # Synthetic ID data (SPEC 1): images.npy/labels.npy, or <class index zero-padded>/<n>.png + meta.json.
 
-def load_synthetic(path, num_classes, size):
-    path = Path(path)
+def read_meta(path):
+    """A set's meta.json as a dict; None when there is none (SIO's released npy pair has none)."""
+    try:
+        return json.loads((path / 'meta.json').read_text()) if (path / 'meta.json').exists() else None
+    except (ValueError, OSError) as e:
+        fail(f'{path}/meta.json cannot be read ({type(e).__name__}): rerun the generate.py command that made {path}, or remove meta.json')
+
+
+def load_npy(file):
+    """np.load with one line for a truncated or pickled (object) array."""
+    try:
+        return np.load(file)  # allow_pickle=False: an object array is refused, not unpickled
+    except (ValueError, OSError, EOFError) as e:
+        fail(f'{file} cannot be read as a numeric .npy ({e}): rewrite it, e.g. rerun the generate.py command that made it')
+
+
+def load_synthetic(path, dataset, classes, size):
+    """A synthetic ID set checked against the real one: finished, every class present, same classes."""
+    path, num_classes = Path(path), len(classes)
+    meta = read_meta(path) if path.is_dir() else None
+    if meta is not None:
+        if meta.get('complete', True) is not True:  # generate.py writes complete: false until the last image
+            fail(f"{path} is unfinished ({sum(meta.get('counts') or [])} images so far, meta.json complete: false): "
+                 f'run the same generate.py sio command again (it resumes), then train')
+        if 'classes' in meta and list(meta['classes']) != list(classes):
+            fail(f"{path} was generated for classes {meta['classes'][:4]}... but --dataset {dataset} has {classes[:4]}...: "
+                 f'generate a set for this --dataset')
+        if meta.get('dataset', dataset) != dataset and not dataset.startswith('folder:'):  # folders: the class check decides
+            fail(f"{path} was generated for --dataset {meta['dataset']}, not {dataset}: generate a set for this --dataset")
     if (path / 'images.npy').exists():
         if not (path / 'labels.npy').exists():
             fail(f'{path}/images.npy has no labels.npy beside it')
-        images, labels = np.load(path / 'images.npy'), np.load(path / 'labels.npy')
+        images, labels = load_npy(path / 'images.npy'), load_npy(path / 'labels.npy')
     elif path.is_dir():
         class_dirs = sorted(d for d in path.iterdir() if d.is_dir())
         if not class_dirs or not all(d.name.isdigit() for d in class_dirs):
             fail(f'{path} holds no synthetic set: expected images.npy+labels.npy or class folders named 000, 001, ...')
-        files = [(f, int(d.name)) for d in class_dirs for f in sorted(d.glob('*.png'))]
+        entries = [(f, int(d.name)) for d in class_dirs for f in sorted(d.iterdir()) if f.is_file()]
+        files = [(f, c) for f, c in entries if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if len(files) < len(entries):
+            skipped = [f for f, _ in entries if f.suffix.lower() not in IMAGE_EXTENSIONS]
+            print(f'note: {len(skipped)} file(s) in {path} are not images and are skipped (e.g. {skipped[0]})', file=sys.stderr)
         images = read_images([f for f, _ in files], size) if files else np.zeros((0, size, size, 3), np.uint8)
         labels = np.array([c for _, c in files], dtype=np.int64)
     else:
         fail(f'--synthetic {path} does not exist: run generate.py sio first or point at images.npy/labels.npy')
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        fail(f'{path}: synthetic images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}')
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape[1:3]:
+        fail(f'{path}: synthetic images must be uint8 (N, H, W, 3) with H, W >= 1, got {images.dtype} {tuple(images.shape)}')
     if labels.ndim != 1 or len(labels) != len(images) or len(images) == 0:
         fail(f'{path}: need one label per image, got {len(labels)} labels for {len(images)} images')
+    whole = labels.dtype.kind in 'iu' or (labels.dtype.kind == 'f' and np.isfinite(labels).all() and (labels == np.round(labels)).all())
+    if not whole:
+        fail(f'{path}: synthetic labels must be whole class indices, got {labels.dtype} labels with NaN or fractions')
+    labels = labels.astype(np.int64)
     if labels.min() < 0 or labels.max() >= num_classes:
         fail(f'{path}: synthetic labels span {labels.min()}..{labels.max()} but the dataset has {num_classes} classes (0..{num_classes - 1})')
-    meta = path / 'meta.json'
-    found = len(json.loads(meta.read_text())['classes']) if meta.exists() else len(np.unique(labels))
-    if found != num_classes:
-        fail(f'{path}: synthetic set has {found} classes but the dataset has {num_classes}: generate it for this --dataset')
-    return resize_images(images, size), labels.astype(np.int64)  # e.g. 512x512 diffusion samples for 32x32 CIFAR
+    missing = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
+    if missing:
+        fail(f'{path}: synthetic set has {num_classes - len(missing)} classes but the dataset has {num_classes} '
+             f'(no image for class {", ".join(map(str, missing[:5]))}{"..." if len(missing) > 5 else ""}): generate it for this --dataset')
+    return resize_images(images, size), labels  # e.g. 512x512 diffusion samples for 32x32 CIFAR
 
 
 def resize_images(images, size):
@@ -409,15 +515,35 @@ def cutmix(x, labels):
 # ----------------------------------------------------------------------------------------------
 
 def save_atomic(obj, path):
+    """Write a temporary file, then rename it over path: a crash or a full disk never leaves half a file."""
     tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(obj, str):
+            Path(tmp).write_text(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its zip writer
+        Path(tmp).unlink(missing_ok=True)
+        fail(f'could not write {path} ({e}); the previous {Path(path).name}, if any, is intact: free some space or pass another --out')
 
 
 def write_log(rows, path):
-    tmp = f'{path}.tmp'
-    Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    os.replace(tmp, path)
+    save_atomic(''.join(json.dumps(r) + '\n' for r in rows), path)
+
+
+RUN_FLAGS = ('dataset', 'openood_root', 'arch', 'image_size', 'synthetic', 'alpha', 'method', 'tau', 'oe_data', 'oe_weight',
+             'oe_batch_size', 'oe_augment', 'epochs', 'batch_size', 'lr', 'weight_decay', 'seed')  # what --resume must match
+
+
+def check_resume(state, run, out):
+    """--resume continues only the same run: every flag that changes the result, and the same data set, as in last.pt."""
+    if 'run' not in state or 'log' not in state:
+        fail(f'--resume: {out}/last.pt was written by an older synth-ood that did not record its settings: start again with a new --out')
+    stored = state['run']
+    changed = [f"{'--' + k.replace('_', '-') if k in RUN_FLAGS else k} {stored.get(k)!r} -> {v!r}" for k, v in run.items() if stored.get(k) != v]
+    if changed:
+        fail(f"--resume: {out}/last.pt was trained with other settings ({'; '.join(changed)}): resume with its flags, or pass a new --out")
 
 
 @torch.no_grad()
@@ -458,7 +584,7 @@ def main(argv=None):
     master = rank == 0
     out = Path(args.out)
     if master:
-        out.mkdir(parents=True, exist_ok=True)
+        check_out(out)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -473,7 +599,7 @@ def main(argv=None):
     in_memory = not args.dataset.startswith('folder:')
     store_size = ds['image_size'] if in_memory else args.image_size  # in-memory sets stay native, resized on the device
     train_x, train_y = ds['train']
-    syn_x, syn_y = load_synthetic(args.synthetic, num_classes, store_size) if args.synthetic else (None, None)
+    syn_x, syn_y = load_synthetic(args.synthetic, args.dataset, ds['classes'], store_size) if args.synthetic else (None, None)
     n_real, n_syn = len(train_y), 0 if syn_y is None else len(syn_y)
     if in_memory:  # the whole set as a uint8 tensor on the training device: no loader, no workers
         def to_device(images):
@@ -512,18 +638,21 @@ def main(argv=None):
     total_steps = args.epochs * len(batch_plan)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: MIN_LR / args.lr + (1 - MIN_LR / args.lr) * 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     start_epoch, best_acc, log = 0, -1.0, []
+    run = {k: os.path.abspath(v) if k in ('openood_root', 'synthetic', 'oe_data') and v else v for k, v in vars(args).items() if k in RUN_FLAGS}
+    run['synthetic set'] = dict(images=n_syn, meta=read_meta(Path(args.synthetic))) if n_syn else None
     if args.resume:
         if not (out / 'last.pt').exists():
             fail(f'--resume: {out}/last.pt does not exist (start without --resume, or pass the right --out)')
-        state = torch.load(out / 'last.pt', map_location='cpu', weights_only=False)
-        if state['dataset'] != args.dataset or state['arch'] != args.arch:
-            fail(f"--resume: {out}/last.pt is a {state['arch']} on {state['dataset']}, not {args.arch} on {args.dataset}")
+        state = read_checkpoint(out / 'last.pt', '--resume:')
+        if state.get('method') == 'oal' or 'optimizer' not in state:
+            fail(f'--resume: {out}/last.pt is not a train_sio.py run (method {state.get("method")}): pass the --out of a train_sio.py run')
+        check_resume(state, run, out)
         raw_model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
-        start_epoch, best_acc = state['epoch'], state['best_val_acc']
-        log = [json.loads(l) for l in (out / 'log.jsonl').read_text().splitlines() if json.loads(l)['epoch'] <= start_epoch] if (out / 'log.jsonl').exists() else []
-        if master:
+        start_epoch, best_acc, log = state['epoch'], state['best_val_acc'], state['log']
+        if master:  # the log rows travel inside last.pt, so a crash between the two writes loses no row
+            write_log(log, out / 'log.jsonl')
             print(f'resumed from {out}/last.pt after epoch {start_epoch} (best val acc {100 * best_acc:.2f}%)')
     if args.compile:
         model = torch.compile(model)
@@ -536,7 +665,7 @@ def main(argv=None):
                     dataset=args.dataset, image_size=args.image_size, mean=ds['mean'], std=ds['std'], epoch=epoch,
                     val_acc=val_acc, args=vars(args), method='sio' if n_syn else args.method)
         if full:  # bf16 autocast needs no GradScaler; the key is kept for the format
-            ckpt.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=None, best_val_acc=best_acc,
+            ckpt.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=None, best_val_acc=best_acc, run=run, log=log,
                         rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
         return ckpt
@@ -550,7 +679,10 @@ def main(argv=None):
         # The batch plan is the same on every rank; augmentation draws differ per rank.
         torch.manual_seed((args.seed * 1000 + epoch) * 1000 + rank)
         np.random.seed(((args.seed * 1000 + epoch) * 1000 + rank) % 2**32)
-        batch_plan = sio_batches(n_real, n_syn, args.batch_size, args.alpha, torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        epoch_generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        batch_plan = sio_batches(n_real, n_syn, args.batch_size, args.alpha, epoch_generator)
+        if oe_x is not None:  # OpenOOD's outlier loader: reshuffled each epoch, and again whenever it runs out
+            oe_order = draw(len(oe_x), len(batch_plan) * args.oe_batch_size, epoch_generator)
         if in_memory:  # each rank takes its share of every batch, with the same real/synthetic proportion
             batches = (take(r[rank::world].to(device), s[rank::world].to(device)) for r, s in batch_plan)
         else:
@@ -571,9 +703,11 @@ def main(argv=None):
             mix_labels, lam = None, 1.0
             if args.method == 'cutmix':
                 x, mix_labels, lam = cutmix(x, y)
-            if oe_x is not None:  # ID and outlier batches concatenated into one forward pass
+            if oe_x is not None and args.oe_augment:  # deviation (--oe-augment): augmented outliers drawn with replacement
                 ood = oe_x[torch.randint(len(oe_x), (args.oe_batch_size // world,), device=device)]
                 x = torch.cat([x, augment(ood, args.pad, args.flip)])
+            elif oe_x is not None:  # faithful (OpenOOD's OE trainer): test transform, next outliers of this epoch's permutation
+                x = torch.cat([x, oe_x[oe_order[step * args.oe_batch_size:(step + 1) * args.oe_batch_size][rank::world].to(device)]])
             with autocast:
                 logits = model(normalize(x, ds['mean'], ds['std'], args.image_size))
                 loss = method_loss(args.method, logits.float(), y, args.tau, args.oe_weight, mix_labels, lam)
