@@ -886,6 +886,11 @@ def main(argv=None):
         if ckpt['num_classes'] != len(ds['classes']):
             fail(f"{name} has {ckpt['num_classes']} classes but --dataset {dataset} has {len(ds['classes'])}: "
                  f"evaluate it on the dataset it was trained on ({ckpt['dataset']})")
+        d = ckpt['model']['fc.weight'].shape[1]
+        if 'vim' in args.detectors and args.vim_dim is not None and not 1 <= args.vim_dim < d:
+            fail(f'--vim-dim {args.vim_dim} must be between 1 and {d - 1} (the feature size of {name} is {d})')
+    if 'knn' in args.detectors and args.knn_k > len(ds['train'][1]):
+        fail(f"--knn-k {args.knn_k} is larger than the {len(ds['train'][1])} ID train features: pass a smaller --knn-k")
     folder = dataset.startswith('folder:')
     size = checkpoints[0][0]['image_size'] if folder else ds['image_size']
     split_images = {split: (read_files(ds[split][0], size) if folder else ds[split][0], ds[split][1]) for split in ('train', 'val', 'test')}

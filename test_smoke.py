@@ -123,11 +123,54 @@ def test_resume_gives_identical_weights(tmp_path):
     train_sio.main(common + ['--out', str(tmp_path / 'straight')])
     train_sio.main(common + ['--out', str(tmp_path / 'split'), '--stop-after', '2'])
     assert json.loads((tmp_path / 'split' / 'log.jsonl').read_text().splitlines()[-1])['epoch'] == 2
-    train_sio.main(common + ['--out', str(tmp_path / 'split'), '--resume'])
+    (tmp_path / 'split' / 'log.jsonl').unlink()  # as if killed between writing last.pt and log.jsonl: the rows live in last.pt too
+    train_sio.main(common + ['--out', str(tmp_path / 'split'), '--resume', '--workers', '0'])  # a flag that changes nothing may differ
     a = torch.load(tmp_path / 'straight' / 'last.pt', weights_only=False)
     b = torch.load(tmp_path / 'split' / 'last.pt', weights_only=False)
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    assert len((tmp_path / 'split' / 'log.jsonl').read_text().splitlines()) == 4
+    logs = [[json.loads(l) for l in (tmp_path / run / 'log.jsonl').read_text().splitlines()] for run in ('straight', 'split')]
+    assert [r['epoch'] for r in logs[1]] == [1, 2, 3, 4]
+    assert [r['val_acc'] for r in logs[0]] == [r['val_acc'] for r in logs[1]]
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_last_good_one(tmp_path, capsys, monkeypatch):
+    common = ['--dataset', 'digits', '--epochs', '2', '--out', tmp_path / 'run']
+    train_sio.main([str(a) for a in common + ['--stop-after', '1']])
+    good = (tmp_path / 'run' / 'last.pt').read_bytes()
+
+    def full_disk(obj, file, *args, **kwargs):
+        Path(file).write_bytes(b'half')
+        raise RuntimeError('[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file data/0: file write failed')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    error = main_error(capsys, train_sio.main, *common, '--resume')
+    assert 'could not write' in error and 'intact' in error
+    assert (tmp_path / 'run' / 'last.pt').read_bytes() == good and not list((tmp_path / 'run').glob('*.tmp'))
+
+
+def test_oe_outliers_are_unaugmented_and_in_permutation_order(tmp_path, monkeypatch):
+    """The SIO code's OE: outliers with the test transform, the next ones of a per-epoch permutation; --oe-augment is the old draw."""
+    outliers = np.random.RandomState(0).randint(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / 'ood.npy', outliers)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def first_batch(self, x, features=False):
+        seen.append(x)
+        raise Stop
+    monkeypatch.setattr(train_sio.Net, 'forward', first_batch)
+    for extra in ([], ['--oe-augment']):
+        with pytest.raises(Stop):
+            train_sio.main(['--dataset', 'digits', '--method', 'oe', '--oe-data', str(tmp_path / 'ood.npy'), '--batch-size', '16',
+                            '--epochs', '1', '--out', str(tmp_path / f'run{len(extra)}')] + extra)
+    ds = train_sio.load_dataset('digits')
+    generator = torch.Generator().manual_seed(0)  # seed 0, epoch 0: the batch plan first, then the outlier order
+    plan = train_sio.sio_batches(len(ds['train'][1]), 0, 16, 1.0, generator)
+    order = train_sio.draw(50, len(plan) * 32, generator)
+    expected = train_sio.normalize(torch.from_numpy(outliers[order[:32].numpy()]).permute(0, 3, 1, 2), ds['mean'], ds['std'], 8)
+    assert seen[0].shape[0] == 16 + 32 and torch.equal(seen[0][16:], expected)
+    assert not torch.equal(seen[1][16:], expected)
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -208,7 +251,7 @@ def test_bad_synthetic_sets(tmp_path, capsys, case):
     assert all(word in error for word in words), error
 
 
-def test_synthetic_class_folders_are_read_with_padded_labels(tmp_path):
+def test_synthetic_class_folders_are_read_with_padded_labels(tmp_path, capsys):
     from PIL import Image
     images, labels = digits_train_set()
     for c in range(6):
@@ -218,6 +261,14 @@ def test_synthetic_class_folders_are_read_with_padded_labels(tmp_path):
     got_images, got_labels = train_sio.load_synthetic(tmp_path, 'digits', train_sio.DIGIT_NAMES[:6], 8)
     assert got_images.shape == (18, 8, 8, 3) and list(got_labels) == [c for c in range(6) for _ in range(3)]
     assert np.array_equal(got_images[:3], images[np.flatnonzero(labels == 0)[:3]])
+    # every image extension counts (class 5 as JPEG only); other files are skipped with a note
+    for n, i in enumerate(np.flatnonzero(labels == 5)[:3]):
+        (tmp_path / '005' / f'{n}.png').unlink()
+        Image.fromarray(images[i]).save(tmp_path / '005' / f'{n}.JPG')
+    (tmp_path / '002' / 'notes.txt').write_text('not an image')
+    got_images, got_labels = train_sio.load_synthetic(tmp_path, 'digits', train_sio.DIGIT_NAMES[:6], 8)
+    assert list(got_labels) == [c for c in range(6) for _ in range(3)]
+    assert 'not images and are skipped' in capsys.readouterr().err
 
 
 def test_digits_split_is_the_spec_split():
@@ -376,6 +427,17 @@ def test_cached_and_uncached_tables_match(runs, evaluated):
     assert tables[0] == tables[1] == tables[2]
 
 
+def test_a_damaged_cache_file_is_computed_again(runs, evaluated, tmp_path, capsys):
+    import shutil
+    shutil.copytree(evaluated / 'cache', tmp_path / 'cache')
+    (tmp_path / 'cache' / 'ce_s0' / 'val.npz').write_bytes(b'PK\x03\x04 cut short')
+    evaluate.main([str(runs / 'ce_s0'), '--cache', str(tmp_path / 'cache'), '--out', str(tmp_path / 'res')])
+    assert 'val.npz is unreadable' in capsys.readouterr().err
+    assert json.loads((tmp_path / 'res' / 'results.json').read_text()) == json.loads((evaluated / 'cached1' / 'results.json').read_text())
+    with np.load(tmp_path / 'cache' / 'ce_s0' / 'val.npz') as rewritten:
+        assert len(rewritten['labels']) > 0
+
+
 def test_mean_and_std_over_runs(runs, tmp_path):
     cache = str(tmp_path / 'cache')
     evaluate.main([str(runs / 'ce_s0'), str(runs / 'ce_s1'), '--detectors', 'ebo,knn', '--cache', cache, '--out', str(tmp_path / 'both')])
@@ -528,13 +590,16 @@ def test_sio_writes_counts_labels_and_formats(sio_samples):
     assert np.array_equal(read_images, images) and np.array_equal(read_labels, labels)
 
 
-def test_sio_interrupted_and_resumed_is_byte_identical(tiny_pipeline, sio_samples, tmp_path):
+def test_sio_interrupted_and_resumed_is_byte_identical(tiny_pipeline, sio_samples, tmp_path, capsys):
     out = tmp_path / 'resumed'
     generate.main(sio_args(tiny_pipeline, out, '--max-batches', '2'))  # stops after 8 of 18 images
+    assert '18 images, 0 already done' in capsys.readouterr().out
     assert not (out / 'images.npy').exists() and not json.loads((out / 'meta.json').read_text())['complete']
     (out / '005' / '1.png.tmp').write_bytes(b'half-written')  # a kill mid-write leaves only a temp file
-    (out / '000' / '0.png').unlink()  # and a batch with a missing file is recomputed whole
+    (out / '000' / '0.png').unlink()  # and a batch with a missing file is recomputed whole,
+    (out / '001' / '0.png').write_bytes((out / '001' / '0.png').read_bytes()[:30])  # as is one with a damaged file (index 3, batch 0 too)
     generate.main(sio_args(tiny_pipeline, out))
+    assert '18 images, 4 already done' in capsys.readouterr().out  # images 4-7 only
     files = sorted(p.relative_to(sio_samples) for p in sio_samples.rglob('*.png'))
     assert files == sorted(p.relative_to(out) for p in out.rglob('*.png'))
     for f in files + [Path('images.npy'), Path('labels.npy')]:
@@ -694,15 +759,22 @@ def test_oal_end_to_end_logs_terms_and_evaluates(runs, oal_outliers, tmp_path):
     assert json.loads((tmp_path / 'eval' / 'results.json').read_text())['ebo']['near']['ACC'] > 85
 
 
-def test_oal_alternating_and_resume(runs, oal_outliers, tmp_path):
+def test_oal_alternating_and_resume(runs, oal_outliers, tmp_path, capsys):
     common = ['--epochs', '2', '--club', 'alternating', '--seed', '1']
     train_oal.main(oal_args(runs, oal_outliers, tmp_path / 'straight', *common))
     train_oal.main(oal_args(runs, oal_outliers, tmp_path / 'split', *common, '--stop-after', '1'))
+    import shutil
+    shutil.copytree(oal_outliers, tmp_path / 'outliers_copy')
+    for flag, value in (('--w-kd', '2'), ('--club', 'joint'), ('--outliers', tmp_path / 'outliers_copy')):
+        error = main_error(capsys, train_oal.main, *oal_args(runs, oal_outliers, tmp_path / 'split', *common, '--resume', flag, value))
+        assert flag in error, error  # every flag that defines the run must match last.pt's
+    (tmp_path / 'split' / 'log.jsonl').unlink()  # as if killed between last.pt and log.jsonl
     train_oal.main(oal_args(runs, oal_outliers, tmp_path / 'split', *common, '--resume'))
     a = torch.load(tmp_path / 'straight' / 'last.pt', weights_only=False)
     b = torch.load(tmp_path / 'split' / 'last.pt', weights_only=False)
     for key in ('model', 'dt', 'club_knn', 'club_diff'):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert [json.loads(l)['epoch'] for l in (tmp_path / 'split' / 'log.jsonl').read_text().splitlines()] == [1, 2]
 
 
 def test_oal_mismatched_outliers_and_missing_assets(runs, oal_outliers, tmp_path, capsys):
@@ -853,12 +925,237 @@ def test_train_oal_torchrun_two_processes(runs, oal_outliers, tmp_path):
     assert torch.load(tmp_path / 'ddp' / 'best.pt', weights_only=False)['val_acc'] > 0.5
 
 
+# ================================================================================================
+# Bad input: every row must end in one 'error:' line naming the fix, exit code 2, no traceback, and
+# leave what was already in --out untouched.
+
+@pytest.fixture(scope='session')
+def bad(runs, tmp_path_factory):
+    """Broken and mismatched inputs, each written by hand in the real on-disk format."""
+    import shutil
+    from PIL import Image
+    root = tmp_path_factory.mktemp('bad')
+    images, labels = digits_train_set()
+
+    def class_folders(name, meta=None, skip_class=None):
+        for c in range(6):
+            (root / name / f'{c:03d}').mkdir(parents=True)
+            for n, i in enumerate(np.flatnonzero(labels == c)[:2] if c != skip_class else []):
+                Image.fromarray(images[i]).save(root / name / f'{c:03d}' / f'{n}.png')
+        if meta is not None:
+            (root / name / 'meta.json').write_text(json.dumps(meta))
+        return root / name
+
+    def npy_pair(name, image_array, label_array):
+        (root / name).mkdir()
+        np.save(root / name / 'images.npy', image_array, allow_pickle=True)
+        np.save(root / name / 'labels.npy', label_array, allow_pickle=True)
+        return root / name
+
+    meta = dict(dataset='digits', classes=train_sio.DIGIT_NAMES[:6], counts=[2] * 6, complete=True)
+    class_folders('syn_partial', dict(meta, counts=[2, 2, 0, 0, 0, 0], complete=False))
+    class_folders('syn_other_classes', dict(meta, classes=list('abcdef')))
+    class_folders('syn_other_dataset', dict(meta, dataset='cifar10'))
+    class_folders('syn_missing_class', skip_class=3)
+    (class_folders('syn_corrupt_png') / '002' / '1.png').write_bytes(b'\x89PNG\r\n\x1a\n cut short')
+    (class_folders('syn_corrupt_meta') / 'meta.json').write_text('{"complete": tr')
+    npy_pair('syn_nan_labels', images, np.where(labels == 2, np.nan, labels.astype(float)))
+    npy_pair('syn_object_labels', images, np.array([str(l) for l in labels], dtype=object))
+    npy_pair('syn_empty_images', np.zeros((6, 0, 0, 3), np.uint8), np.arange(6))
+    data = (npy_pair('syn_truncated', images, labels) / 'images.npy').read_bytes()
+    (root / 'syn_truncated' / 'images.npy').write_bytes(data[:len(data) // 2])
+    (root / 'no_images').mkdir()
+    (root / 'no_images' / 'readme.txt').write_text('not an image')
+
+    data = (runs / 'ce_s0' / 'last.pt').read_bytes()
+    (root / 'truncated.pt').write_bytes(data[:len(data) // 3])
+    (root / 'empty.pt').write_bytes(b'')
+    torch.save(torch.zeros(3), root / 'tensor.pt')
+    state = torch.load(runs / 'sio_s0' / 'last.pt', weights_only=False)
+    torch.save(dict(state, method='oal'), root / 'oal_method.pt')
+
+    def outliers(name, knn, diff, meta=None):
+        (root / name).mkdir()
+        np.save(root / name / 'knn_outliers.npy', knn, allow_pickle=True)
+        np.save(root / name / 'diffusion_outliers.npy', diff, allow_pickle=True)
+        if meta is not None:
+            (root / name / 'meta.json').write_text(json.dumps(meta))
+    knn, diff = np.ones((6, 4, 128), np.float32), np.ones((4, 8), np.float32)
+    outliers('out_ok', knn, diff)
+    outliers('out_partial', knn, diff, dict(meta, complete=False))
+    outliers('out_other_classes', knn, diff, dict(meta, classes=list('abcdef')))
+    outliers('out_zero_per_class', knn[:, :0], diff)
+    outliers('out_object', np.array([[['x'] * 128] * 4] * 6, dtype=object), diff)
+    outliers('out_nan', knn, np.full((4, 8), np.nan, np.float32))
+    outliers('out_truncated', knn, diff)
+    data = (root / 'out_truncated' / 'knn_outliers.npy').read_bytes()
+    (root / 'out_truncated' / 'knn_outliers.npy').write_bytes(data[:len(data) // 2])
+    (root / 'settings_corrupt').mkdir()
+    (root / 'settings_corrupt' / 'settings.json').write_text('{"seed": ')
+    (root / 'a_file').write_text('a file where a folder belongs')
+    shutil.copytree(runs / 'ce_s0', root / 'run_ce')
+    return root
+
+
+SIO = '--dataset digits --epochs 1 --out {out}'
+OAL = '--dataset digits --teacher {runs}/ce_s0 --init {runs}/ce_s0 --outliers {bad}/out_ok --epochs 1 --out {out}'
+GEN_SIO = 'sio --pipeline {pipe} --dataset digits --per-class 1 --steps 1 --out {out}'
+GEN_OAL = 'oal --pipeline {pipe} --teacher {runs}/ce_s0 --dataset digits --iterations 1 --steps 1 --features-per-class 40 --knn-k 10 --boundary 5 --out {out}'
+FIT = 'fit --dataset digits --steps 1 --vae-steps 1 --out {out}'
+EVAL = '{runs}/ce_s0 --detectors msp,knn --out {out}'
+RESUME_SIO = '--dataset digits --epochs 8 --synthetic {runs}/syn --resume --out {run:sio_s0}'
+# (script, base + extra arguments, a word the error line must name); {run:NAME[:FILE]} = a copy of runs/NAME as --out, its last.pt replaced by bad/FILE
+BAD_INPUTS = [
+    ('train_sio', SIO + ' --epochs 0', '--epochs'),
+    ('train_sio', SIO + ' --epochs -3', '--epochs'),
+    ('train_sio', SIO + ' --epochs x', '--epochs'),  # argparse's own message
+    ('train_sio', SIO + ' --batch-size 0', '--batch-size'),
+    ('train_sio', SIO + ' --lr -1', '--lr'),
+    ('train_sio', SIO + ' --lr 0', '--lr'),
+    ('train_sio', SIO + ' --lr nan', '--lr'),
+    ('train_sio', SIO + ' --lr inf', '--lr'),
+    ('train_sio', SIO + ' --weight-decay -1', '--weight-decay'),
+    ('train_sio', SIO + ' --synthetic {runs}/syn --alpha 0', '--alpha'),
+    ('train_sio', SIO + ' --synthetic {runs}/syn --alpha 1.5', '--alpha'),
+    ('train_sio', SIO + ' --synthetic {runs}/syn --alpha 0.01', 'real images in a batch'),
+    ('train_sio', SIO + ' --stop-after 0', '--stop-after'),
+    ('train_sio', SIO + ' --image-size 3', '--image-size'),
+    ('train_sio', SIO + ' --seed -1', '--seed'),
+    ('train_sio', SIO + ' --method logitnorm --tau 0', '--tau'),
+    ('train_sio', SIO + ' --method oe --oe-data {bad}/no_images --oe-weight -1', '--oe-weight'),
+    ('train_sio', SIO + ' --method oe --oe-data {bad}/no_images --oe-batch-size 0', '--oe-batch-size'),
+    ('train_sio', SIO + ' --method oe --oe-data {bad}/no_images', 'no images found'),
+    ('train_sio', SIO + ' --method oe', '--oe-data'),
+    ('train_sio', SIO + ' --workers -1', '--workers'),
+    ('train_sio', SIO + ' --device cudaX', '--device'),
+    ('train_sio', SIO + ' --device cuda:99', '--device cuda:99'),
+    ('train_sio', SIO + ' --arch vgg', '--arch'),
+    ('train_sio', SIO + ' --dataset mnist', '--dataset'),
+    ('train_sio', SIO + ' --synthetic {bad}/none', 'does not exist'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_partial', 'unfinished'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_other_classes', 'generated for classes'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_other_dataset', '--dataset cifar10'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_missing_class', 'no image for class 3'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_corrupt_png', '1.png'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_corrupt_meta', 'meta.json'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_nan_labels', 'whole class indices'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_object_labels', 'labels.npy'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_empty_images', 'H, W >= 1'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_truncated', 'images.npy'),
+    ('train_sio', SIO + ' --out {bad}/a_file', 'is a file'),
+    ('train_sio', SIO + ' --out /proc/synth-ood', 'cannot be written'),
+    ('train_sio', SIO + ' --resume', 'last.pt does not exist'),
+    ('train_sio', RESUME_SIO.replace('sio_s0', 'sio_s0:truncated.pt'), 'cannot be read'),
+    ('train_sio', RESUME_SIO.replace('sio_s0', 'sio_s0:empty.pt'), 'cannot be read'),
+    ('train_sio', RESUME_SIO.replace('sio_s0', 'sio_s0:tensor.pt'), 'not a synth-ood checkpoint'),
+    ('train_sio', RESUME_SIO.replace('sio_s0', 'sio_s0:oal_method.pt'), 'not a train_sio.py run'),
+    ('train_sio', RESUME_SIO.replace(' --synthetic {runs}/syn', ''), '--synthetic'),
+    ('train_sio', RESUME_SIO + ' --method logitnorm', '--method'),
+    ('train_sio', RESUME_SIO + ' --epochs 9', '--epochs 8 -> 9'),
+    ('train_sio', RESUME_SIO + ' --lr 0.1', '--lr'),
+    ('train_sio', RESUME_SIO + ' --seed 1', '--seed'),
+    ('train_oal', OAL + ' --epochs 0', '--epochs'),
+    ('train_oal', OAL + ' --batch-size 0', '--batch-size'),
+    ('train_oal', OAL + ' --batch-size 1', '--batch-size'),
+    ('train_oal', OAL + ' --lr 0', '--lr'),
+    ('train_oal', OAL + ' --lr-q -1', '--lr-q'),
+    ('train_oal', OAL + ' --w-kd -1', '--w-kd'),
+    ('train_oal', OAL + ' --w-feat nan', '--w-feat'),
+    ('train_oal', OAL + ' --seed -1', '--seed'),
+    ('train_oal', OAL + ' --image-size 4', '--image-size'),
+    ('train_oal', OAL + ' --arch vgg', '--arch'),
+    ('train_oal', OAL + ' --device cudaX', '--device'),
+    ('train_oal', OAL + ' --teacher {bad}/truncated.pt', 'cannot be read'),
+    ('train_oal', OAL + ' --teacher {bad}/tensor.pt', 'not a synth-ood checkpoint'),
+    ('train_oal', OAL + ' --init {bad}/empty.pt', 'cannot be read'),
+    ('train_oal', OAL + ' --outliers {bad}/out_truncated', 'knn_outliers.npy'),
+    ('train_oal', OAL + ' --outliers {bad}/out_zero_per_class', 'M >= 1'),
+    ('train_oal', OAL + ' --outliers {bad}/out_object', 'knn_outliers.npy'),
+    ('train_oal', OAL + ' --outliers {bad}/out_nan', 'finite'),
+    ('train_oal', OAL + ' --outliers {bad}/out_partial', 'unfinished'),
+    ('train_oal', OAL + ' --outliers {bad}/out_other_classes', 'generated for classes'),
+    ('train_oal', OAL + ' --out {bad}/a_file', 'is a file'),
+    ('train_oal', OAL.replace('{out}', '{run:ce_s0}') + ' --resume', 'not a train_oal.py run'),
+    ('generate', GEN_SIO + ' --per-class 0', '--per-class'),
+    ('generate', GEN_SIO + ' --per-class -5', '--per-class'),
+    ('generate', GEN_SIO + ' --batch-size 0', '--batch-size'),
+    ('generate', GEN_SIO + ' --steps 0', '--steps'),
+    ('generate', GEN_SIO + ' --steps -1', '--steps'),
+    ('generate', GEN_SIO + ' --guidance nan', '--guidance'),
+    ('generate', GEN_SIO + ' --max-batches 0', '--max-batches'),
+    ('generate', GEN_SIO + ' --seed -1', '--seed'),
+    ('generate', GEN_SIO + ' --device cudaX', '--device'),
+    ('generate', GEN_SIO + ' --out {bad}/a_file', 'is a file'),
+    ('generate', GEN_SIO + ' --out {bad}/settings_corrupt', 'settings.json'),
+    ('generate', GEN_OAL + ' --knn-k 0', '--knn-k'),
+    ('generate', GEN_OAL + ' --keep 0', '--keep'),
+    ('generate', GEN_OAL + ' --features-per-class 5', '--features-per-class'),
+    ('generate', GEN_OAL + ' --knn-sigma 0', '--knn-sigma'),
+    ('generate', GEN_OAL + ' --iterations 0', '--iterations'),
+    ('generate', GEN_OAL + ' --teacher {bad}/truncated.pt', 'cannot be read'),
+    ('generate', GEN_OAL + ' --out {bad}/a_file', 'is a file'),
+    ('generate', FIT + ' --steps 0', '--steps'),
+    ('generate', FIT + ' --vae-steps 0', '--vae-steps'),
+    ('generate', FIT + ' --unet-channels 16,x', '--unet-channels'),
+    ('generate', FIT + ' --text-dim 3', '--text-dim'),
+    ('generate', FIT + ' --prompt-dropout 1', '--prompt-dropout'),
+    ('generate', FIT, 'not a pipeline'),  # a folder of the user's own files is never replaced
+    ('evaluate', EVAL + ' --knn-k 0', '--knn-k'),
+    ('evaluate', EVAL + ' --knn-k 5000', '--knn-k'),
+    ('evaluate', EVAL + ' --batch-size 0', '--batch-size'),
+    ('evaluate', EVAL + ' --react-percentile 150', '--react-percentile'),
+    ('evaluate', EVAL + ' --ash-percentile 0', '--ash-percentile'),
+    ('evaluate', EVAL + ' --dice-percentile nan', '--dice-percentile'),
+    ('evaluate', EVAL + ' --odin-temperature 0', '--odin-temperature'),
+    ('evaluate', EVAL + ' --detectors vim --vim-dim 500', '--vim-dim'),
+    ('evaluate', EVAL + ' --detectors foo', 'unknown detector'),
+    ('evaluate', EVAL + ' --device cudaX', '--device'),
+    ('evaluate', EVAL + ' --out {bad}/a_file', 'is a file'),
+    ('evaluate', EVAL + ' --cache {bad}/a_file', 'is a file'),
+    ('evaluate', EVAL.replace('ce_s0', 'none'), 'neither a run directory'),
+]
+
+
+def snapshot(path):
+    """Every file under path (or path itself) -> its bytes, to show nothing there changed."""
+    path = Path(path)
+    if path.is_file():
+        return {path: path.read_bytes()}
+    return {f: f.read_bytes() for f in sorted(path.rglob('*')) if f.is_file()} if path.exists() else {}
+
+
+@pytest.mark.parametrize('script,argv,word', BAD_INPUTS, ids=[f'{i:03d}-{s}' for i, (s, _, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_is_refused_in_one_line(script, argv, word, runs, bad, tiny_pipeline, tmp_path, capsys):
+    import shutil
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'notes.txt').write_text('the user was here')
+    for spec in set(a for a in argv.split() if a.startswith('{run:')):
+        name, _, replacement = spec[5:-1].partition(':')
+        shutil.copytree(runs / name, tmp_path / 'copy')
+        if replacement:
+            shutil.copy(bad / replacement, tmp_path / 'copy' / 'last.pt')
+        argv = argv.replace(spec, str(tmp_path / 'copy'))
+    argv = argv.format(out=out, runs=runs, bad=bad, pipe=tiny_pipeline).split()
+    target = Path(argv[argv.index('--out') + 1]) if '--out' in argv else out
+    before = snapshot(target), snapshot(bad)
+    main = {'train_sio': train_sio.main, 'train_oal': train_oal.main, 'generate': generate.main, 'evaluate': evaluate.main}[script]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(argv)  # any other exception (a traceback) fails the test
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if 'error:' in l]
+    assert stop.value.code == 2 and len(lines) == 1 and word in lines[0], err
+    assert (snapshot(target), snapshot(bad)) == before
+
+
 def test_shared_blocks_are_worded_the_same_in_every_script():
     """The scripts share no code by design; the pieces they repeat must stay identical so readers see they are the same."""
     start, end = '# Data. Same loader in every script', "ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}"
     texts = {name: (REPO / name).read_text() for name in ('train_sio.py', 'train_oal.py', 'evaluate.py', 'generate.py')}
     blocks = {name: t[t.index(start):t.index(end)] for name, t in texts.items()}
     assert len(set(blocks.values())) == 1, 'the data + model block differs between scripts'
-    for fn in ('def normalize(', 'def augment(', 'def load_teacher(', 'def fail('):
+    for fn in ('def normalize(', 'def augment(', 'def load_teacher(', 'def fail(', 'def check_ranges(', 'def check_device(', 'def check_out(',
+               'def read_checkpoint(', 'def save_atomic(', 'def write_log(', 'def check_resume(', 'def read_meta(', 'def load_npy('):
         bodies = {t[t.index(fn):t.index('\n\n\n', t.index(fn))] for t in texts.values() if fn in t}
         assert len(bodies) == 1, fn
