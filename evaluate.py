@@ -95,8 +95,8 @@ def get_args(argv=None):
 
 
 def fail(message):
-    """One line for the user, exit code 2, no traceback."""
-    print(f'error: {message}', file=sys.stderr)
+    """One line for the user, exit code 2, no traceback (tqdm.write: on a line of its own even under a progress bar)."""
+    tqdm.write(f'error: {message}', file=sys.stderr)
     sys.exit(2)
 
 

@@ -130,8 +130,8 @@ def get_args(argv=None):
 
 
 def fail(message):
-    """One line for the user, exit code 2, no traceback."""
-    print(f'error: {message}', file=sys.stderr)
+    """One line for the user, exit code 2, no traceback (tqdm.write: on a line of its own even under a progress bar)."""
+    tqdm.write(f'error: {message}', file=sys.stderr)
     sys.exit(2)
 
 
@@ -354,20 +354,29 @@ def resize_uint8(images, size):
 
 def save_png_atomic(image, path):
     from PIL import Image
-    tmp = path.with_name(path.name + '.tmp')
-    Image.fromarray(image).save(tmp, format='PNG')
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format='PNG'))
 
 
 def save_npy_atomic(array, path):
-    with open(f'{path}.tmp', 'wb') as f:
-        np.save(f, array)
-    os.replace(f'{path}.tmp', path)
+    def write(tmp):
+        with open(tmp, 'wb') as f:  # a file object: np.save would add .npy to the temporary name
+            np.save(f, array)
+    write_atomic(path, write)
 
 
 def write_json(obj, path):
-    Path(f'{path}.tmp').write_text(json.dumps(obj, indent=1))
-    os.replace(f'{path}.tmp', path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def write_atomic(path, write):
+    """write(tmp) then rename over path: a crash or a full disk never leaves half a file under the final name."""
+    tmp = Path(f'{path}.tmp')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f'could not write {path} ({e}); the previous {Path(path).name}, if any, is intact: free some space or pass another --out')
 
 
 def check_settings(path, settings, rank, world):

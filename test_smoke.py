@@ -606,6 +606,17 @@ def test_sio_interrupted_and_resumed_is_byte_identical(tiny_pipeline, sio_sample
         assert (out / f).read_bytes() == (sio_samples / f).read_bytes(), f
 
 
+def test_sio_full_disk_is_one_line_and_leaves_no_partial_file(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    def full_disk(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b'\x89PNG')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(Image.Image, 'save', full_disk)
+    error = main_error(capsys, generate.main, *sio_args(tiny_pipeline, tmp_path / 'full'))
+    assert 'could not write' in error and 'No space left' in error
+    assert not list((tmp_path / 'full').rglob('*.png*'))
+
 def test_sio_torchrun_writes_each_index_once(tiny_pipeline, sio_samples, tmp_path):
     proc = run_script('generate.py', *sio_args(tiny_pipeline, tmp_path / 'ddp'), torchrun=2)
     assert proc.returncode == 0, proc.stderr[-3000:]

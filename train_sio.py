@@ -59,8 +59,8 @@ def get_args(argv=None):
     p.add_argument('--oe-data', default=None, help='outlier images for --method oe: a .npy (N,H,W,3) uint8 or an image folder')
     p.add_argument('--oe-weight', type=float, default=0.5)
     p.add_argument('--oe-batch-size', type=int, default=None, help='outliers per step (default 2x batch, as in OE)')
-    p.add_argument('--oe-augment', action='store_true', help='outliers get the training crop/flip and are drawn with replacement '
-                                                              '(default, as the SIO code: un-augmented, in order from a per-epoch permutation)')
+    p.add_argument('--oe-augment', action='store_true', help='deviation: outliers get the training crop/flip, drawn with replacement '
+                                                              '(default, as the SIO code: test transform, in order from a per-epoch permutation)')
     p.add_argument('--epochs', type=int, default=None)
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--lr', type=float, default=None)
@@ -89,14 +89,13 @@ def get_args(argv=None):
         ('--oe-weight', 'a number >= 0', lambda v: 0 <= v < math.inf),
         ('--oe-batch-size', f'an integer >= {world} (the number of processes)', lambda v: v >= world),
         ('--epochs', 'an integer >= 1', lambda v: v >= 1),
-        ('--batch-size', f'an integer >= {world} (the number of processes)', lambda v: v >= max(1, world)),
+        ('--batch-size', f'an integer >= {world} (the number of processes)', lambda v: v >= world),
         ('--lr', 'a number > 0', lambda v: 0 < v < math.inf),
         ('--weight-decay', 'a number >= 0', lambda v: 0 <= v < math.inf),
         ('--seed', 'an integer in [0, 2**32)', lambda v: 0 <= v < 2 ** 32),
         ('--stop-after', 'an integer >= 1 (epochs to run in this call)', lambda v: v >= 1),
         ('--workers', 'an integer >= 0', lambda v: v >= 0),
-        ('--image-size', f"at least {ARCH_MIN_SIZE.get(args.arch, 1)} for --arch {args.arch}",
-         lambda v: v >= ARCH_MIN_SIZE.get(args.arch, 1)),
+        ('--image-size', f'at least {ARCH_MIN_SIZE[args.arch]} for --arch {args.arch}', lambda v: v >= ARCH_MIN_SIZE[args.arch]),
     ])
     if args.synthetic and int(args.batch_size * args.alpha) < world:
         fail(f'--alpha {args.alpha} leaves {int(args.batch_size * args.alpha)} real images in a batch of {args.batch_size}: '
@@ -110,8 +109,8 @@ def get_args(argv=None):
 
 
 def fail(message):
-    """One line for the user, exit code 2, no traceback."""
-    print(f'error: {message}', file=sys.stderr)
+    """One line for the user, exit code 2, no traceback (tqdm.write: on a line of its own even under a progress bar)."""
+    tqdm.write(f'error: {message}', file=sys.stderr)
     sys.exit(2)
 
 
@@ -706,7 +705,7 @@ def main(argv=None):
             if oe_x is not None and args.oe_augment:  # deviation (--oe-augment): augmented outliers drawn with replacement
                 ood = oe_x[torch.randint(len(oe_x), (args.oe_batch_size // world,), device=device)]
                 x = torch.cat([x, augment(ood, args.pad, args.flip)])
-            elif oe_x is not None:  # faithful (OpenOOD's OE trainer): test transform, next outliers of this epoch's permutation
+            elif oe_x is not None:  # faithful (OpenOOD's OE trainer): test transform, the next outliers of this epoch's permutation, in the same forward pass
                 x = torch.cat([x, oe_x[oe_order[step * args.oe_batch_size:(step + 1) * args.oe_batch_size][rank::world].to(device)]])
             with autocast:
                 logits = model(normalize(x, ds['mean'], ds['std'], args.image_size))
