@@ -18,6 +18,8 @@ Detectors: msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim (S
 """
 import argparse
 import csv
+import hashlib
+import io
 import json
 import math
 import os
@@ -35,6 +37,7 @@ import torchvision
 from sklearn import metrics as skm
 from tqdm import tqdm
 
+RESULT_FILES = ('results.json', 'results.csv', 'results.md', 'scores.npz')  # what evaluate.py writes in --out
 DETECTORS = ['msp', 'mls', 'ebo', 'tempscale', 'odin', 'gen', 'klm', 'react', 'ash', 'dice', 'mds', 'rmds', 'knn', 'vim']
 METRICS = ['FPR95', 'AUROC', 'AUPR_IN', 'AUPR_OUT', 'ACC', 'FPR95_ID']
 METRIC_TITLES = {'FPR95': 'FPR@95', 'AUROC': 'AUROC', 'AUPR_IN': 'AUPR-In', 'AUPR_OUT': 'AUPR-Out', 'ACC': 'ACC', 'FPR95_ID': 'FPR95(ID+)'}
@@ -54,6 +57,7 @@ def get_args(argv=None):
     p.add_argument('--detectors', default='all', help='all, or a comma list of ' + ','.join(DETECTORS))
     p.add_argument('--cache', default=None, help='keep logits/features in DIR/<run>/<split>.npz and reuse them')
     p.add_argument('--out', default=None, help='write results.json/.csv/.md and scores.npz here')
+    p.add_argument('--overwrite', action='store_true', help="replace an earlier evaluation's results in --out")
     p.add_argument('--plots', default=None, help='write score histograms and ROC curves (PNG) here')
     p.add_argument('--batch-size', type=int, default=512)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -132,6 +136,56 @@ def check_out(out):
         probe.unlink()
     except OSError as e:
         fail(f'--out {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
+
+HELD_LOCKS = {}  # folder -> open lock file: this process's own locks (main() may run twice in one process)
+
+
+def lock_folder(lock_file):
+    """One process per output folder: an exclusive flock held until this process ends (the OS drops it on any exit or kill)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock: one writer per folder is then up to you
+        return None
+    lock_file = Path(lock_file).resolve()
+    if lock_file in HELD_LOCKS:
+        return HELD_LOCKS[lock_file]
+    handle = open(lock_file, 'a+')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        fail(f'{lock_file.parent} is in use by another process (pid {handle.read().strip() or "?"}): wait for it to end, or pass another --out')
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    HELD_LOCKS[lock_file] = handle
+    return handle
+
+
+def claim_out(out, mine, held, proceed):
+    """The one rule for every --out, the same in each script: a missing or empty folder is used; a folder holding
+    only files this script writes is used when nothing finished is there or this run continues it (held None);
+    a finished result (held says what) is refused with the flags that proceed; a folder holding anything else is
+    refused. --overwrite replaces only files this script writes: nothing else is ever deleted."""
+    out = Path(out)
+    others = sorted(e.name for e in out.iterdir() if not e.name.startswith('.lock') and not mine(e)) if out.is_dir() else []
+    if others:
+        fail(f'--out {out} holds files this script did not write ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}): '
+             f'pass a new or empty folder')
+    if held:
+        fail(f'--out {out} holds {held}: {proceed}')
+
+
+def temporary(path):
+    """A temporary name beside path, unique to this process."""
+    return Path(f'{path}.{os.getpid()}.tmp')
+
+
+def is_temporary(entry, names):
+    """A temporary file of one of names (name.PID.tmp), left by a killed process if no one holds the lock."""
+    parts = entry.name.rsplit('.', 2)
+    return len(parts) == 3 and parts[0] in names and parts[1].isdigit() and parts[2] == 'tmp'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,6 +776,24 @@ def parse_settings(specs):
     return settings
 
 
+def file_digest(path):
+    """sha256 of a file's bytes (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def array_digest(*arrays):
+    """sha256 of arrays' dtypes, shapes and bytes (first 16 hex digits), without copying them."""
+    digest = hashlib.sha256()
+    for array in map(np.ascontiguousarray, arrays):
+        digest.update(f'{array.dtype}{array.shape}'.encode())
+        digest.update(memoryview(array).cast('B'))
+    return digest.hexdigest()[:16]
+
+
 def score_runs(checkpoints, split_images, oods, groups, args, device, rank, world):
     """Network passes (cached) and detector scores for each run -> ({detector: [table per run]}, scores, seconds)."""
     time_net = time_det = 0.0
@@ -731,10 +803,11 @@ def score_runs(checkpoints, split_images, oods, groups, args, device, rank, worl
         outputs, t0 = {}, time.time()
         splits = {'train': split_images['train'], 'val': split_images['val'], 'id': split_images['test']}
         splits.update({name: (images, np.full(len(images), -1)) for name, (_, images) in oods.items()})
-        precision = 'bf16' if args.bf16 else 'fp32'
-        fingerprint = f'{ckpt_file.resolve()}:{ckpt_file.stat().st_size}:{ckpt_file.stat().st_mtime_ns}:{ckpt["dataset"]}:{precision}'
+        weights = file_digest(ckpt_file) if args.cache else None
         for split, (images, labels) in splits.items():
             cache_file = Path(args.cache) / run / f'{split}.npz' if args.cache else None
+            # keyed by what determines the outputs: the checkpoint's bytes, the images and labels, the precision
+            fingerprint = f"{weights}:{array_digest(images, labels)}:{'bf16' if args.bf16 else 'fp32'}" if args.cache else None
             if cache_file and cache_file.exists():
                 try:
                     with np.load(cache_file) as cached:
@@ -747,9 +820,9 @@ def score_runs(checkpoints, split_images, oods, groups, args, device, rank, worl
             outputs[split] = dict(logits=logits, features=feats, labels=np.asarray(labels))
             if cache_file and rank == 0:
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
-                with open(f'{cache_file}.tmp', 'wb') as f:
+                with open(temporary(cache_file), 'wb') as f:
                     np.savez(f, source=fingerprint, **outputs[split])
-                os.replace(f'{cache_file}.tmp', cache_file)
+                os.replace(temporary(cache_file), cache_file)
         odin = {}
         if 'odin' in args.detectors:
             for split in ['id'] + list(oods):
@@ -869,6 +942,11 @@ def main(argv=None):
     for folder in (args.out, args.plots, args.cache):
         if folder and master:
             check_out(folder)
+    if args.out and master:
+        lock_folder(Path(args.out) / '.lock')
+        done = (Path(args.out) / 'results.json').exists() and not args.overwrite
+        claim_out(args.out, lambda e: e.name in RESULT_FILES or is_temporary(e, RESULT_FILES), 'the results of an earlier evaluation' if done else None,
+                  'pass --overwrite to replace them, or another --out')
     settings = {name: [load_checkpoint(r) for r in runs] for name, runs in parse_settings(args.runs).items()}
     checkpoints = [c for runs in settings.values() for c in runs]
     names = [name for _, name, _ in checkpoints]
@@ -927,16 +1005,18 @@ def main(argv=None):
         meta = dict(runs={s: [n for _, n, _ in r] for s, r in settings.items()}, dataset=dataset,
                     near=[n for n, g in groups.items() if g == 'near'], far=[n for n, g in groups.items() if g == 'far'])
         results = all_results[''] if '' in all_results else all_results  # one setting: detector -> ...; several: setting -> detector -> ...
-        (out / 'results.json').write_text(json.dumps(dict(results, _meta=meta), indent=1))
-        (out / 'results.md').write_text(report)
-        with open(out / 'results.csv', 'w', newline='') as f:
-            writer = csv.writer(f)
-            writer.writerow(['setting', 'detector', 'dataset'] + [k for m in METRICS for k in (m, f'{m}_std')])
-            for setting, by_det in all_results.items():
-                for det, table in by_det.items():
-                    for row, values in table.items():
-                        writer.writerow([setting, det, row] + [f'{values[k]:.4f}' for m in METRICS for k in (m, f'{m}_std')])
-        np.savez(out / 'scores.npz', **all_scores)
+        rows = [['setting', 'detector', 'dataset'] + [k for m in METRICS for k in (m, f'{m}_std')]]
+        rows += [[setting, det, row] + [f'{values[k]:.4f}' for m in METRICS for k in (m, f'{m}_std')]
+                 for setting, by_det in all_results.items() for det, table in by_det.items() for row, values in table.items()]
+        csv_text = io.StringIO()
+        csv.writer(csv_text).writerows(rows)
+        for name, write in (('results.json', lambda f: f.write(json.dumps(dict(results, _meta=meta), indent=1).encode())),
+                            ('results.md', lambda f: f.write(report.encode())),
+                            ('results.csv', lambda f: f.write(csv_text.getvalue().encode())),
+                            ('scores.npz', lambda f: np.savez(f, **all_scores))):
+            with open(temporary(out / name), 'wb') as f:  # each file whole or not at all
+                write(f)
+            os.replace(temporary(out / name), out / name)
         print(f'wrote {out}/results.json, results.csv, results.md, scores.npz')
     if args.plots:
         first = names[0]

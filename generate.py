@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +65,7 @@ def get_args(argv=None):
     f.add_argument('--text-dim', type=int, default=32)
     f.add_argument('--prompt-dropout', type=float, default=0.1, help='share of empty prompts, for classifier-free guidance')
     f.add_argument('--check-per-class', type=int, default=50, help='samples per class for the agreement check at the end')
+    f.add_argument('--overwrite', action='store_true', help='replace a pipeline that generate.py fit made in --out (only when the new one is complete)')
     for name, help_text in (('sio', 'synthetic ID images for SIO'), ('oal', 'latent-space outliers for OAL')):
         s = sub.add_parser(name, parents=[common], help=help_text)
         s.add_argument('--pipeline', default=None, help=f'diffusers pipeline: local folder or hub id (default pipelines/<dataset> if it exists, else {SD_HUB_ID})')
@@ -72,6 +74,7 @@ def get_args(argv=None):
         s.add_argument('--batch-size', type=int, default=16, help='images per pipeline call (fixed index ranges)')
         s.add_argument('--scheduler', default=None, choices=['pipeline', 'pndm', 'ddim'], help="default: pndm (PLMS) for oal, the pipeline's own for sio")
         s.add_argument('--max-batches', type=int, default=None, help='leave after this many batches (time-limited jobs; run again to continue)')
+        s.add_argument('--overwrite', action='store_true', help='start afresh over a set in --out made with other settings (removes only its files)')
     s = sub.choices['sio']
     s.add_argument('--per-class', type=int, default=100)
     s.add_argument('--prompt', default='a photo of a {}', help='template over the class name')
@@ -167,6 +170,56 @@ def check_out(out):
         probe.unlink()
     except OSError as e:
         fail(f'--out {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
+
+HELD_LOCKS = {}  # folder -> open lock file: this process's own locks (main() may run twice in one process)
+
+
+def lock_folder(lock_file):
+    """One process per output folder: an exclusive flock held until this process ends (the OS drops it on any exit or kill)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock: one writer per folder is then up to you
+        return None
+    lock_file = Path(lock_file).resolve()
+    if lock_file in HELD_LOCKS:
+        return HELD_LOCKS[lock_file]
+    handle = open(lock_file, 'a+')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        fail(f'{lock_file.parent} is in use by another process (pid {handle.read().strip() or "?"}): wait for it to end, or pass another --out')
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    HELD_LOCKS[lock_file] = handle
+    return handle
+
+
+def claim_out(out, mine, held, proceed):
+    """The one rule for every --out, the same in each script: a missing or empty folder is used; a folder holding
+    only files this script writes is used when nothing finished is there or this run continues it (held None);
+    a finished result (held says what) is refused with the flags that proceed; a folder holding anything else is
+    refused. --overwrite replaces only files this script writes: nothing else is ever deleted."""
+    out = Path(out)
+    others = sorted(e.name for e in out.iterdir() if not e.name.startswith('.lock') and not mine(e)) if out.is_dir() else []
+    if others:
+        fail(f'--out {out} holds files this script did not write ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}): '
+             f'pass a new or empty folder')
+    if held:
+        fail(f'--out {out} holds {held}: {proceed}')
+
+
+def temporary(path):
+    """A temporary name beside path, unique to this process."""
+    return Path(f'{path}.{os.getpid()}.tmp')
+
+
+def is_temporary(entry, names):
+    """A temporary file of one of names (name.PID.tmp), left by a killed process if no one holds the lock."""
+    parts = entry.name.rsplit('.', 2)
+    return len(parts) == 3 and parts[0] in names and parts[1].isdigit() and parts[2] == 'tmp'
 
 
 def read_checkpoint(file, what):
@@ -370,7 +423,7 @@ def write_json(obj, path):
 
 def write_atomic(path, write):
     """write(tmp) then rename over path: a crash or a full disk never leaves half a file under the final name."""
-    tmp = Path(f'{path}.tmp')
+    tmp = temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -379,21 +432,46 @@ def write_atomic(path, write):
         fail(f'could not write {path} ({e}); the previous {Path(path).name}, if any, is intact: free some space or pass another --out')
 
 
-def check_settings(path, settings, rank, world):
-    """A rerun continues an interrupted one only with the same settings; anything else would mix two sets."""
-    try:
-        old = json.loads(path.read_text()) if path.exists() else settings
-    except ValueError:
-        old = None
-    if not isinstance(old, dict):
-        fail(f'{path} is not a settings file of this script (unreadable JSON): remove it or use a new --out')
-    if old != settings:
-        changed = ', '.join(f'{k} {old.get(k)!r} -> {v!r}' for k, v in settings.items() if old.get(k) != v)
-        fail(f'{path.parent} was made with other settings ({changed}): use a new --out, or delete it to start over')
-    if world > 1:
-        dist.barrier()  # every rank checked before rank 0 writes
+SET_FILES = {'sio': ('settings.json', 'meta.json', 'images.npy', 'labels.npy'),
+             'oal': ('settings.json', 'meta.json', 'knn_outliers.npy', 'knn_meta.json', 'diffusion_outliers.npy')}
+
+
+def set_file(entry, command):
+    """Whether entry is something generate.py sio/oal writes in its --out: its files, class folders of numbered
+    PNGs (sio) or images/ and latents/ (oal), and their temporary names."""
+    folder = {'sio': lambda e: e.name.isdigit() and len(e.name) >= 3, 'oal': lambda e: e.name in ('images', 'latents')}[command]
+    if entry.is_dir():  # files inside are numbered: 0.png, 0003_1_zero.png, 0003.npy (and their .PID.tmp)
+        return folder(entry) and all(f.is_file() and f.name.split('.')[0].split('_')[0].isdigit() for f in entry.iterdir())
+    return entry.name in SET_FILES[command] or is_temporary(entry, SET_FILES[command])
+
+
+def claim_set(out, settings, overwrite, rank, world):
+    """generate.py sio/oal's --out under claim_out's rule: the same settings continue an interrupted set; a folder
+    that produced nothing yet takes new settings; other settings need --overwrite, which removes only this
+    script's files; a folder without this script's settings.json is someone else's."""
+    command, path = settings['command'], out / 'settings.json'
     if rank == 0:
+        lock_folder(out / '.lock')
+        try:
+            old = json.loads(path.read_text()) if path.exists() else None
+        except ValueError:
+            old = 'unreadable'
+        mine = (lambda e: set_file(e, command)) if path.exists() else (lambda e: False)
+        produced = [e for e in out.iterdir() if mine(e) and e.name not in ('settings.json',) and not is_temporary(e, SET_FILES[command])
+                    and (e.is_file() or any(e.iterdir()))]
+        changed = (', '.join(f'{k} {old.get(k)!r} -> {v!r}' for k, v in settings.items() if old.get(k) != v)
+                   if isinstance(old, dict) else f'settings.json {old}')
+        held = f'a set made with other settings ({changed})' if old is not None and old != settings and produced and not overwrite else None
+        claim_out(out, mine, held, 'pass --overwrite to start afresh, or another --out')
+        for entry in [e for e in out.iterdir() if e.name != '.lock' and mine(e)]:
+            if overwrite or old != settings:  # start afresh, or replace the leftovers of a run that produced nothing
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                continue
+            for stale in ([entry] if entry.name.endswith('.tmp') else entry.glob('*.tmp') if entry.is_dir() else []):
+                stale.unlink()  # a killed run's temporary files (this process holds the lock)
         write_json(settings, path)
+    if world > 1:
+        dist.barrier()  # every rank starts after rank 0 has claimed the folder
 
 
 def readable_image(path):
@@ -494,23 +572,48 @@ def build_tokenizer(words, folder, max_length):
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
 
 
+FIT_ENTRIES = ('fit.json', 'model_index.json', 'scheduler', 'text_encoder', 'tokenizer', 'unet', 'vae')  # what fit writes in its --out
+
+
 def fit(args):
+    """Claim --out, build the pipeline in a fresh uniquely named sibling, swap it in only when complete."""
+    out, t_start = Path(args.out).resolve(), time.time()
+    if out.exists() and not out.is_dir():
+        fail(f'--out {args.out} is a file, not a folder: pass a folder')
+    check_out(out.parent)
+    lock_folder(out.parent / f'.{out.name}.lock')
+    made_by_fit = (out / 'fit.json').exists()
+    claim_out(out, lambda e: made_by_fit and e.name in FIT_ENTRIES, 'a pipeline made by generate.py fit' if made_by_fit and not args.overwrite else None,
+              'pass --overwrite to replace it once the new one is complete, or another --out')
+    ds = load_dataset(args.dataset, args.data_root)
+    if args.dataset.startswith('folder:'):
+        fail('fit keeps the training set in memory and suits small images (digits, CIFAR); for image folders use a pretrained pipeline')
+    work = Path(tempfile.mkdtemp(prefix=f'.{out.name}.building-', dir=out.parent))
+    try:
+        agreement, seconds = train_pipeline(args, ds, work, t_start)
+    except BaseException:  # an error or Ctrl-C: only the folder this call created goes (a kill leaves it, hidden, to delete by hand)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():  # empty, or the pipeline fit made (claim_out checked): moved aside, the new one in, then the old one removed
+        old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(work, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(work, out)
+    print(f'fit: {seconds:.0f}s; class agreement of generated images {100 * agreement:.1f}% '
+          f'(real-digit classifier, {args.check_per_class}/class); saved {out}')
+
+
+def train_pipeline(args, ds, work, t_start):
+    """Steps 1-4 of fit into the folder work; returns (class agreement, seconds)."""
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from sklearn.linear_model import LogisticRegression
     from transformers import CLIPTextConfig, CLIPTextModel
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    ds = load_dataset(args.dataset, args.data_root)
-    if args.dataset.startswith('folder:'):
-        fail('fit keeps the training set in memory and suits small images (digits, CIFAR); for image folders use a pretrained pipeline')
     size, classes = ds['image_size'], ds['classes']
-    out, t_start = Path(args.out).resolve(), time.time()
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / 'fit.json').exists())):
-        fail(f'--out {args.out} holds files that are not a pipeline made by generate.py fit, and fit replaces its --out whole: pass a new or empty folder')
-    check_out(out.parent)
-    work = out.with_name(out.name + '.tmp')
-    shutil.rmtree(work, ignore_errors=True)
     words = sorted({w for t in FIT_TEMPLATES for w in t.replace('-', ' ').replace('{}', ' ').lower().split()} |
                    {w for c in classes for w in prompt_name(c).lower().split()})
     tokenizer = build_tokenizer(words, work / 'tokenizer_build', max_length=16)
@@ -593,10 +696,7 @@ def fit(args):
     seconds = time.time() - t_start
     write_json(dict(dataset=args.dataset, classes=classes, agreement=agreement, seconds=seconds, args=vars(args),
                     check='logistic regression on real train pixels labels 25-step DDIM samples at guidance 4'), work / 'fit.json')
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(work, out)
-    print(f'fit: {seconds:.0f}s; class agreement of generated images {100 * agreement:.1f}% '
-          f'(real-digit classifier, {args.check_per_class}/class); saved {out}')
+    return agreement, seconds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,13 +713,14 @@ def generate_sio(args):
     path_of = lambda i: out / f'{i // args.per_class:03d}' / f'{i % args.per_class}.png'
     if rank == 0:
         check_out(out)
+    settings = dict(command='sio', dataset=args.dataset, generator=args.pipeline, prompt_template=args.prompt, seed=args.seed, steps=args.steps,
+                    guidance=args.guidance, scheduler=args.scheduler, per_class=args.per_class, batch_size=args.batch_size)
+    claim_set(out, settings, args.overwrite, rank, world)
+    if rank == 0:
         for c in range(len(classes)):
-            (out / f'{c:03d}').mkdir(parents=True, exist_ok=True)
+            (out / f'{c:03d}').mkdir(exist_ok=True)
     if world > 1:
         dist.barrier()
-    settings = dict(dataset=args.dataset, generator=args.pipeline, prompt_template=args.prompt, seed=args.seed, steps=args.steps,
-                    guidance=args.guidance, scheduler=args.scheduler, per_class=args.per_class, batch_size=args.batch_size)
-    check_settings(out / 'settings.json', settings, rank, world)
     batches = [range(s, min(s + args.batch_size, total)) for s in range(0, total, args.batch_size)]
     finished = [all(readable_image(path_of(i)) for i in b) for b in batches]
     todo = [b for n, b in enumerate(batches) if n % world == rank and not finished[n]]
@@ -679,12 +780,15 @@ def load_teacher(spec, device):
         forward = lambda x: model(normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
         return forward, dict(kind='checkpoint', name=str(ckpt_file), feature_dim=model.feature_dim, image_size=ckpt['image_size'],
                              num_classes=ckpt['num_classes'], dataset=ckpt['dataset'])
+    if path.is_dir() and (path / 'last.pt').exists() and not (path / 'config.json').exists():
+        fail(f'teacher {path} has last.pt but no best.pt: pass {path / "last.pt"} to distil from its last epoch')
     from transformers import AutoModelForImageClassification
     try:
         model = AutoModelForImageClassification.from_pretrained(spec).to(device).eval().requires_grad_(False)
     except Exception as e:
-        fail(f'cannot load teacher {spec!r} as a checkpoint or a transformers image classifier ({type(e).__name__}; offline?): '
-             f'pass a run directory, a .pt, or a local transformers model folder')
+        where = (f'the folder {spec} is not a transformers image classifier ({type(e).__name__})' if path.is_dir() else
+                 f'there is no such local path, and as a hub id it did not load ({type(e).__name__}; offline?)')
+        fail(f'cannot load teacher {spec!r}: {where}; pass a run directory, a .pt, or a local transformers model folder')
     try:
         from transformers import AutoImageProcessor
         processor = AutoImageProcessor.from_pretrained(spec)
@@ -810,8 +914,6 @@ def generate_oal(args):
     out = Path(args.out)
     if rank == 0:
         check_out(out)
-    (out / 'images').mkdir(parents=True, exist_ok=True)
-    (out / 'latents').mkdir(parents=True, exist_ok=True)
     ds = load_dataset(args.dataset, args.data_root)
     classes = ds['classes']
     if args.teacher is None:
@@ -832,11 +934,15 @@ def generate_oal(args):
     if teacher['kind'] == 'checkpoint':  # a retrained teacher must not reuse old k-NN outliers
         knn_settings['teacher_stamp'] = f"{Path(teacher['name']).stat().st_size}:{Path(teacher['name']).stat().st_mtime_ns}"
     knn_file, knn_meta = out / 'knn_outliers.npy', out / 'knn_meta.json'
-    check_settings(out / 'settings.json', dict(pipeline=args.pipeline, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
-                                               prompt=args.prompt, seed=args.seed, samples_per_iteration=args.samples_per_iteration,
-                                               knn=knn_settings), rank, world)
+    claim_set(out, dict(command='oal', pipeline=args.pipeline, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, prompt=args.prompt,
+                        seed=args.seed, samples_per_iteration=args.samples_per_iteration, knn=knn_settings), args.overwrite, rank, world)
+    if rank == 0:
+        (out / 'images').mkdir(exist_ok=True)
+        (out / 'latents').mkdir(exist_ok=True)
+    if world > 1:
+        dist.barrier()
 
-    # step 3: k-NN outliers (rank 0). check_settings above already refused a rerun with other settings,
+    # step 3: k-NN outliers (rank 0). claim_set above already refused a rerun with other settings,
     # so finished files from an earlier run are reused as they are.
     if rank == 0 and not (knn_file.exists() and knn_meta.exists()):
         t0 = time.time()

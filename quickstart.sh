@@ -23,7 +23,7 @@ else
   oal="--iterations 30 --steps 25"
   n_epochs=30  # the digits recipe of both trainers, spelled out so a finished run can be recognised
 fi
-epochs="--epochs $n_epochs"
+epochs="--epochs $n_epochs --resume"  # --resume: an interrupted run continues where it stopped (a new one starts at epoch 1)
 
 times=""
 stage() {  # stage NAME COMMAND...: run it and keep its wall time for the table at the end
@@ -35,24 +35,23 @@ total_start=$(date +%s.%N)
 
 complete() { [ -f "$1/meta.json" ] && grep -q '"complete": true' "$1/meta.json"; }
 finished() { [ -f "$work/runs/$1/log.jsonl" ] && tail -n 1 "$work/runs/$1/log.jsonl" | grep -q "^{\"epoch\": $n_epochs,"; }
-resume() { [ -f "$work/runs/$1/last.pt" ] && echo --resume || true; }  # an interrupted run continues where it stopped
 
 [ -f "$work/pipeline/model_index.json" ] || stage fit $py generate.py fit --dataset digits --out "$work/pipeline" $fit
 complete "$work/sio_samples" || stage sio-images $py generate.py sio --pipeline "$work/pipeline" --dataset digits --out "$work/sio_samples" $sio
 for s in $seeds; do
-  finished "ce_s$s" || stage "ce s$s" $py train_sio.py --dataset digits --seed "$s" --out "$work/runs/ce_s$s" $epochs $(resume "ce_s$s")
+  finished "ce_s$s" || stage "ce s$s" $py train_sio.py --dataset digits --seed "$s" --out "$work/runs/ce_s$s" $epochs
 done
 complete "$work/outliers" || stage oal-outliers $py generate.py oal --pipeline "$work/pipeline" --teacher "$work/runs/ce_s0" --dataset digits \
   --out "$work/outliers" $oal
 for s in $seeds; do
   finished "sio_s$s" || stage "sio s$s" $py train_sio.py --dataset digits --synthetic "$work/sio_samples" --seed "$s" --out "$work/runs/sio_s$s" \
-    $epochs $(resume "sio_s$s")
+    $epochs
   finished "oal_s$s" || stage "oal s$s" $py train_oal.py --dataset digits --teacher "$work/runs/ce_s0" --init "$work/runs/ce_s$s" \
-    --outliers "$work/outliers" --seed "$s" --out "$work/runs/oal_s$s" $epochs $(resume "oal_s$s")
+    --outliers "$work/outliers" --seed "$s" --out "$work/runs/oal_s$s" $epochs
 done
 runs() { local out=""; for s in $seeds; do out="$out,$work/runs/$1_s$s"; done; echo "${out#,}"; }
 stage evaluate $py evaluate.py "baseline=$(runs ce)" "sio=$(runs sio)" "oal=$(runs oal)" --detectors msp,ebo,knn --out "$work/results" \
-  --cache "$work/cache" > "$work/evaluate.log"
+  --cache "$work/cache" --overwrite > "$work/evaluate.log"
 sed -n '/^## comparison/,$p' "$work/evaluate.log"
 printf '\nwall time per stage:\n%b' "$times"
 awk -v a="$total_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%-12s %7.1f s\n", "total", b - a }'

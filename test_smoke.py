@@ -225,7 +225,7 @@ def test_augment_crops_and_flips_in_batch():
 
 def test_nan_loss_stops_with_epoch_and_step(tmp_path):
     proc = run_script('train_sio.py', '--dataset', 'digits', '--epochs', '2', '--lr', '1e30', '--out', tmp_path / 'nan')
-    assert_user_error(proc, 'epoch 1 step', 'last.pt')
+    assert_user_error(proc, 'epoch 1 step', 'nothing was saved')
     assert not (tmp_path / 'nan' / 'last.pt').exists()
 
 
@@ -563,7 +563,7 @@ def test_fit_makes_a_loadable_stable_diffusion_pipeline(tiny_pipeline):
     assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer('a photo of a three').input_ids)[-2] == 'three</w>'
     fit_info = json.loads((tiny_pipeline / 'fit.json').read_text())
     assert 0 <= fit_info['agreement'] <= 1 and fit_info['classes'][5] == 'five'
-    assert not tiny_pipeline.with_name('digits.tmp').exists()
+    assert [p.name for p in tiny_pipeline.parent.iterdir()] == ['digits', '.digits.lock']  # no temporary sibling left
 
 
 def sio_args(pipeline, out, *extra):
@@ -595,7 +595,7 @@ def test_sio_interrupted_and_resumed_is_byte_identical(tiny_pipeline, sio_sample
     generate.main(sio_args(tiny_pipeline, out, '--max-batches', '2'))  # stops after 8 of 18 images
     assert '18 images, 0 already done' in capsys.readouterr().out
     assert not (out / 'images.npy').exists() and not json.loads((out / 'meta.json').read_text())['complete']
-    (out / '005' / '1.png.tmp').write_bytes(b'half-written')  # a kill mid-write leaves only a temp file
+    (out / '005' / '1.png.4242.tmp').write_bytes(b'half-written')  # a kill mid-write leaves only a temp file
     (out / '000' / '0.png').unlink()  # and a batch with a missing file is recomputed whole,
     (out / '001' / '0.png').write_bytes((out / '001' / '0.png').read_bytes()[:30])  # as is one with a damaged file (index 3, batch 0 too)
     generate.main(sio_args(tiny_pipeline, out))
@@ -804,7 +804,7 @@ def test_sio_rerun_with_other_settings_refuses(tiny_pipeline, sio_samples, tmp_p
     import shutil
     shutil.copytree(sio_samples, tmp_path / 'copy')
     error = main_error(capsys, generate.main, *sio_args(tiny_pipeline, tmp_path / 'copy', '--prompt', 'a drawing of a {}'))
-    assert 'other settings' in error and 'prompt_template' in error and 'new --out' in error
+    assert 'other settings' in error and 'prompt_template' in error and '--overwrite' in error
 
 
 # ================================================================================================
@@ -1001,7 +1001,8 @@ def bad(runs, tmp_path_factory):
     outliers('out_truncated', knn, diff)
     data = (root / 'out_truncated' / 'knn_outliers.npy').read_bytes()
     (root / 'out_truncated' / 'knn_outliers.npy').write_bytes(data[:len(data) // 2])
-    (root / 'settings_corrupt').mkdir()
+    (root / 'settings_corrupt' / '000').mkdir(parents=True)  # a set with an image whose settings.json was damaged
+    (root / 'settings_corrupt' / '000' / '0.png').write_bytes((root / 'syn_partial' / '000' / '0.png').read_bytes())
     (root / 'settings_corrupt' / 'settings.json').write_text('{"seed": ')
     (root / 'a_file').write_text('a file where a folder belongs')
     shutil.copytree(runs / 'ce_s0', root / 'run_ce')
@@ -1015,7 +1016,8 @@ GEN_OAL = 'oal --pipeline {pipe} --teacher {runs}/ce_s0 --dataset digits --itera
 FIT = 'fit --dataset digits --steps 1 --vae-steps 1 --out {out}'
 EVAL = '{runs}/ce_s0 --detectors msp,knn --out {out}'
 RESUME_SIO = '--dataset digits --epochs 8 --synthetic {runs}/syn --resume --out {run:sio_s0}'
-# (script, base + extra arguments, a word the error line must name); {run:NAME[:FILE]} = a copy of runs/NAME as --out, its last.pt replaced by bad/FILE
+# (script, base + extra arguments, a word the error line must name); {out} = an empty folder, {user} = one with the user's
+# notes.txt, {run:NAME[:FILE]} = a copy of runs/NAME, its last.pt replaced by bad/FILE
 BAD_INPUTS = [
     ('train_sio', SIO + ' --epochs 0', '--epochs'),
     ('train_sio', SIO + ' --epochs -3', '--epochs'),
@@ -1055,11 +1057,14 @@ BAD_INPUTS = [
     ('train_sio', SIO + ' --synthetic {bad}/syn_truncated', 'images.npy'),
     ('train_sio', SIO + ' --out {bad}/a_file', 'is a file'),
     ('train_sio', SIO + ' --out /proc/synth-ood', 'cannot be written'),
-    ('train_sio', SIO + ' --resume', 'last.pt does not exist'),
+    ('train_sio', SIO + ' --resume --overwrite', 'one of them'),
+    ('train_sio', SIO.replace('{out}', '{run:ce_s0}'), '--resume to continue'),
+    ('train_sio', SIO.replace('{out}', '{user}'), 'files this script did not write'),
+    ('train_sio', SIO.replace('{out}', '{user}') + ' --overwrite', 'files this script did not write'),
     ('train_sio', RESUME_SIO.replace('sio_s0', 'sio_s0:truncated.pt'), 'cannot be read'),
     ('train_sio', RESUME_SIO.replace('sio_s0', 'sio_s0:empty.pt'), 'cannot be read'),
     ('train_sio', RESUME_SIO.replace('sio_s0', 'sio_s0:tensor.pt'), 'not a synth-ood checkpoint'),
-    ('train_sio', RESUME_SIO.replace('sio_s0', 'sio_s0:oal_method.pt'), 'not a train_sio.py run'),
+    ('train_sio', RESUME_SIO.replace('sio_s0', 'sio_s0:oal_method.pt'), 'not a train_sio.py one'),
     ('train_sio', RESUME_SIO.replace(' --synthetic {runs}/syn', ''), '--synthetic'),
     ('train_sio', RESUME_SIO + ' --method logitnorm', '--method'),
     ('train_sio', RESUME_SIO + ' --epochs 9', '--epochs 8 -> 9'),
@@ -1086,7 +1091,7 @@ BAD_INPUTS = [
     ('train_oal', OAL + ' --outliers {bad}/out_partial', 'unfinished'),
     ('train_oal', OAL + ' --outliers {bad}/out_other_classes', 'generated for classes'),
     ('train_oal', OAL + ' --out {bad}/a_file', 'is a file'),
-    ('train_oal', OAL.replace('{out}', '{run:ce_s0}') + ' --resume', 'not a train_oal.py run'),
+    ('train_oal', OAL.replace('{out}', '{run:ce_s0}') + ' --resume', 'not a train_oal.py one'),
     ('generate', GEN_SIO + ' --per-class 0', '--per-class'),
     ('generate', GEN_SIO + ' --per-class -5', '--per-class'),
     ('generate', GEN_SIO + ' --batch-size 0', '--batch-size'),
@@ -1097,7 +1102,7 @@ BAD_INPUTS = [
     ('generate', GEN_SIO + ' --seed -1', '--seed'),
     ('generate', GEN_SIO + ' --device cudaX', '--device'),
     ('generate', GEN_SIO + ' --out {bad}/a_file', 'is a file'),
-    ('generate', GEN_SIO + ' --out {bad}/settings_corrupt', 'settings.json'),
+    ('generate', GEN_SIO + ' --out {bad}/settings_corrupt', 'settings.json unreadable'),
     ('generate', GEN_OAL + ' --knn-k 0', '--knn-k'),
     ('generate', GEN_OAL + ' --keep 0', '--keep'),
     ('generate', GEN_OAL + ' --features-per-class 5', '--features-per-class'),
@@ -1110,7 +1115,14 @@ BAD_INPUTS = [
     ('generate', FIT + ' --unet-channels 16,x', '--unet-channels'),
     ('generate', FIT + ' --text-dim 3', '--text-dim'),
     ('generate', FIT + ' --prompt-dropout 1', '--prompt-dropout'),
-    ('generate', FIT, 'not a pipeline'),  # a folder of the user's own files is never replaced
+    ('generate', FIT.replace('{out}', '{user}'), 'files this script did not write'),  # a folder of the user's files is never replaced
+    ('generate', FIT.replace('{out}', '{user}') + ' --overwrite', 'files this script did not write'),
+    ('generate', GEN_SIO.replace('{out}', '{user}'), 'files this script did not write'),
+    ('generate', GEN_OAL.replace('{out}', '{user}') + ' --overwrite', 'files this script did not write'),
+    ('evaluate', EVAL.replace('{out}', '{user}'), 'files this script did not write'),
+    ('train_oal', OAL.replace('{out}', '{user}'), 'files this script did not write'),
+    ('train_oal', OAL.replace('{out}', '{runs}/ce_s0'), 'is the --teacher run'),
+    ('train_oal', OAL.replace('{out}', '{run:sio_s0}') + ' --overwrite', 'not a train_oal.py one'),
     ('evaluate', EVAL + ' --knn-k 0', '--knn-k'),
     ('evaluate', EVAL + ' --knn-k 5000', '--knn-k'),
     ('evaluate', EVAL + ' --batch-size 0', '--batch-size'),
@@ -1128,26 +1140,27 @@ BAD_INPUTS = [
 
 
 def snapshot(path):
-    """Every file under path (or path itself) -> its bytes, to show nothing there changed."""
+    """Every file under path (or path itself) -> its bytes, to show nothing there changed (the lock file aside)."""
     path = Path(path)
     if path.is_file():
         return {path: path.read_bytes()}
-    return {f: f.read_bytes() for f in sorted(path.rglob('*')) if f.is_file()} if path.exists() else {}
+    return {f: f.read_bytes() for f in sorted(path.rglob('*')) if f.is_file() and not f.name.startswith('.lock')} if path.exists() else {}
 
 
 @pytest.mark.parametrize('script,argv,word', BAD_INPUTS, ids=[f'{i:03d}-{s}' for i, (s, _, _) in enumerate(BAD_INPUTS)])
 def test_bad_input_is_refused_in_one_line(script, argv, word, runs, bad, tiny_pipeline, tmp_path, capsys):
     import shutil
-    out = tmp_path / 'out'
+    out, user = tmp_path / 'out', tmp_path / 'user'  # an empty folder, and one holding the user's own file
     out.mkdir()
-    (out / 'notes.txt').write_text('the user was here')
+    user.mkdir()
+    (user / 'notes.txt').write_text('the user was here')
     for spec in set(a for a in argv.split() if a.startswith('{run:')):
         name, _, replacement = spec[5:-1].partition(':')
         shutil.copytree(runs / name, tmp_path / 'copy')
         if replacement:
             shutil.copy(bad / replacement, tmp_path / 'copy' / 'last.pt')
         argv = argv.replace(spec, str(tmp_path / 'copy'))
-    argv = argv.format(out=out, runs=runs, bad=bad, pipe=tiny_pipeline).split()
+    argv = argv.format(out=out, user=user, runs=runs, bad=bad, pipe=tiny_pipeline).split()
     target = Path(argv[argv.index('--out') + 1]) if '--out' in argv else out
     before = snapshot(target), snapshot(bad)
     main = {'train_sio': train_sio.main, 'train_oal': train_oal.main, 'generate': generate.main, 'evaluate': evaluate.main}[script]

@@ -67,7 +67,8 @@ def get_args(argv=None):
     p.add_argument('--weight-decay', type=float, default=None)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default=None, help='run directory (default runs/<dataset>_<method>[_sio]_s<seed>)')
-    p.add_argument('--resume', action='store_true', help='continue from OUT/last.pt')
+    p.add_argument('--resume', action='store_true', help='continue from OUT/last.pt (from scratch while there is none yet)')
+    p.add_argument('--overwrite', action='store_true', help='start afresh over the run in --out (replaces only best.pt, last.pt, log.jsonl)')
     p.add_argument('--stop-after', type=int, default=None, help='leave after this many epochs in this call (time-limited jobs; --resume continues)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
@@ -146,6 +147,56 @@ def check_out(out):
         probe.unlink()
     except OSError as e:
         fail(f'--out {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
+
+HELD_LOCKS = {}  # folder -> open lock file: this process's own locks (main() may run twice in one process)
+
+
+def lock_folder(lock_file):
+    """One process per output folder: an exclusive flock held until this process ends (the OS drops it on any exit or kill)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock: one writer per folder is then up to you
+        return None
+    lock_file = Path(lock_file).resolve()
+    if lock_file in HELD_LOCKS:
+        return HELD_LOCKS[lock_file]
+    handle = open(lock_file, 'a+')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        fail(f'{lock_file.parent} is in use by another process (pid {handle.read().strip() or "?"}): wait for it to end, or pass another --out')
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    HELD_LOCKS[lock_file] = handle
+    return handle
+
+
+def claim_out(out, mine, held, proceed):
+    """The one rule for every --out, the same in each script: a missing or empty folder is used; a folder holding
+    only files this script writes is used when nothing finished is there or this run continues it (held None);
+    a finished result (held says what) is refused with the flags that proceed; a folder holding anything else is
+    refused. --overwrite replaces only files this script writes: nothing else is ever deleted."""
+    out = Path(out)
+    others = sorted(e.name for e in out.iterdir() if not e.name.startswith('.lock') and not mine(e)) if out.is_dir() else []
+    if others:
+        fail(f'--out {out} holds files this script did not write ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}): '
+             f'pass a new or empty folder')
+    if held:
+        fail(f'--out {out} holds {held}: {proceed}')
+
+
+def temporary(path):
+    """A temporary name beside path, unique to this process."""
+    return Path(f'{path}.{os.getpid()}.tmp')
+
+
+def is_temporary(entry, names):
+    """A temporary file of one of names (name.PID.tmp), left by a killed process if no one holds the lock."""
+    parts = entry.name.rsplit('.', 2)
+    return len(parts) == 3 and parts[0] in names and parts[1].isdigit() and parts[2] == 'tmp'
 
 
 def read_checkpoint(file, what):
@@ -515,7 +566,7 @@ def cutmix(x, labels):
 
 def save_atomic(obj, path):
     """Write a temporary file, then rename it over path: a crash or a full disk never leaves half a file."""
-    tmp = f'{path}.tmp'
+    tmp = temporary(path)
     try:
         if isinstance(obj, str):
             Path(tmp).write_text(obj)
@@ -523,12 +574,33 @@ def save_atomic(obj, path):
             torch.save(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its zip writer
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         fail(f'could not write {path} ({e}); the previous {Path(path).name}, if any, is intact: free some space or pass another --out')
 
 
 def write_log(rows, path):
     save_atomic(''.join(json.dumps(r) + '\n' for r in rows), path)
+
+
+RUN_FILES = ('best.pt', 'last.pt', 'log.jsonl')  # all a trainer writes in its --out (and name.PID.tmp while writing)
+
+
+def claim_run_folder(out, resume, overwrite, script):
+    """A trainer's --out under claim_out's rule: a run there continues with --resume or starts afresh with --overwrite."""
+    if resume and overwrite:
+        fail('--resume continues the run in --out and --overwrite starts it afresh: pass one of them')
+    lock_folder(out / '.lock')
+    finished = [name for name in ('last.pt', 'best.pt') if (out / name).exists()]
+    if finished and (resume or overwrite):
+        method = read_checkpoint(out / finished[0], f'--out {out}:').get('method')
+        if (method == 'oal') != (script == 'train_oal.py'):
+            fail(f"--out {out} holds a {'train_oal.py' if method == 'oal' else 'train_sio.py'} run, not a {script} one: pass another --out")
+    mine = lambda entry: entry.is_file() and (entry.name in RUN_FILES or is_temporary(entry, RUN_FILES))
+    held = f"a run ({', '.join(finished)})" if finished and not (resume or overwrite) else None
+    claim_out(out, mine, held, 'pass --resume to continue it, --overwrite to start afresh, or another --out')
+    for entry in list(out.iterdir()):  # this process holds the lock: temporary files there are a killed run's
+        if is_temporary(entry, RUN_FILES) or (overwrite and entry.name in RUN_FILES):
+            entry.unlink()
 
 
 RUN_FLAGS = ('dataset', 'openood_root', 'arch', 'image_size', 'synthetic', 'alpha', 'method', 'tau', 'oe_data', 'oe_weight',
@@ -584,6 +656,7 @@ def main(argv=None):
     out = Path(args.out)
     if master:
         check_out(out)
+        claim_run_folder(out, args.resume, args.overwrite, 'train_sio.py')
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -626,7 +699,7 @@ def main(argv=None):
         if n_syn:
             r0, s0 = len(batch_plan[0][0]), len(batch_plan[0][1])
             print(f'SIO: {r0} real + {s0} synthetic per batch of {args.batch_size} (alpha {args.alpha}); {len(batch_plan)} batches/epoch '
-                  f'use {real_seen:,} of {n_real:,} real images ({100 * real_seen / n_real:.1f}%) and {len(batch_plan) * s0:,} of {n_syn:,} synthetic')
+                  f'use {real_seen:,} of {n_real:,} real images ({100 * real_seen / n_real:.1f}%) and draw {len(batch_plan) * s0:,} from {n_syn:,} synthetic')
         else:
             print(f'baseline: {n_real:,} real images, {len(batch_plan)} batches/epoch of {args.batch_size}')
 
@@ -639,9 +712,9 @@ def main(argv=None):
     start_epoch, best_acc, log = 0, -1.0, []
     run = {k: os.path.abspath(v) if k in ('openood_root', 'synthetic', 'oe_data') and v else v for k, v in vars(args).items() if k in RUN_FLAGS}
     run['synthetic set'] = dict(images=n_syn, meta=read_meta(Path(args.synthetic))) if n_syn else None
-    if args.resume:
-        if not (out / 'last.pt').exists():
-            fail(f'--resume: {out}/last.pt does not exist (start without --resume, or pass the right --out)')
+    if args.resume and not (out / 'last.pt').exists() and master:
+        print(f'--resume: no {out}/last.pt yet, starting at epoch 1')
+    if args.resume and (out / 'last.pt').exists():
         state = read_checkpoint(out / 'last.pt', '--resume:')
         if state.get('method') == 'oal' or 'optimizer' not in state:
             fail(f'--resume: {out}/last.pt is not a train_sio.py run (method {state.get("method")}): pass the --out of a train_sio.py run')
@@ -712,8 +785,9 @@ def main(argv=None):
                 loss = method_loss(args.method, logits.float(), y, args.tau, args.oe_weight, mix_labels, lam)
             if not torch.isfinite(loss):  # one sync per step, so the message can name the step
                 bar.close()
-                fail(f'loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; {out}/last.pt holds the last good epoch '
-                     f'(lower --lr, or check the data)')
+                fail(f'loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; '
+                     + (f'{out}/last.pt holds epoch {epoch}, the last good one' if epoch else 'no epoch finished, so nothing was saved')
+                     + ' (lower --lr, or check the data)')
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
