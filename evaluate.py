@@ -147,8 +147,9 @@ def lock_folder(lock_file):
     except ImportError:  # Windows has no flock: one writer per folder is then up to you
         return None
     lock_file = Path(lock_file).resolve()
-    if lock_file in HELD_LOCKS:
-        return HELD_LOCKS[lock_file]
+    held = HELD_LOCKS.get(lock_file)
+    if held is not None and lock_file.exists() and os.stat(lock_file).st_ino == os.fstat(held.fileno()).st_ino:
+        return held  # this process holds it already (and the folder was not made anew meanwhile)
     handle = open(lock_file, 'a+')
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -181,8 +181,9 @@ def lock_folder(lock_file):
     except ImportError:  # Windows has no flock: one writer per folder is then up to you
         return None
     lock_file = Path(lock_file).resolve()
-    if lock_file in HELD_LOCKS:
-        return HELD_LOCKS[lock_file]
+    held = HELD_LOCKS.get(lock_file)
+    if held is not None and lock_file.exists() and os.stat(lock_file).st_ino == os.fstat(held.fileno()).st_ino:
+        return held  # this process holds it already (and the folder was not made anew meanwhile)
     handle = open(lock_file, 'a+')
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -707,7 +708,6 @@ def generate_sio(args):
     rank, world, device = setup_distributed(args.device)
     ds = load_dataset(args.dataset, args.data_root)
     classes, size = ds['classes'], ds['image_size']
-    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     out = Path(args.out)
     total = len(classes) * args.per_class
     path_of = lambda i: out / f'{i // args.per_class:03d}' / f'{i % args.per_class}.png'
@@ -716,6 +716,7 @@ def generate_sio(args):
     settings = dict(command='sio', dataset=args.dataset, generator=args.pipeline, prompt_template=args.prompt, seed=args.seed, steps=args.steps,
                     guidance=args.guidance, scheduler=args.scheduler, per_class=args.per_class, batch_size=args.batch_size)
     claim_set(out, settings, args.overwrite, rank, world)
+    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     if rank == 0:
         for c in range(len(classes)):
             (out / f'{c:03d}').mkdir(exist_ok=True)
@@ -924,10 +925,8 @@ def generate_oal(args):
     forward, teacher = load_teacher(args.teacher, device)
     if teacher['num_classes'] != len(classes):
         fail(f"teacher {args.teacher} has {teacher['num_classes']} classes but {args.dataset} has {len(classes)}: pass a teacher trained on {args.dataset}")
-    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     anchor = args.anchor or ('token' if len(classes) >= 100 else 'pooled')  # the paper's choice per dataset
     repeats = args.repeats or len(classes)
-    token_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     knn_settings = dict(teacher=teacher['name'], features_per_class=args.features_per_class, knn_select=args.knn_select, knn_k=args.knn_k,
                         knn_sigma=args.knn_sigma, knn_draws=args.knn_draws, boundary=args.boundary, keep=args.keep, repeats=repeats,
                         anchor=anchor, seed=args.seed, dataset=args.dataset)
@@ -936,6 +935,8 @@ def generate_oal(args):
     knn_file, knn_meta = out / 'knn_outliers.npy', out / 'knn_meta.json'
     claim_set(out, dict(command='oal', pipeline=args.pipeline, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, prompt=args.prompt,
                         seed=args.seed, samples_per_iteration=args.samples_per_iteration, knn=knn_settings), args.overwrite, rank, world)
+    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
+    token_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     if rank == 0:
         (out / 'images').mkdir(exist_ok=True)
         (out / 'latents').mkdir(exist_ok=True)

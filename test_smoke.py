@@ -937,6 +937,166 @@ def test_train_oal_torchrun_two_processes(runs, oal_outliers, tmp_path):
 
 
 # ================================================================================================
+# Runs and folders: one writer per folder, nothing lost at any kill, nothing foreign touched
+
+@pytest.fixture(autouse=True)
+def release_folder_locks():
+    """main() keeps its folder locks for the life of the process; tests run many mains in one process."""
+    yield
+    for name in ('train_sio', 'train_oal', 'generate', 'evaluate'):
+        module = sys.modules.get(name)
+        for handle in getattr(module, 'HELD_LOCKS', {}).values():
+            handle.close()
+        getattr(module, 'HELD_LOCKS', {}).clear()
+
+
+def killed_after_write(n, main, argv):
+    """main(argv) in a forked child that SIGKILLs itself right after its n-th os.replace; True if it was killed."""
+    import multiprocessing
+    import signal
+
+    def child():
+        torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (it would hang)
+        real_replace, count = os.replace, [0]
+
+        def replace_then_die(src, dst):
+            real_replace(src, dst)
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        os.replace = replace_then_die
+        main(argv)
+    process = multiprocessing.get_context('fork').Process(target=child)
+    process.start()
+    process.join()
+    assert process.exitcode in (0, -9), process.exitcode
+    return process.exitcode == -9
+
+
+def crash_points(main, argv, rerun_argv, out):
+    """Kill a run after each of its file writes in turn, finish it with rerun_argv; yields the finished folder each time."""
+    import shutil
+    n = 1
+    while True:
+        shutil.rmtree(out, ignore_errors=True)
+        if not killed_after_write(n, main, argv):
+            return
+        main(rerun_argv)
+        yield n
+        n += 1
+
+
+@pytest.fixture
+def one_thread():
+    """The forked children run on one thread (see killed_after_write); so must the runs compared with them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_trainers_finish_identically_after_a_kill_at_any_write(runs, oal_outliers, tmp_path, one_thread, monkeypatch):
+    for main, argv in ((train_sio.main, ['--dataset', 'digits', '--epochs', '2', '--seed', '5']),
+                       (train_oal.main, oal_args(runs, oal_outliers, tmp_path / 'unused', '--epochs', '2', '--seed', '5')[:-2])):
+        writes, real_replace = [], os.replace
+        monkeypatch.setattr(os, 'replace', lambda src, dst: (real_replace(src, dst), writes.append(Path(dst).name)))
+        main(argv + ['--out', str(tmp_path / 'straight')])
+        monkeypatch.setattr(os, 'replace', real_replace)
+        straight = torch.load(tmp_path / 'straight' / 'last.pt', weights_only=False)
+        straight_log = [json.loads(l)['val_acc'] for l in (tmp_path / 'straight' / 'log.jsonl').read_text().splitlines()]
+        out = tmp_path / 'crashed'
+        points = 0
+        for points in crash_points(main, argv + ['--out', str(out), '--resume'], argv + ['--out', str(out), '--resume'], out):
+            state = torch.load(out / 'last.pt', weights_only=False)
+            assert all(torch.equal(straight['model'][k], state['model'][k]) for k in state['model']), points
+            assert [json.loads(l)['val_acc'] for l in (out / 'log.jsonl').read_text().splitlines()] == straight_log, points
+            assert sorted(p.name for p in out.iterdir()) == ['.lock', 'best.pt', 'last.pt', 'log.jsonl'], points
+        assert points == len(writes) >= 5, writes  # every write of the uninterrupted run: best (when it improves), last, log per epoch
+        import shutil
+        shutil.rmtree(tmp_path / 'straight')
+
+
+def test_sio_set_finishes_byte_identical_after_a_kill_at_any_write(tiny_pipeline, tmp_path, one_thread):
+    straight, out = tmp_path / 'straight', tmp_path / 'crashed'
+    generate.main(sio_args(tiny_pipeline, straight, '--per-class', '1'))
+    points = 0
+    for points in crash_points(generate.main, sio_args(tiny_pipeline, out, '--per-class', '1'), sio_args(tiny_pipeline, out, '--per-class', '1'), out):
+        names = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file() and p.name != '.lock')
+        assert names == sorted(str(p.relative_to(straight)) for p in straight.rglob('*') if p.is_file() and p.name != '.lock'), points
+        assert all((out / n).read_bytes() == (straight / n).read_bytes() for n in names), points
+    assert points == 1 + 6 + 3  # settings.json, 6 images, images.npy, labels.npy, meta.json
+
+
+def test_one_process_per_output_folder(tmp_path, capsys):
+    import fcntl
+    out = tmp_path / 'run'
+    out.mkdir()
+    with open(out / '.lock', 'w') as other:  # another process's lock (an open file description of its own)
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write('4242')
+        other.flush()
+        error = main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '1', '--out', out)
+        assert 'in use by another process (pid 4242)' in error
+        assert 'pid 4242' in main_error(capsys, generate.main, 'sio', '--dataset', 'digits', '--out', out)
+    train_sio.main(['--dataset', 'digits', '--epochs', '1', '--out', str(out)])  # released on close, as the OS does on any exit or kill
+    assert (out / 'best.pt').exists()
+
+
+def test_a_killed_process_releases_its_folder(tmp_path, capsys):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, str(REPO / 'train_sio.py'), '--dataset', 'digits', '--epochs', '200', '--out', str(tmp_path / 'run')],
+                            env=OFFLINE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / 'run' / 'last.pt').exists():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    error = main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '200', '--resume', '--out', tmp_path / 'run')
+    assert f'in use by another process (pid {proc.pid})' in error
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train_sio.main(['--dataset', 'digits', '--epochs', '200', '--resume', '--stop-after', '1', '--out', str(tmp_path / 'run')])
+    rows = [json.loads(l)['epoch'] for l in (tmp_path / 'run' / 'log.jsonl').read_text().splitlines()]
+    assert rows == list(range(1, len(rows) + 1)) and len(rows) >= 2
+
+
+def test_overwrite_replaces_only_this_scripts_files(runs, tiny_pipeline, sio_samples, tmp_path, capsys):
+    import shutil
+    shutil.copytree(runs / 'ce_s0', tmp_path / 'run')
+    assert '--overwrite' in main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '1', '--out', tmp_path / 'run')
+    train_sio.main(['--dataset', 'digits', '--epochs', '1', '--overwrite', '--out', str(tmp_path / 'run')])
+    assert len((tmp_path / 'run' / 'log.jsonl').read_text().splitlines()) == 1
+    # a set with other settings: --overwrite starts afresh; a set that produced nothing takes the new settings without it
+    shutil.copytree(sio_samples, tmp_path / 'set')
+    generate.main(sio_args(tiny_pipeline, tmp_path / 'set', '--prompt', 'a drawing of a {}', '--overwrite'))
+    assert json.loads((tmp_path / 'set' / 'meta.json').read_text())['prompt_template'] == 'a drawing of a {}'
+    (tmp_path / 'refused').mkdir()
+    (tmp_path / 'refused' / 'settings.json').write_text(json.dumps(dict(command='sio', seed=9)))  # left by a run refused before its first image
+    generate.main(sio_args(tiny_pipeline, tmp_path / 'refused'))
+    assert json.loads((tmp_path / 'refused' / 'meta.json').read_text())['complete']
+    # fit: a pipeline it made is replaced only on request, and only once the new one is complete
+    shutil.copytree(tiny_pipeline, tmp_path / 'pipe')
+    fit_args = ['fit', '--dataset', 'digits', '--out', str(tmp_path / 'pipe'), '--steps', '2', '--vae-steps', '2', '--check-per-class', '1']
+    assert '--overwrite' in main_error(capsys, generate.main, *fit_args)
+    generate.main(fit_args + ['--overwrite'])
+    assert json.loads((tmp_path / 'pipe' / 'fit.json').read_text())['args']['steps'] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.pipe')) == ['.pipe.lock']
+
+
+def test_cache_follows_the_content_of_each_set(runs, tmp_path):
+    from PIL import Image
+    for name, seed in (('a', 0), ('b', 1)):  # two OOD folders of the same size under the same set name
+        (tmp_path / name).mkdir()
+        for i in range(20):
+            Image.fromarray(np.random.RandomState(seed * 100 + i).randint(0, 256 if seed else 64, (8, 8, 3), dtype=np.uint8)).save(tmp_path / name / f'{i}.png')
+    def auroc(folder, cache):
+        out = tmp_path / 'results'
+        evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--far', f'mine={tmp_path / folder}', '--out', str(out), '--overwrite']
+                      + (['--cache', str(tmp_path / 'cache')] if cache else []))
+        return json.loads((out / 'results.json').read_text())['msp']['mine']['AUROC']
+    assert auroc('a', True) == auroc('a', False)
+    assert auroc('b', True) == auroc('b', False) != auroc('a', False)  # the second set is not scored from the first one's outputs
+
+# ================================================================================================
 # Bad input: every row must end in one 'error:' line naming the fix, exit code 2, no traceback, and
 # leave what was already in --out untouched.
 
@@ -1006,6 +1166,14 @@ def bad(runs, tmp_path_factory):
     (root / 'settings_corrupt' / 'settings.json').write_text('{"seed": ')
     (root / 'a_file').write_text('a file where a folder belongs')
     shutil.copytree(runs / 'ce_s0', root / 'run_ce')
+    (root / 'teacher_last_only').mkdir()
+    shutil.copy(runs / 'ce_s0' / 'last.pt', root / 'teacher_last_only')
+    (root / 'foreign_set' / '000').mkdir(parents=True)
+    shutil.copy(root / 'syn_partial' / '000' / '0.png', root / 'foreign_set' / '000' / '0.png')
+    (root / 'foreign_outliers').mkdir()
+    shutil.copy(root / 'out_ok' / 'knn_outliers.npy', root / 'foreign_outliers')
+    (root / 'results_done').mkdir()
+    (root / 'results_done' / 'results.json').write_text('{}')
     return root
 
 
@@ -1083,6 +1251,8 @@ BAD_INPUTS = [
     ('train_oal', OAL + ' --device cudaX', '--device'),
     ('train_oal', OAL + ' --teacher {bad}/truncated.pt', 'cannot be read'),
     ('train_oal', OAL + ' --teacher {bad}/tensor.pt', 'not a synth-ood checkpoint'),
+    ('train_oal', OAL + ' --teacher {bad}/no_such_run', 'no such local path'),
+    ('train_oal', OAL + ' --teacher {bad}/teacher_last_only', 'no best.pt'),
     ('train_oal', OAL + ' --init {bad}/empty.pt', 'cannot be read'),
     ('train_oal', OAL + ' --outliers {bad}/out_truncated', 'knn_outliers.npy'),
     ('train_oal', OAL + ' --outliers {bad}/out_zero_per_class', 'M >= 1'),
@@ -1103,6 +1273,8 @@ BAD_INPUTS = [
     ('generate', GEN_SIO + ' --device cudaX', '--device'),
     ('generate', GEN_SIO + ' --out {bad}/a_file', 'is a file'),
     ('generate', GEN_SIO + ' --out {bad}/settings_corrupt', 'settings.json unreadable'),
+    ('generate', GEN_SIO + ' --out {bad}/foreign_set', 'did not write'),  # the user's 000/0.png is not image 0 of a set
+    ('generate', GEN_OAL + ' --out {bad}/foreign_outliers', 'did not write'),  # nor is a foreign knn_outliers.npy reused
     ('generate', GEN_OAL + ' --knn-k 0', '--knn-k'),
     ('generate', GEN_OAL + ' --keep 0', '--keep'),
     ('generate', GEN_OAL + ' --features-per-class 5', '--features-per-class'),
@@ -1134,6 +1306,7 @@ BAD_INPUTS = [
     ('evaluate', EVAL + ' --detectors foo', 'unknown detector'),
     ('evaluate', EVAL + ' --device cudaX', '--device'),
     ('evaluate', EVAL + ' --out {bad}/a_file', 'is a file'),
+    ('evaluate', EVAL + ' --out {bad}/results_done', 'earlier evaluation'),
     ('evaluate', EVAL + ' --cache {bad}/a_file', 'is a file'),
     ('evaluate', EVAL.replace('ce_s0', 'none'), 'neither a run directory'),
 ]
