@@ -135,6 +135,7 @@ def check_out(out):
     except OSError as e:
         fail(f'--out {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
 
+
 HELD_LOCKS = {}  # folder -> open lock file: this process's own locks (main() may run twice in one process)
 
 
