@@ -1027,6 +1027,20 @@ def test_sio_set_finishes_byte_identical_after_a_kill_at_any_write(tiny_pipeline
     assert points == 1 + 6 + 3  # settings.json, 6 images, images.npy, labels.npy, meta.json
 
 
+def test_oal_outliers_finish_byte_identical_after_a_kill_at_any_write(tiny_pipeline, runs, tmp_path, one_thread):
+    def argv(out):
+        return ['oal', '--pipeline', str(tiny_pipeline), '--teacher', str(runs / 'ce_s0'), '--dataset', 'digits', '--out', str(out),
+                '--iterations', '2', '--samples-per-iteration', '1', '--steps', '2', '--features-per-class', '40', '--knn-k', '10',
+                '--knn-draws', '50', '--boundary', '5', '--repeats', '2']
+    straight, out = tmp_path / 'straight', tmp_path / 'crashed'
+    generate.main(argv(straight))
+    points = 0
+    for points in crash_points(generate.main, argv(out), argv(out), out):
+        names = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file() and p.name != '.lock')
+        assert names == sorted(str(p.relative_to(straight)) for p in straight.rglob('*') if p.is_file() and p.name != '.lock'), points
+        assert all((out / n).read_bytes() == (straight / n).read_bytes() for n in names), points
+    assert points == 3 + 2 * 2 + 2  # settings, knn_outliers, knn_meta; an image and a latent per iteration; diffusion_outliers, meta
+
 def test_one_process_per_output_folder(tmp_path, capsys):
     import fcntl
     out = tmp_path / 'run'
