@@ -169,7 +169,8 @@ def claim_out(out, mine, held, proceed):
     a finished result (held says what) is refused with the flags that proceed; a folder holding anything else is
     refused. --overwrite replaces only files this script writes: nothing else is ever deleted."""
     out = Path(out)
-    others = sorted(e.name for e in out.iterdir() if not e.name.startswith('.lock') and not mine(e)) if out.is_dir() else []
+    lock_file = lambda e: e.name.startswith('.') and e.name.endswith('.lock')  # ours, or generate.py fit's beside its --out
+    others = sorted(e.name for e in out.iterdir() if not lock_file(e) and not mine(e)) if out.is_dir() else []
     if others:
         fail(f'--out {out} holds files this script did not write ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}): '
              f'pass a new or empty folder')
