@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 SD_HUB_ID = 'CompVis/stable-diffusion-v1-4'  # the OAL paper's generator
@@ -330,6 +329,7 @@ def load_dataset(name, data_root='./data', openood_root=None):
     if name == 'digits':
         return load_digits_splits()
     if name in ('cifar10', 'cifar100'):
+        import torchvision  # imported where it is used: it adds 1.6 s to every start, and digits needs none of it
         cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
         train, test = torchvision_set(cls, data_root, train=True), torchvision_set(cls, data_root, train=False)
         if train is None or test is None:
@@ -373,6 +373,7 @@ class Net(nn.Module):
                                       nn.AdaptiveAvgPool2d(1), nn.Flatten())
             dim = 128
         elif arch in ('resnet18', 'resnet18_224', 'resnet50'):
+            import torchvision
             self.body = getattr(torchvision.models, arch.replace('_224', ''))()
             if arch == 'resnet18':  # CIFAR stem: 3x3 stride-1 conv, no max-pool (32x32 input)
                 self.body.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
