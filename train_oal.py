@@ -619,7 +619,8 @@ def main(argv=None):
     master = rank == 0
     out = Path(args.out)
     for flag in ('teacher', 'init'):  # distilling from a run must never write over it
-        if Path(getattr(args, flag)).exists() and Path(getattr(args, flag)).resolve() in (out.resolve(), out.resolve() / 'best.pt', out.resolve() / 'last.pt'):
+        source = Path(getattr(args, flag))
+        if source.exists() and source.resolve() in (out.resolve(), out.resolve() / 'best.pt', out.resolve() / 'last.pt'):
             fail(f'--out {out} is the --{flag} run: pass another --out (the OAL run is written beside its teacher, not over it)')
     if master:
         check_out(out)
