@@ -595,8 +595,10 @@ def fit(args):
     work = Path(tempfile.mkdtemp(prefix=f'.{out.name}.building-', dir=out.parent))
     try:
         agreement, seconds = train_pipeline(args, ds, work, t_start)
-    except BaseException:  # an error or Ctrl-C: only the folder this call created goes (a kill leaves it, hidden, to delete by hand)
+    except BaseException as e:  # an error or Ctrl-C: only the folder this call created goes (a kill leaves it, hidden, to delete by hand)
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError):  # e.g. a full disk in save_pretrained
+            fail(f'could not write the pipeline under {out.parent} ({e}); nothing in --out was touched: free some space or pass another --out')
         raise
     if out.exists():  # empty, or the pipeline fit made (claim_out checked): moved aside, the new one in, then the old one removed
         old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))

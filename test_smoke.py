@@ -617,6 +617,16 @@ def test_sio_full_disk_is_one_line_and_leaves_no_partial_file(tiny_pipeline, tmp
     assert 'could not write' in error and 'No space left' in error
     assert not list((tmp_path / 'full').rglob('*.png*'))
 
+def test_fit_full_disk_is_one_line_and_leaves_no_temporary_folder(tmp_path, capsys, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    def full_disk(self, folder, *args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(StableDiffusionPipeline, 'save_pretrained', full_disk)
+    error = main_error(capsys, generate.main, 'fit', '--dataset', 'digits', '--out', tmp_path / 'pipe', '--steps', '1', '--vae-steps', '1')
+    assert 'could not write the pipeline' in error and 'No space left' in error
+    assert [p.name for p in tmp_path.iterdir()] == ['.pipe.lock']
+
 def test_sio_torchrun_writes_each_index_once(tiny_pipeline, sio_samples, tmp_path):
     proc = run_script('generate.py', *sio_args(tiny_pipeline, tmp_path / 'ddp'), torchrun=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
