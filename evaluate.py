@@ -781,6 +781,22 @@ def parse_settings(specs):
     return settings
 
 
+def write_atomic(path, write):
+    """write(tmp) then rename over path: a crash or a full disk never leaves half a file under the final name."""
+    tmp = temporary(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f'could not write {path} ({e}); the previous {Path(path).name}, if any, is intact: free some space or pass another --out')
+
+
+def save_npz(path, **arrays):
+    with open(path, 'wb') as f:  # a file object: np.savez would add .npz to a temporary name
+        np.savez(f, **arrays)
+
+
 def file_digest(path):
     """sha256 of a file's bytes (first 16 hex digits)."""
     digest = hashlib.sha256()
@@ -825,9 +841,7 @@ def score_runs(checkpoints, split_images, oods, groups, args, device, rank, worl
             outputs[split] = dict(logits=logits, features=feats, labels=np.asarray(labels))
             if cache_file and rank == 0:
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
-                with open(temporary(cache_file), 'wb') as f:
-                    np.savez(f, source=fingerprint, **outputs[split])
-                os.replace(temporary(cache_file), cache_file)
+                write_atomic(cache_file, lambda tmp: save_npz(tmp, source=fingerprint, **outputs[split]))
         odin = {}
         if 'odin' in args.detectors:
             for split in ['id'] + list(oods):
@@ -1015,13 +1029,10 @@ def main(argv=None):
                  for setting, by_det in all_results.items() for det, table in by_det.items() for row, values in table.items()]
         csv_text = io.StringIO()
         csv.writer(csv_text).writerows(rows)
-        for name, write in (('results.json', lambda f: f.write(json.dumps(dict(results, _meta=meta), indent=1).encode())),
-                            ('results.md', lambda f: f.write(report.encode())),
-                            ('results.csv', lambda f: f.write(csv_text.getvalue().encode())),
-                            ('scores.npz', lambda f: np.savez(f, **all_scores))):
-            with open(temporary(out / name), 'wb') as f:  # each file whole or not at all
-                write(f)
-            os.replace(temporary(out / name), out / name)
+        for name, text in (('results.json', json.dumps(dict(results, _meta=meta), indent=1)), ('results.md', report),
+                           ('results.csv', csv_text.getvalue())):
+            write_atomic(out / name, lambda tmp: Path(tmp).write_text(text))
+        write_atomic(out / 'scores.npz', lambda tmp: save_npz(tmp, **all_scores))
         print(f'wrote {out}/results.json, results.csv, results.md, scores.npz')
     if args.plots:
         first = names[0]
