@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -74,6 +75,8 @@ def get_args(argv=None):
         s.add_argument('--scheduler', default=None, choices=['pipeline', 'pndm', 'ddim'], help="default: pndm (PLMS) for oal, the pipeline's own for sio")
         s.add_argument('--max-batches', type=int, default=None, help='leave after this many batches (time-limited jobs; run again to continue)')
         s.add_argument('--overwrite', action='store_true', help='start afresh over a set in --out made with other settings (removes only its files)')
+        s.add_argument('--class-names', default=None, help="the words for each class in prompts: lines 'wnid name, other name' "
+                                                            "(ImageNet's LOC_synset_mapping.txt) or one name per line in class order")
     s = sub.choices['sio']
     s.add_argument('--per-class', type=int, default=100)
     s.add_argument('--prompt', default='a photo of a {}', help='template over the class name')
@@ -494,6 +497,39 @@ def prompt_name(class_name):
     return class_name.replace('_', ' ')
 
 
+WORDNET_ID = re.compile(r'n\d{8}')
+MAPPING_FILES = ('LOC_synset_mapping.txt', 'synset_words.txt')  # ImageNet's 'wnid name, other name' lists, found in a folder dataset's root
+
+
+def class_prompt_names(classes, dataset, names_file=None):
+    """The words for each class in a prompt: --class-names FILE (lines 'wnid name, other name', whose first
+    name is used, or one name per line in class order), else a mapping file in the folder dataset's root,
+    else the class names themselves. Folder names that are WordNet ids are refused without a mapping:
+    'a photo of a n02085620' means nothing to a text encoder."""
+    root = Path(dataset[len('folder:'):]) if dataset.startswith('folder:') else None
+    if names_file is None and root is not None:
+        names_file = next((root / f for f in MAPPING_FILES if (root / f).exists()), None)
+    if names_file is None:
+        wnids = [c for c in classes if WORDNET_ID.fullmatch(c)]
+        if wnids:
+            fail(f'class folders such as {wnids[0]} are WordNet ids: pass --class-names FILE (ImageNet\'s LOC_synset_mapping.txt, '
+                 f'lines "n01440764 tench, Tinca tinca", or one name per line in class order)')
+        return [prompt_name(c) for c in classes]
+    if not Path(names_file).is_file():
+        fail(f'--class-names {names_file} does not exist: pass a text file with one class per line')
+    lines = [line.strip() for line in Path(names_file).read_text().splitlines() if line.strip()]
+    if lines and all(WORDNET_ID.fullmatch(line.split()[0]) and len(line.split(None, 1)) == 2 for line in lines):
+        mapping = {line.split(None, 1)[0]: line.split(None, 1)[1].split(',')[0].strip() for line in lines}
+        missing = [c for c in classes if c not in mapping]
+        if missing:
+            fail(f'{names_file} names no class {missing[0]} ({len(missing)} of {len(classes)} missing): pass the mapping for these folders')
+        return [mapping[c] for c in classes]
+    if len(lines) != len(classes):
+        fail(f'{names_file} has {len(lines)} names for {len(classes)} classes: give one name per line in class order '
+             f'(sorted folder names), or "wnid name" lines')
+    return [prompt_name(line) for line in lines]
+
+
 def setup_distributed(device_name):
     """torchrun -> (rank, world, device); one process without it."""
     if int(os.environ.get('WORLD_SIZE', 1)) > 1:
@@ -718,8 +754,9 @@ def generate_sio(args):
     path_of = lambda i: out / f'{i // args.per_class:03d}' / f'{i % args.per_class}.png'
     if rank == 0:
         check_out(out)
-    settings = dict(command='sio', dataset=args.dataset, generator=args.pipeline, prompt_template=args.prompt, seed=args.seed, steps=args.steps,
-                    guidance=args.guidance, scheduler=args.scheduler, per_class=args.per_class, batch_size=args.batch_size)
+    names = class_prompt_names(classes, args.dataset, args.class_names)
+    settings = dict(command='sio', dataset=args.dataset, generator=args.pipeline, prompt_template=args.prompt, class_names=names, seed=args.seed,
+                    steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, per_class=args.per_class, batch_size=args.batch_size)
     claim_set(out, settings, args.overwrite, rank, world)
     pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     if rank == 0:
@@ -738,7 +775,7 @@ def generate_sio(args):
     t0, made, written = time.time(), 0, 0
     bar = tqdm(todo, desc=f'sio rank {rank}', disable=rank != 0)
     for batch in bar:
-        prompts = [args.prompt.format(prompt_name(classes[i // args.per_class])) for i in batch]
+        prompts = [args.prompt.format(names[i // args.per_class]) for i in batch]
         generators = [torch.Generator(device).manual_seed(args.seed * 1_000_003 + i) for i in batch]
         with torch.no_grad():
             images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators, output_type='np').images
@@ -757,7 +794,8 @@ def generate_sio(args):
             images = np.stack([np.asarray(__import__('PIL.Image').Image.open(path_of(i)).convert('RGB')) for i in range(total)])
             save_npy_atomic(images, out / 'images.npy')
             save_npy_atomic(np.repeat(np.arange(len(classes)), args.per_class), out / 'labels.npy')
-        write_json(dict(dataset=args.dataset, classes=classes, generator=args.pipeline, prompt_template=args.prompt, seed=args.seed,
+        write_json(dict(dataset=args.dataset, classes=classes, prompts=[args.prompt.format(n) for n in names], generator=args.pipeline,
+                        prompt_template=args.prompt, seed=args.seed,
                         steps=args.steps, guidance=args.guidance, scheduler=type(pipe.scheduler).__name__, per_class=args.per_class,
                         counts=[sum(path_of(c * args.per_class + n).exists() for n in range(args.per_class)) for c in range(len(classes))],
                         image_size=size, complete=done), out / 'meta.json')
@@ -878,13 +916,13 @@ def knn_outliers(class_feats, k=300, select=50, sigma=0.07, draws=1500, keep=2, 
     return torch.cat(out)
 
 
-def class_anchor_norms(pipe, classes, kind):
+def class_anchor_norms(pipe, names, kind):
     """Norm of each class's anchor in the generator's text encoder: 'pooled' = mean-pooled encoder output
     of the class name (OAL on CIFAR-10, about 27 for SD v1.4), 'token' = mean input token embedding of
     its tokens (OAL on CIFAR-100, about 0.39)."""
     norms = []
     table = pipe.text_encoder.get_input_embeddings().weight
-    for name in map(prompt_name, classes):
+    for name in names:
         with torch.no_grad():
             if kind == 'token':
                 ids = pipe.tokenizer(name, add_special_tokens=False).input_ids
@@ -922,6 +960,7 @@ def generate_oal(args):
         check_out(out)
     ds = load_dataset(args.dataset, args.data_root)
     classes = ds['classes']
+    names = class_prompt_names(classes, args.dataset, args.class_names)
     if args.teacher is None:
         args.teacher = f"runs/{args.dataset.replace(':', '_').replace('/', '_')}_ce_s0"
         if not Path(args.teacher).exists():
@@ -934,7 +973,7 @@ def generate_oal(args):
     repeats = args.repeats or len(classes)
     knn_settings = dict(teacher=teacher['name'], features_per_class=args.features_per_class, knn_select=args.knn_select, knn_k=args.knn_k,
                         knn_sigma=args.knn_sigma, knn_draws=args.knn_draws, boundary=args.boundary, keep=args.keep, repeats=repeats,
-                        anchor=anchor, seed=args.seed, dataset=args.dataset)
+                        anchor=anchor, class_names=names, seed=args.seed, dataset=args.dataset)  # the anchors' norms depend on the names
     if teacher['kind'] == 'checkpoint':  # a retrained teacher must not reuse old k-NN outliers
         knn_settings['teacher_stamp'] = f"{Path(teacher['name']).stat().st_size}:{Path(teacher['name']).stat().st_mtime_ns}"
     knn_file, knn_meta = out / 'knn_outliers.npy', out / 'knn_meta.json'
@@ -958,7 +997,7 @@ def generate_oal(args):
             train_x = read_images(train_x, teacher['image_size'])
         torch.manual_seed(args.seed)
         feats = teacher_features(forward, train_x, train_y, len(classes), args.features_per_class, *recipe, device, args.seed)
-        norms = class_anchor_norms(pipe, classes, anchor)
+        norms = class_anchor_norms(pipe, names, anchor)
         g = torch.Generator().manual_seed(args.seed)
         knn = torch.stack([knn_outliers(feats[c], args.knn_k, args.boundary, args.knn_sigma, args.knn_draws, args.keep, repeats,
                                         args.knn_select, g) * norms[c] for c in range(len(classes))])
@@ -983,10 +1022,10 @@ def generate_oal(args):
         vector = knn[c, rng.randint(min(1000, knn.shape[1]))]
         vector = vector @ proj if proj is not None else vector
         # Fixed: the tokens replaced are those of the class name in this prompt (the authors' code swapped another class's).
-        token_ids = pipe.tokenizer(prompt_name(classes[c]), add_special_tokens=False).input_ids
+        token_ids = pipe.tokenizer(names[c], add_special_tokens=False).input_ids
         generator = torch.Generator(device).manual_seed(args.seed * 1000 + i)
         with injected(pipe.text_encoder, token_ids, vector), torch.no_grad():
-            latents = pipe(args.prompt.format(prompt_name(classes[c])), num_images_per_prompt=args.samples_per_iteration, num_inference_steps=args.steps,
+            latents = pipe(args.prompt.format(names[c]), num_images_per_prompt=args.samples_per_iteration, num_inference_steps=args.steps,
                            guidance_scale=args.guidance, generator=generator, output_type='latent').images
         with torch.no_grad():
             decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
@@ -1001,7 +1040,7 @@ def generate_oal(args):
         done = all(f.exists() for f in files)
         if done:
             save_npy_atomic(np.concatenate([np.load(f) for f in files]), out / 'diffusion_outliers.npy')
-        write_json(dict(dataset=args.dataset, classes=classes, teacher=teacher, pipeline=args.pipeline, scheduler=type(pipe.scheduler).__name__,
+        write_json(dict(dataset=args.dataset, classes=classes, prompts=[args.prompt.format(n) for n in names], teacher=teacher, pipeline=args.pipeline, scheduler=type(pipe.scheduler).__name__,
                         steps=args.steps, guidance=args.guidance, prompt=args.prompt, seed=args.seed, iterations=args.iterations,
                         samples_per_iteration=args.samples_per_iteration, knn_outliers=list(knn.shape), anchor=anchor,
                         anchor_norms=json.loads(knn_meta.read_text())['anchor_norms'], knn_select=args.knn_select,

@@ -590,6 +590,27 @@ def test_sio_writes_counts_labels_and_formats(sio_samples):
     assert np.array_equal(read_images, images) and np.array_equal(read_labels, labels)
 
 
+def test_class_names_for_prompts(sio_samples, tmp_path, capsys):
+    wnids = ['n01440764', 'n02085620']
+    (tmp_path / 'loc.txt').write_text('n02085620 Chihuahua\nn01440764 tench, Tinca tinca\nn09999999 other\n')  # LOC_synset_mapping.txt lines
+    assert generate.class_prompt_names(wnids, 'folder:x', tmp_path / 'loc.txt') == ['tench', 'Chihuahua']
+    (tmp_path / 'plain.txt').write_text('goldfish\ngreat_white shark\n')  # one per line, in class order
+    assert generate.class_prompt_names(wnids, 'folder:x', tmp_path / 'plain.txt') == ['goldfish', 'great white shark']
+    assert generate.class_prompt_names(['aquarium_fish'], 'cifar100') == ['aquarium fish']
+    (tmp_path / 'root').mkdir()  # a mapping file in the folder dataset's root is found without the flag
+    (tmp_path / 'root' / 'LOC_synset_mapping.txt').write_text((tmp_path / 'loc.txt').read_text())
+    assert generate.class_prompt_names(wnids, f'folder:{tmp_path / "root"}') == ['tench', 'Chihuahua']
+    for call, words in ((lambda: generate.class_prompt_names(wnids, 'folder:x'), ('WordNet ids', '--class-names')),
+                        (lambda: generate.class_prompt_names(wnids + ['n00000001'], 'folder:x', tmp_path / 'loc.txt'), ('n00000001',)),
+                        (lambda: generate.class_prompt_names(wnids + ['c'], 'folder:x', tmp_path / 'plain.txt'), ('2 names for 3 classes',))):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            call()
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err
+    meta = json.loads((sio_samples / 'meta.json').read_text())  # every class's prompt is recorded
+    assert meta['prompts'][:2] == ['a photo of a zero', 'a photo of a one']
+
 def test_sio_interrupted_and_resumed_is_byte_identical(tiny_pipeline, sio_samples, tmp_path, capsys):
     out = tmp_path / 'resumed'
     generate.main(sio_args(tiny_pipeline, out, '--max-batches', '2'))  # stops after 8 of 18 images
@@ -1196,6 +1217,10 @@ def bad(runs, tmp_path_factory):
     shutil.copy(root / 'syn_partial' / '000' / '0.png', root / 'foreign_set' / '000' / '0.png')
     (root / 'foreign_outliers').mkdir()
     shutil.copy(root / 'out_ok' / 'knn_outliers.npy', root / 'foreign_outliers')
+    for split in ('train', 'val'):  # an ImageNet-layout folder dataset whose classes are WordNet ids
+        for wnid in ('n01440764', 'n02085620'):
+            (root / 'wnid_dataset' / split / wnid).mkdir(parents=True)
+            shutil.copy(root / 'syn_partial' / '000' / '0.png', root / 'wnid_dataset' / split / wnid / 'a.png')
     (root / 'results_done').mkdir()
     (root / 'results_done' / 'results.json').write_text('{}')
     return root
@@ -1297,7 +1322,9 @@ BAD_INPUTS = [
     ('generate', GEN_SIO + ' --device cudaX', '--device'),
     ('generate', GEN_SIO + ' --out {bad}/a_file', 'is a file'),
     ('generate', GEN_SIO + ' --out {bad}/settings_corrupt', 'settings.json unreadable'),
-    ('generate', GEN_SIO + ' --out {bad}/foreign_set', 'did not write'),  # the user's 000/0.png is not image 0 of a set
+    ('generate', GEN_SIO + ' --out {bad}/foreign_set', 'did not write'),
+    ('generate', GEN_SIO + ' --dataset folder:{bad}/wnid_dataset', '--class-names'),
+    ('generate', GEN_SIO + ' --class-names {bad}/none.txt', '--class-names'),  # the user's 000/0.png is not image 0 of a set
     ('generate', GEN_OAL + ' --out {bad}/foreign_outliers', 'did not write'),  # nor is a foreign knn_outliers.npy reused
     ('generate', GEN_OAL + ' --knn-k 0', '--knn-k'),
     ('generate', GEN_OAL + ' --keep 0', '--keep'),
