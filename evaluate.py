@@ -611,9 +611,7 @@ def fit(train, val, W, b, args):
     if 'rmds' in detectors:  # the class-agnostic Gaussian
         stats['rmds_mean'], stats['rmds_prec'] = mean, torch.linalg.pinv(scatter / len(h_tr), hermitian=True)
     if 'knn' in detectors:  # the bank is the train features themselves, normalised block by block when scoring
-        if args.knn_k > len(h_tr):
-            fail(f'--knn-k {args.knn_k} is larger than the {len(h_tr)} ID train features: pass a smaller --knn-k')
-        stats['knn_bank'] = h_tr
+        stats['knn_bank'] = h_tr  # --knn-k <= the train size: checked before any network pass (main, --bench-features)
     if 'vim' in detectors:
         # origin u = -pinv(W) b; covariance of h - u around 0 (OpenOOD: EmpiricalCovariance(assume_centered=True));
         # residual space = eigenvectors outside the top-D principal subspace

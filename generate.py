@@ -464,7 +464,7 @@ def claim_set(out, settings, overwrite, rank, world):
         except ValueError:
             old = 'unreadable'
         mine = (lambda e: set_file(e, command)) if path.exists() else (lambda e: False)
-        produced = [e for e in out.iterdir() if mine(e) and e.name not in ('settings.json',) and not is_temporary(e, SET_FILES[command])
+        produced = [e for e in out.iterdir() if mine(e) and e.name != 'settings.json' and not is_temporary(e, SET_FILES[command])
                     and (e.is_file() or any(e.iterdir()))]
         changed = (', '.join(f'{k} {old.get(k)!r} -> {v!r}' for k, v in settings.items() if old.get(k) != v)
                    if isinstance(old, dict) else f'settings.json {old}')

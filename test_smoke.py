@@ -1405,6 +1405,7 @@ def test_shared_blocks_are_worded_the_same_in_every_script():
     assert len(set(blocks.values())) == 1, 'the data + model block differs between scripts'
     for fn in ('def normalize(', 'def augment(', 'def load_teacher(', 'def fail(', 'def check_ranges(', 'def check_device(', 'def check_out(',
                'def read_checkpoint(', 'def save_atomic(', 'def write_log(', 'def check_resume(', 'def read_meta(', 'def load_npy(',
-               'def lock_folder(', 'def claim_out(', 'def temporary(', 'def is_temporary(', 'def write_atomic(', 'def claim_run_folder('):
+               'def lock_folder(', 'def claim_out(', 'def temporary(', 'def is_temporary(', 'def write_atomic(', 'def claim_run_folder(',
+               'def check_set_meta('):
         bodies = {t[t.index(fn):t.index('\n\n\n', t.index(fn))] for t in texts.values() if fn in t}
         assert len(bodies) == 1, fn

@@ -506,20 +506,30 @@ def load_npy(file):
         fail(f'{file} cannot be read as a numeric .npy ({e}): rewrite it, e.g. rerun the generate.py command that made it')
 
 
+def check_set_meta(path, dataset, classes, command):
+    """A set from generate.py against the real data, by its meta.json (none: nothing to check): finished, made
+    for these classes and this dataset (folder datasets: the classes decide). Returns the meta dict or None."""
+    meta = read_meta(path) if path.is_dir() else None
+    if meta is None:
+        return None
+    if meta.get('complete', True) is not True:  # generate.py writes complete: false until its last image
+        so_far = f"{sum(meta['counts'])} images so far, " if meta.get('counts') else ''
+        fail(f'{path} is unfinished ({so_far}meta.json complete: false): run the same generate.py {command} command again (it resumes), then train')
+    if 'classes' in meta and list(meta['classes']) != list(classes):
+        fail(f"{path} was generated for classes {meta['classes'][:4]}... but --dataset {dataset} has {classes[:4]}...: generate it for this --dataset")
+    if meta.get('dataset', dataset) != dataset and not dataset.startswith('folder:'):
+        fail(f"{path} was generated for --dataset {meta['dataset']}, not {dataset}: generate it for this --dataset")
+    return meta
+
+
 def load_outliers(folder, dataset, classes, teacher_dim):
     """The outlier folder checked before any step: finished, made for these classes and this teacher's feature size."""
     folder, num_classes = Path(folder), len(classes)
     knn_file, diff_file = folder / 'knn_outliers.npy', folder / 'diffusion_outliers.npy'
-    meta = read_meta(folder) if folder.is_dir() else None
-    if meta is not None and meta.get('complete', True) is not True:  # generate.py writes complete: false until the last iteration
-        fail(f'{folder} is unfinished (meta.json complete: false): run the same generate.py oal command again (it resumes), then train')
+    check_set_meta(folder, dataset, classes, 'oal')
     if not knn_file.exists() or not diff_file.exists():
         fail(f'{folder} has no knn_outliers.npy/diffusion_outliers.npy: make them with '
              f'python generate.py oal --dataset DATASET --teacher TEACHER --out {folder}')
-    if meta is not None and 'classes' in meta and list(meta['classes']) != list(classes):
-        fail(f"{folder} was generated for classes {meta['classes'][:4]}... but --dataset {dataset} has {classes[:4]}...: generate outliers for this --dataset")
-    if meta is not None and meta.get('dataset', dataset) != dataset and not dataset.startswith('folder:'):  # folders: the class check decides
-        fail(f"{folder} was generated for --dataset {meta['dataset']}, not {dataset}: generate outliers for this --dataset")
     knn, diff = load_npy(knn_file), load_npy(diff_file)
     if knn.ndim != 3 or knn.shape[0] != num_classes or knn.shape[1] == 0:
         fail(f'{knn_file} has shape {knn.shape}, expected ({num_classes}, M >= 1, d): generate it for this --dataset')

@@ -391,19 +391,26 @@ def load_npy(file):
         fail(f'{file} cannot be read as a numeric .npy ({e}): rewrite it, e.g. rerun the generate.py command that made it')
 
 
+def check_set_meta(path, dataset, classes, command):
+    """A set from generate.py against the real data, by its meta.json (none: nothing to check): finished, made
+    for these classes and this dataset (folder datasets: the classes decide). Returns the meta dict or None."""
+    meta = read_meta(path) if path.is_dir() else None
+    if meta is None:
+        return None
+    if meta.get('complete', True) is not True:  # generate.py writes complete: false until its last image
+        so_far = f"{sum(meta['counts'])} images so far, " if meta.get('counts') else ''
+        fail(f'{path} is unfinished ({so_far}meta.json complete: false): run the same generate.py {command} command again (it resumes), then train')
+    if 'classes' in meta and list(meta['classes']) != list(classes):
+        fail(f"{path} was generated for classes {meta['classes'][:4]}... but --dataset {dataset} has {classes[:4]}...: generate it for this --dataset")
+    if meta.get('dataset', dataset) != dataset and not dataset.startswith('folder:'):
+        fail(f"{path} was generated for --dataset {meta['dataset']}, not {dataset}: generate it for this --dataset")
+    return meta
+
+
 def load_synthetic(path, dataset, classes, size):
     """A synthetic ID set checked against the real one: finished, every class present, same classes."""
     path, num_classes = Path(path), len(classes)
-    meta = read_meta(path) if path.is_dir() else None
-    if meta is not None:
-        if meta.get('complete', True) is not True:  # generate.py writes complete: false until the last image
-            fail(f"{path} is unfinished ({sum(meta.get('counts') or [])} images so far, meta.json complete: false): "
-                 f'run the same generate.py sio command again (it resumes), then train')
-        if 'classes' in meta and list(meta['classes']) != list(classes):
-            fail(f"{path} was generated for classes {meta['classes'][:4]}... but --dataset {dataset} has {classes[:4]}...: "
-                 f'generate a set for this --dataset')
-        if meta.get('dataset', dataset) != dataset and not dataset.startswith('folder:'):  # folders: the class check decides
-            fail(f"{path} was generated for --dataset {meta['dataset']}, not {dataset}: generate a set for this --dataset")
+    check_set_meta(path, dataset, classes, 'sio')
     if (path / 'images.npy').exists():
         if not (path / 'labels.npy').exists():
             fail(f'{path}/images.npy has no labels.npy beside it')
