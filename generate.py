@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,22 @@ from tqdm import tqdm
 SD_HUB_ID = 'CompVis/stable-diffusion-v1-4'  # the OAL paper's generator
 OAL_PROMPT = 'A high-quality image of the {}'  # OAL / Dream-OOD prompt
 FIT_TEMPLATES = ['a photo of a {}', OAL_PROMPT, '{}']  # fit trains on all so sio and oal prompts both work
+TEACHERS = {  # the paper's teacher, a ViT-B/16 fine-tuned on the ID set at 224, as public transformers classifiers
+    'cifar10': 'aaraki/vit-base-patch16-224-in21k-finetuned-cifar10',  # model card: 97.88% on its eval split, 95.07% verified on the test set
+    'cifar100': 'jialicheng/vit-base-patch16-224-in21k-cifar100-13',  # model card: 91.96% on its eval split
+}
+# OAL's outlier_generate.py prompts CIFAR-100 with these names (CIFAR-100's class order) ...
+OAL_CIFAR100_NAMES = (
+    'apples,aquarium fish,baby,bear,beaver,bed,bee,beetle,bicycle,bottles,bowls,boy,bridge,bus,butterfly,camel,cans,castle,caterpillar,cattle,'
+    'chair,chimpanzee,clock,cloud,cockroach,couch,crab,crocodile,cups,dinosaur,dolphin,elephant,flatfish,forest,fox,girl,hamster,house,kangaroo,'
+    'computer keyboard,lamp,lawn-mower,leopard,lion,lizard,lobster,man,maple,motorcycle,mountain,mouse,mushrooms,oak,oranges,orchids,otter,palm,'
+    'pears,pickup truck,pine,plain,plates,poppies,porcupine,possum,rabbit,raccoon,ray,road,rocket,roses,sea,seal,shark,shrew,skunk,skyscraper,'
+    'snail,snake,spider,squirrel,streetcar,sunflowers,sweet peppers,table,tank,telephone,television,tiger,tractor,train,trout,tulips,turtle,'
+    'wardrobe,whale,willow,wolf,woman,worm').split(',')
+# ... and its text encoder overwrites the first token of the class index's label in this list, for every dataset
+# (ldm/modules/encoders/modules.py): for CIFAR-10 these are other words than the prompt's, so nothing is replaced.
+OAL_INJECT_LABELS = [{1: 'fish', 21: 'chimp', 39: 'keyboard', 41: 'mower', 58: 'truck', 83: 'peppers'}.get(i, name)
+                     for i, name in enumerate(OAL_CIFAR100_NAMES)]
 
 
 def get_args(argv=None):
@@ -81,7 +97,17 @@ def get_args(argv=None):
     s.add_argument('--per-class', type=int, default=100)
     s.add_argument('--prompt', default='a photo of a {}', help='template over the class name')
     o = sub.choices['oal']
-    o.add_argument('--teacher', default=None, help='run dir / .pt of ours, or a transformers image classifier (default runs/<dataset>_ce_s0)')
+    o.add_argument('--teacher', default=None, help='transformers image classifier (hub id or folder), run dir or .pt of ours, or baseline '
+                                                   '(= runs/<dataset>_ce_s0). Default: the ViT-B/16 of TEACHERS for cifar10/100 (the paper), else baseline')
+    o.add_argument('--teacher-class-order', default='auto', choices=['auto', 'ignore'],
+                   help="auto: match the teacher's label names to the dataset's classes; ignore: take its outputs in the dataset's order")
+    o.add_argument('--teacher-min-acc', type=float, default=0.5, help="stop when the teacher's val top-1 is below this (it does not fit the data)")
+    o.add_argument('--crop', default='published', choices=['published', 'native'],
+                   help="teacher features of augmented images: published = resize to the teacher's size, then flip and pad-crop there; "
+                        "native = pad-crop at the dataset's size, then upsample")
+    o.add_argument('--inject', default='published', choices=['published', 'fixed'],
+                   help="published: overwrite the first token of OAL's CIFAR-100 label for the class index (changes nothing in a CIFAR-10 "
+                        "prompt); fixed: the tokens of the class name in the prompt")
     o.add_argument('--features-per-class', type=int, default=500)
     o.add_argument('--knn-select', default='faithful', choices=['faithful', 'fixed'], help='faithful = the published (mis)indexing (SPEC 3.3)')
     o.add_argument('--knn-k', type=int, default=300)
@@ -124,7 +150,8 @@ def get_args(argv=None):
                   ('--boundary', *positive), ('--keep', f'an integer in [1, --knn-draws ({args.knn_draws})]', lambda v: 1 <= v <= args.knn_draws),
                   ('--features-per-class', f'an integer > --knn-k ({args.knn_k}) and >= --boundary ({args.boundary})',
                    lambda v: v > args.knn_k and v >= args.boundary),
-                  ('--repeats', *positive), ('--iterations', *positive), ('--samples-per-iteration', *positive)]
+                  ('--repeats', *positive), ('--iterations', *positive), ('--samples-per-iteration', *positive),
+                  ('--teacher-min-acc', 'in [0, 1]', lambda v: 0 <= v <= 1)]
     check_ranges(args, rules)
     if args.command == 'fit':
         channels = args.unet_channels.split(',')
@@ -546,6 +573,7 @@ def setup_distributed(device_name):
 # Pipelines: a real from_pretrained (hub id or folder), with one clear line when it cannot load.
 
 def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
+    import diffusers
     from diffusers import DDIMScheduler, DiffusionPipeline, PNDMScheduler
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name] if device.type == 'cuda' else torch.float32
     local = Path(name).is_dir()
@@ -554,6 +582,9 @@ def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
     options = dict(torch_dtype=dtype) if dtype != torch.float32 else {}
     if not local or (Path(name) / 'safety_checker').exists():  # generation for research: no NSFW filter on outliers
         options.update(safety_checker=None, requires_safety_checker=False)
+    if not local:
+        offline_if_unreachable()
+        diffusers.utils.logging.set_verbosity_error()  # offline, the cache lookup would print its own lines before our one
     try:
         pipe = DiffusionPipeline.from_pretrained(name, **options)
     except Exception as e:
@@ -809,9 +840,23 @@ def generate_sio(args):
 # ----------------------------------------------------------------------------------------------
 # oal, steps 1-2: the teacher and its features of the ID training set. Same loader as train_oal.py.
 
-def load_teacher(spec, device):
-    """A synth-ood checkpoint (run dir or .pt) or a transformers image classifier (hub id or folder).
-    Returns (forward(uint8 NCHW) -> (logits, pre-logit features), info)."""
+def offline_if_unreachable():
+    """Without a network, hub ids load from the local cache at once: huggingface_hub would otherwise retry for
+    about 25 s, printing every attempt, before the one-line error."""
+    import socket
+    import urllib.parse
+    import huggingface_hub.constants as hub
+    try:
+        socket.create_connection((urllib.parse.urlparse(hub.ENDPOINT).hostname, 443), timeout=3).close()
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+
+
+def load_teacher(spec, device, classes, class_order='auto'):
+    """A synth-ood checkpoint (run dir or .pt) or a transformers image classifier (hub id or folder), checked
+    against the dataset's classes. Returns (forward(uint8 NCHW at any size) -> (logits in the dataset's class
+    order, pre-logit features), info). The teacher sees the images resized to its own input size and normalised
+    with its own statistics (a ViT fine-tuned with mean = std = 0.5 would be fed out-of-range inputs otherwise)."""
     path = Path(spec)
     ckpt_file = path / 'best.pt' if path.is_dir() and (path / 'best.pt').exists() else path if path.suffix == '.pt' else None
     if ckpt_file is not None:
@@ -821,39 +866,85 @@ def load_teacher(spec, device):
         model = Net(ckpt['arch'], ckpt['num_classes'])
         model.load_state_dict(ckpt['model'])
         model = model.to(device).eval().requires_grad_(False)
-        forward = lambda x: model(normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
-        return forward, dict(kind='checkpoint', name=str(ckpt_file), feature_dim=model.feature_dim, image_size=ckpt['image_size'],
-                             num_classes=ckpt['num_classes'], dataset=ckpt['dataset'])
-    if path.is_dir() and (path / 'last.pt').exists() and not (path / 'config.json').exists():
-        fail(f'teacher {path} has last.pt but no best.pt: pass {path / "last.pt"} to distil from its last epoch')
-    from transformers import AutoModelForImageClassification
-    try:
-        model = AutoModelForImageClassification.from_pretrained(spec).to(device).eval().requires_grad_(False)
-    except Exception as e:
-        where = (f'the folder {spec} is not a transformers image classifier ({type(e).__name__})' if path.is_dir() else
-                 f'there is no such local path, and as a hub id it did not load ({type(e).__name__}; offline?)')
-        fail(f'cannot load teacher {spec!r}: {where}; pass a run directory, a .pt, or a local transformers model folder')
-    try:
-        from transformers import AutoImageProcessor
-        processor = AutoImageProcessor.from_pretrained(spec)
-        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-    except Exception:  # no preprocessor config: ViT's defaults
-        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    size = model.config.image_size if isinstance(model.config.image_size, int) else model.config.image_size[0]
-    head = model.classifier if hasattr(model, 'classifier') else model.get_output_embeddings()
-    captured = {}
-    head.register_forward_hook(lambda module, inputs, output: captured.__setitem__('h', inputs[0]))
+        mean, std, size, names = ckpt['mean'], ckpt['std'], ckpt['image_size'], ckpt.get('classes')
+        run = lambda x: model(x, features=True)
+        info = dict(kind='checkpoint', name=str(ckpt_file), feature_dim=model.feature_dim)
+    else:
+        if path.is_dir() and (path / 'last.pt').exists() and not (path / 'config.json').exists():
+            fail(f'teacher {path} has last.pt but no best.pt: pass {path / "last.pt"} to distil from its last epoch')
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+        if not path.is_dir():
+            offline_if_unreachable()
+        try:
+            model = AutoModelForImageClassification.from_pretrained(spec).to(device).eval().requires_grad_(False)
+        except Exception as e:
+            if path.is_dir():
+                where = f'the folder {spec} is not a transformers image classifier ({type(e).__name__})'
+            elif spec.count('/') != 1 or spec.startswith(('.', '/', '~')):
+                where = 'there is no such path'
+            else:
+                where = (f'it is no local path and did not load as a hub id ({type(e).__name__}; offline?); fetch it where there is a network '
+                         f'(huggingface-cli download {spec} --local-dir DIR) and pass --teacher DIR')
+            fail(f'cannot load teacher {spec!r}: {where}; or pass a transformers model folder, a run directory, a .pt, or --teacher baseline')
+        try:  # the teacher's own preprocessing, from its preprocessor_config.json
+            processor = AutoImageProcessor.from_pretrained(spec)
+            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+            size = processor.size.get('height') or processor.size.get('shortest_edge') or model.config.image_size
+        except Exception:  # no preprocessor config: ViT's defaults
+            mean, std, size = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), model.config.image_size
+        size = size if isinstance(size, int) else size[0]
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        head = model.classifier if hasattr(model, 'classifier') else model.get_output_embeddings()
+        captured = {}
+        head.register_forward_hook(lambda module, inputs, output: captured.__setitem__('h', inputs[0]))
+        run = lambda x: (model(pixel_values=x).logits, captured['h'])  # the head's input is the pre-logit feature (ViT: the normalised [CLS] token)
+        info = dict(kind='transformers', name=spec, feature_dim=head.in_features)
+    if len(names or classes) != len(classes):
+        fail(f'teacher {spec} has {len(names)} classes but the dataset has {len(classes)}: pass a teacher trained on this dataset')
+    order = teacher_class_order(names, classes, class_order, spec)
+    order = order if order is None else order.to(device)
 
-    def forward(x):  # the classifier head's input is the pre-logit feature (ViT: the normalised [CLS] token)
-        logits = model(pixel_values=normalize(x, mean, std, size).contiguous()).logits
-        return logits, captured['h']
-    return forward, dict(kind='transformers', name=spec, feature_dim=head.in_features, image_size=size,
-                         num_classes=model.config.num_labels, dataset=None)
+    def forward(x):
+        logits, h = run(normalize(x, mean, std, size))
+        return (logits if order is None else logits[:, order]), h
+    return forward, dict(info, image_size=size, mean=list(mean), std=list(std), num_classes=len(classes), module=model,
+                         class_order='as the dataset' if order is None else order.tolist())
+
+
+def teacher_class_order(names, classes, mode, spec):
+    """Indices that put the teacher's logits in the dataset's class order, matched by name (case, '_' and '-'
+    ignored); None when they are in order already, or when the teacher's labels carry no names (LABEL_3, 3) or
+    mode is 'ignore': the accuracy check then catches a wrong order. Names that do not match are an error."""
+    canon = lambda name: ' '.join(re.split(r'[\s_\-]+', str(name).strip().lower()))
+    if mode == 'ignore' or names is None or all(re.fullmatch(r'(label )?\d+', canon(n)) for n in names):
+        return None
+    theirs, ours = [canon(n) for n in names], [canon(c) for c in classes]
+    missing = [c for c, name in zip(classes, ours) if name not in theirs]
+    if missing or len(set(theirs)) != len(theirs):
+        problem = f'no class named {missing[0]!r}' if missing else 'a label twice'
+        fail(f"teacher {spec} has {problem} (its labels: {', '.join(map(str, names[:4]))}, ...): pass a teacher trained on this "
+             f"dataset, or --teacher-class-order ignore if its outputs are in the dataset's class order under other names")
+    order = [theirs.index(name) for name in ours]
+    return None if order == list(range(len(ours))) else torch.tensor(order)
 
 
 @torch.no_grad()
-def teacher_features(forward, images, labels, num_classes, per_class, pad, flip, device, seed):
+def teacher_accuracy(forward, images, labels, device, batch_size=256):
+    """The teacher's top-1 on (uint8 NHWC images, labels): a teacher for other data, another label order or
+    other preprocessing shows here, before any step is spent on it."""
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).to(device)
+        with autocast:
+            correct += (forward(x)[0].argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum().item()
+    return correct / len(labels)
+
+
+@torch.no_grad()
+def teacher_features(forward, images, labels, num_classes, per_class, pad, flip, size, device, seed):
     """(C, n, d) teacher features of up to per_class training images per class, with training augmentation."""
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
     g = np.random.RandomState(seed)
     feats = []
     for c in range(num_classes):
@@ -861,15 +952,20 @@ def teacher_features(forward, images, labels, num_classes, per_class, pad, flip,
         idx = idx[g.permutation(len(idx))[:per_class]]
         out = []
         for i in range(0, len(idx), 256):
-            x = augment(torch.from_numpy(images[idx[i:i + 256]]).permute(0, 3, 1, 2).to(device), pad, flip)
-            out.append(forward(x)[1].float())
+            x = augment(torch.from_numpy(images[idx[i:i + 256]]).permute(0, 3, 1, 2).to(device), pad, flip, size)
+            with autocast:
+                out.append(forward(x)[1].float())
         feats.append(torch.cat(out))
     n = min(len(f) for f in feats)  # equal n per class for the (C, n, d) array
     return torch.stack([f[:n] for f in feats])
 
 
-def augment(x, pad, flip):
-    """Random crop with zero padding + horizontal flip, per image, on whatever device x lives on."""
+def augment(x, pad, flip, size=None):
+    """Random crop with zero padding + horizontal flip, per image, on whatever device x lives on (uint8 in and out).
+    With size, the images are resized to it first, so the crop shifts them by +-pad pixels at the training size:
+    OpenOOD's Resize(224), RandomHorizontalFlip, RandomCrop(224, padding=4), which OAL trained with."""
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x.float(), size=(size, size), mode='bilinear', align_corners=False).round().clamp(0, 255).to(torch.uint8)
     n, _, h, w = x.shape
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad))
@@ -946,6 +1042,15 @@ def injected(text_encoder, token_ids, vector):
         table.data[token_ids] = saved
 
 
+def injected_tokens(tokenizer, names, c, mode):
+    """Token ids whose input embeddings carry class c's outlier vector. published (the authors' code): the first
+    token of OAL_INJECT_LABELS[c], whatever the dataset, so in a CIFAR-10 prompt nothing changes and their CIFAR-10
+    outliers are plain class-prompt samples. fixed: every token of the class name that is in the prompt."""
+    if mode == 'published':
+        return tokenizer(OAL_INJECT_LABELS[c], add_special_tokens=False).input_ids[:1]
+    return tokenizer(names[c], add_special_tokens=False).input_ids
+
+
 def projection(d_from, d_to, seed):
     """A fixed, seeded random map with orthonormal rows or columns (d_from, d_to): keeps norms when d_from <= d_to."""
     g = torch.Generator().manual_seed(seed)
@@ -961,24 +1066,38 @@ def generate_oal(args):
     ds = load_dataset(args.dataset, args.data_root)
     classes = ds['classes']
     names = class_prompt_names(classes, args.dataset, args.class_names)
-    if args.teacher is None:
+    if args.dataset == 'cifar100' and args.class_names is None and args.inject == 'published':
+        names = OAL_CIFAR100_NAMES  # the authors' prompt words ('apples', 'computer keyboard'), which their token choice was made for
+    if args.inject == 'published' and len(classes) > len(OAL_INJECT_LABELS):
+        fail(f'--inject published takes the token from OAL\'s list of {len(OAL_INJECT_LABELS)} CIFAR-100 labels, and {args.dataset} has '
+             f'{len(classes)} classes: pass --inject fixed')
+    args.teacher = args.teacher or TEACHERS.get(args.dataset, 'baseline')
+    if args.teacher == 'baseline':
         args.teacher = f"runs/{args.dataset.replace(':', '_').replace('/', '_')}_ce_s0"
         if not Path(args.teacher).exists():
-            fail(f'no teacher given and {args.teacher} does not exist: train one with python train_sio.py --dataset {args.dataset} '
+            fail(f'no teacher at {args.teacher}: train one with python train_sio.py --dataset {args.dataset} '
                  f'--out {args.teacher}, or pass --teacher RUN_OR_HUB_ID')
-    forward, teacher = load_teacher(args.teacher, device)
-    if teacher['num_classes'] != len(classes):
-        fail(f"teacher {args.teacher} has {teacher['num_classes']} classes but {args.dataset} has {len(classes)}: pass a teacher trained on {args.dataset}")
+    forward, teacher = load_teacher(args.teacher, device, classes, args.teacher_class_order)
+    teacher_acc = teacher_accuracy(forward, ds['val'][0], ds['val'][1], device) if isinstance(ds['val'][0], np.ndarray) else None
+    if teacher_acc is not None and rank == 0:
+        print(f"teacher {teacher['name']}: val top-1 {100 * teacher_acc:.2f}% on {args.dataset} (inputs {teacher['image_size']}px)")
+    if teacher_acc is not None and teacher_acc < args.teacher_min_acc:
+        fail(f'teacher {args.teacher} gets {100 * teacher_acc:.1f}% top-1 on the {args.dataset} validation split, below --teacher-min-acc '
+             f'{args.teacher_min_acc:g}: it does not fit this data (another dataset, label order or preprocessing); pass the right --teacher')
+    teacher = {k: v for k, v in teacher.items() if k != 'module'}
     anchor = args.anchor or ('token' if len(classes) >= 100 else 'pooled')  # the paper's choice per dataset
     repeats = args.repeats or len(classes)
     knn_settings = dict(teacher=teacher['name'], features_per_class=args.features_per_class, knn_select=args.knn_select, knn_k=args.knn_k,
                         knn_sigma=args.knn_sigma, knn_draws=args.knn_draws, boundary=args.boundary, keep=args.keep, repeats=repeats,
-                        anchor=anchor, class_names=names, seed=args.seed, dataset=args.dataset)  # the anchors' norms depend on the names
+                        anchor=anchor, class_names=names, seed=args.seed, dataset=args.dataset, crop=args.crop,
+                        class_order=teacher['class_order'])  # the anchors' norms depend on the names
     if teacher['kind'] == 'checkpoint':  # a retrained teacher must not reuse old k-NN outliers
         knn_settings['teacher_stamp'] = f"{Path(teacher['name']).stat().st_size}:{Path(teacher['name']).stat().st_mtime_ns}"
+    elif Path(args.teacher).is_dir():  # the same for a local transformers folder (a hub id names one fixed model)
+        knn_settings['teacher_stamp'] = ','.join(f'{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}' for f in sorted(Path(args.teacher).iterdir()) if f.is_file())
     knn_file, knn_meta = out / 'knn_outliers.npy', out / 'knn_meta.json'
     claim_set(out, dict(command='oal', pipeline=args.pipeline, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, prompt=args.prompt,
-                        seed=args.seed, samples_per_iteration=args.samples_per_iteration, knn=knn_settings), args.overwrite, rank, world)
+                        seed=args.seed, samples_per_iteration=args.samples_per_iteration, inject=args.inject, knn=knn_settings), args.overwrite, rank, world)
     pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     token_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     if rank == 0:
@@ -996,7 +1115,8 @@ def generate_oal(args):
         if not isinstance(train_x, np.ndarray):
             train_x = read_images(train_x, teacher['image_size'])
         torch.manual_seed(args.seed)
-        feats = teacher_features(forward, train_x, train_y, len(classes), args.features_per_class, *recipe, device, args.seed)
+        size = teacher['image_size'] if args.crop == 'published' else None  # OAL: Resize(224), flip, RandomCrop(224, padding=4)
+        feats = teacher_features(forward, train_x, train_y, len(classes), args.features_per_class, *recipe, size, device, args.seed)
         norms = class_anchor_norms(pipe, names, anchor)
         g = torch.Generator().manual_seed(args.seed)
         knn = torch.stack([knn_outliers(feats[c], args.knn_k, args.boundary, args.knn_sigma, args.knn_draws, args.keep, repeats,
@@ -1021,8 +1141,7 @@ def generate_oal(args):
         c = rng.randint(len(classes))
         vector = knn[c, rng.randint(min(1000, knn.shape[1]))]
         vector = vector @ proj if proj is not None else vector
-        # Fixed: the tokens replaced are those of the class name in this prompt (the authors' code swapped another class's).
-        token_ids = pipe.tokenizer(names[c], add_special_tokens=False).input_ids
+        token_ids = injected_tokens(pipe.tokenizer, names, c, args.inject)
         generator = torch.Generator(device).manual_seed(args.seed * 1000 + i)
         with injected(pipe.text_encoder, token_ids, vector), torch.no_grad():
             latents = pipe(args.prompt.format(names[c]), num_images_per_prompt=args.samples_per_iteration, num_inference_steps=args.steps,
@@ -1040,7 +1159,8 @@ def generate_oal(args):
         done = all(f.exists() for f in files)
         if done:
             save_npy_atomic(np.concatenate([np.load(f) for f in files]), out / 'diffusion_outliers.npy')
-        write_json(dict(dataset=args.dataset, classes=classes, prompts=[args.prompt.format(n) for n in names], teacher=teacher, pipeline=args.pipeline, scheduler=type(pipe.scheduler).__name__,
+        write_json(dict(dataset=args.dataset, classes=classes, prompts=[args.prompt.format(n) for n in names], teacher=dict(teacher, val_acc=teacher_acc),
+                        pipeline=args.pipeline, scheduler=type(pipe.scheduler).__name__, inject=args.inject,
                         steps=args.steps, guidance=args.guidance, prompt=args.prompt, seed=args.seed, iterations=args.iterations,
                         samples_per_iteration=args.samples_per_iteration, knn_outliers=list(knn.shape), anchor=anchor,
                         anchor_norms=json.loads(knn_meta.read_text())['anchor_norms'], knn_select=args.knn_select,

@@ -795,6 +795,7 @@ def test_oal_end_to_end_logs_terms_and_evaluates(runs, oal_outliers, tmp_path):
     assert len(log) == 3
     for row in log:  # the total is exactly the weighted sum of the logged terms
         assert row['loss'] == pytest.approx(row['ce'] + 4 * row['kd'] + 8 * row['feat'] + 0.1 * row['club_knn'] + 0.2 * row['club_diff'], rel=1e-4)
+    assert log[-1]['lr'] == pytest.approx(1e-8)  # OAL's cosine ends at 1e-8 for the student
     ckpt = torch.load(tmp_path / 'oal' / 'best.pt', weights_only=False)
     assert ckpt['method'] == 'oal' and ckpt['val_acc'] > 0.85
     evaluate.main([str(tmp_path / 'oal'), '--detectors', 'ebo', '--out', str(tmp_path / 'eval')])
@@ -836,6 +837,210 @@ def test_sio_rerun_with_other_settings_refuses(tiny_pipeline, sio_samples, tmp_p
     shutil.copytree(sio_samples, tmp_path / 'copy')
     error = main_error(capsys, generate.main, *sio_args(tiny_pipeline, tmp_path / 'copy', '--prompt', 'a drawing of a {}'))
     assert 'other settings' in error and 'prompt_template' in error and '--overwrite' in error
+
+
+# ================================================================================================
+# Transformers teachers (train_oal.py and generate.py oal share load_teacher): label order, preprocessing,
+# the accuracy check, the offline hub id, and the published crop / token injection
+
+def tiny_vit(id2label, seed=0, image_size=8):
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=image_size, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       num_labels=len(id2label), id2label=dict(enumerate(id2label)), label2id={n: i for i, n in enumerate(id2label)})
+    return ViTForImageClassification(config)
+
+
+def save_vit(model, folder, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """A transformers image classifier folder as from the hub: config, weights and preprocessor_config.json."""
+    from transformers import ViTImageProcessor
+    model.save_pretrained(folder)
+    size = model.config.image_size
+    ViTImageProcessor(size={'height': size, 'width': size}, image_mean=list(mean), image_std=list(std)).save_pretrained(folder)
+    return folder
+
+
+def train_vit_teacher(folder, epochs=60, seed=0):
+    """A small ViT (2 layers, 64-d, 2x2 patches) trained on the digits training split at 8x8 with the digits
+    recipe's augmentation and saved as a transformers folder: a teacher that is not our CNN. Also the command
+    behind README's transformers-teacher rows: python -c "import test_smoke; test_smoke.train_vit_teacher('teachers/digits_vit')"."""
+    from transformers import ViTConfig, ViTForImageClassification
+    ds = train_sio.load_dataset('digits')
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=8, patch_size=2, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       num_labels=6, id2label=dict(enumerate(ds['classes'])), label2id={n: i for i, n in enumerate(ds['classes'])})
+    model = ViTForImageClassification(config)
+    x = torch.from_numpy(ds['train'][0]).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(ds['train'][1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=epochs * math.ceil(len(y) / 64))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y)).split(64):
+            pixels = train_oal.normalize(train_oal.augment(x[idx], 1, False), (0.5,) * 3, (0.5,) * 3, 8).contiguous()
+            loss = F.cross_entropy(model(pixel_values=pixels).logits, y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return save_vit(model.eval(), Path(folder))
+
+
+@pytest.fixture(scope='session')
+def vit_teacher(tmp_path_factory):
+    return train_vit_teacher(tmp_path_factory.mktemp('vit') / 'digits_vit', epochs=25)
+
+
+DIGITS6 = ['zero', 'one', 'two', 'three', 'four', 'five']
+
+
+def test_teacher_label_order_is_matched_by_name(tmp_path):
+    cpu, x = torch.device('cpu'), torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    plain = tiny_vit(DIGITS6)
+    perm = [3, 0, 5, 1, 4, 2]  # the shuffled model's output j is class perm[j]
+    shuffled = tiny_vit([DIGITS6[p].upper() for p in perm])  # case, too, may differ
+    shuffled.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        shuffled.classifier.weight.copy_(plain.classifier.weight[perm])
+        shuffled.classifier.bias.copy_(plain.classifier.bias[perm])
+    forward_plain, _ = train_oal.load_teacher(str(save_vit(plain, tmp_path / 'plain')), cpu, DIGITS6)
+    forward_shuffled, info = train_oal.load_teacher(str(save_vit(shuffled, tmp_path / 'shuffled')), cpu, DIGITS6)
+    with torch.no_grad():
+        (z_plain, h_plain), (z_shuffled, h_shuffled) = forward_plain(x), forward_shuffled(x)
+        z_raw = plain(pixel_values=(x.float() / 255 - 0.5) / 0.5).logits
+    assert info['class_order'] == [perm.index(c) for c in range(6)]
+    torch.testing.assert_close(z_shuffled, z_plain)
+    torch.testing.assert_close(z_plain, z_raw)
+    torch.testing.assert_close(h_shuffled, h_plain)
+    forward_ignored, _ = train_oal.load_teacher(str(tmp_path / 'shuffled'), cpu, DIGITS6, 'ignore')
+    with torch.no_grad():
+        assert not torch.allclose(forward_ignored(x)[0], z_plain)  # 'ignore' takes the outputs as they come
+
+
+def test_teacher_label_mismatch_and_generic_labels(tmp_path, capsys):
+    cpu = torch.device('cpu')
+    save_vit(tiny_vit(DIGITS6[:5] + ['six']), tmp_path / 'other')
+    with pytest.raises(SystemExit):
+        train_oal.load_teacher(str(tmp_path / 'other'), cpu, DIGITS6)
+    error = capsys.readouterr().err
+    assert "no class named 'five'" in error and '--teacher-class-order ignore' in error
+    _, info = train_oal.load_teacher(str(save_vit(tiny_vit([f'LABEL_{i}' for i in range(6)]), tmp_path / 'generic')), cpu, DIGITS6)
+    assert info['class_order'] == 'as the dataset'  # labels without names: taken in order, the accuracy check guards them
+    with pytest.raises(SystemExit):
+        train_oal.load_teacher(str(tmp_path / 'generic'), cpu, DIGITS6 + ['six'])
+    assert '6 classes but the dataset has 7' in capsys.readouterr().err
+
+
+def test_teacher_preprocessing_is_read_from_its_config(tmp_path):
+    cpu, x = torch.device('cpu'), torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    model = tiny_vit(DIGITS6)
+    mean, std = (0.1, 0.2, 0.3), (0.2, 0.3, 0.4)
+    forward_default, info_default = train_oal.load_teacher(str(save_vit(model, tmp_path / 'half')), cpu, DIGITS6)
+    forward_own, info_own = train_oal.load_teacher(str(save_vit(model, tmp_path / 'own', mean, std)), cpu, DIGITS6)
+    assert info_own['mean'] == list(mean) and info_own['std'] == list(std) and info_default['mean'] == [0.5] * 3
+    by_hand = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model.vit(pixel_values=by_hand).last_hidden_state[:, 0]  # ViT's pre-logit feature: the normalised [CLS] token
+        own, default = forward_own(x)[1], forward_default(x)[1]
+    torch.testing.assert_close(own, expected)
+    assert not torch.allclose(own, default, atol=1e-3)
+    # A teacher at another input size gets the images resized to it
+    big = tiny_vit(DIGITS6, image_size=16)
+    forward_big, info_big = train_oal.load_teacher(str(save_vit(big, tmp_path / 'big')), cpu, DIGITS6)
+    assert info_big['image_size'] == 16
+    with torch.no_grad():
+        expected = big(pixel_values=(F.interpolate(x.float() / 255, size=(16, 16), mode='bilinear', align_corners=False) - 0.5) / 0.5).logits
+        torch.testing.assert_close(forward_big(x)[0], expected)
+
+
+def test_hub_teacher_offline_is_one_line_naming_the_id(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_oal.load_teacher(train_oal.TEACHERS['cifar10'], torch.device('cpu'), [str(i) for i in range(10)])
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert stop.value.code == 2 and len(lines) == 1, lines
+    assert train_oal.TEACHERS['cifar10'] in lines[0] and 'huggingface-cli download' in lines[0] and '--teacher DIR' in lines[0]
+    assert generate.TEACHERS == train_oal.TEACHERS
+
+
+def test_oal_refuses_a_teacher_that_does_not_fit_the_data(runs, oal_outliers, tmp_path, capsys):
+    random_vit = save_vit(tiny_vit([f'LABEL_{i}' for i in range(6)], seed=3), tmp_path / 'random_vit')
+    error = main_error(capsys, train_oal.main, *oal_args(runs, oal_outliers, tmp_path / 'x', '--teacher', random_vit))  # the last --teacher counts
+    assert '--teacher-min-acc' in error and 'top-1' in error and not (tmp_path / 'x' / 'last.pt').exists()
+
+
+def test_oal_with_a_transformers_teacher_end_to_end(tiny_pipeline, vit_teacher, runs, tmp_path, capsys):
+    out = tmp_path / 'outliers'
+    generate.main(['oal', '--pipeline', str(tiny_pipeline), '--teacher', str(vit_teacher), '--dataset', 'digits', '--out', str(out),
+                   '--iterations', '2', '--samples-per-iteration', '2', '--steps', '2', '--features-per-class', '40', '--knn-k', '10',
+                   '--knn-draws', '50', '--boundary', '5', '--repeats', '2'])
+    meta = json.loads((out / 'meta.json').read_text())
+    assert meta['teacher']['kind'] == 'transformers' and meta['teacher']['val_acc'] > 0.8 and meta['inject'] == 'published'
+    assert np.load(out / 'knn_outliers.npy').shape == (6, 20, 64)  # the ViT's 64-d [CLS] feature
+    capsys.readouterr()
+    train_oal.main(oal_args(runs, out, tmp_path / 'oal', '--epochs', '2', '--teacher', vit_teacher))
+    printed = capsys.readouterr().out
+    assert 'val top-1' in printed and 'inputs 8px, mean [0.5, 0.5, 0.5]' in printed
+    ckpt = torch.load(tmp_path / 'oal' / 'best.pt', weights_only=False)
+    assert ckpt['teacher']['name'] == str(vit_teacher) and ckpt['teacher']['val_acc'] > 0.8 and ckpt['val_acc'] > 0.85
+
+
+def test_init_from_another_dataset_takes_the_backbone_only(runs, oal_outliers, tmp_path, capsys):
+    ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
+    ckpt.update(dataset='cifar100', num_classes=10, classes=[str(i) for i in range(10)])
+    ckpt['model']['fc.weight'], ckpt['model']['fc.bias'] = torch.randn(10, 128), torch.randn(10)
+    torch.save(ckpt, tmp_path / 'other.pt')
+    train_oal.main(oal_args(runs, oal_outliers, tmp_path / 'oal', '--epochs', '1', '--init', tmp_path / 'other.pt'))
+    printed = capsys.readouterr().out
+    assert 'backbone from its cifar100 training (10 classes), classifier head initialised afresh for 6 classes' in printed
+    assert torch.load(tmp_path / 'oal' / 'best.pt', weights_only=False)['num_classes'] == 6
+
+
+def test_published_crop_shifts_at_most_pad_pixels_at_the_training_size():
+    torch.manual_seed(0)
+    x = torch.randint(1, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    resized = train_oal.augment(x, 0, False, 224)
+    assert resized.shape == (6, 3, 224, 224) and resized.dtype == torch.uint8
+    cropped = train_oal.augment(x, 4, False, 224)
+    padded = F.pad(resized, (4, 4, 4, 4))
+    for i in range(6):  # each crop is the resized image moved by at most 4 px (zeros shifted in)
+        shifts = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(cropped[i], padded[i, :, dy:dy + 224, dx:dx + 224])]
+        assert len(shifts) == 1, i
+    native = train_oal.augment(x, 4, False)  # native: the crop at 32x32, before any upsampling (+-28 px at 224)
+    assert native.shape == (6, 3, 32, 32)
+    assert train_sio.augment.__doc__ == train_oal.augment.__doc__ == generate.augment.__doc__
+
+
+def test_published_injection_leaves_cifar10_prompts_unchanged(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    cifar10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+    words = ['a', 'high', 'quality', 'image', 'of', 'the'] + cifar10 + generate.OAL_INJECT_LABELS[:10]
+    tokenizer = generate.build_tokenizer(words, tmp_path / 'tok', 77)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, max_position_embeddings=77, eos_token_id=len(tokenizer) - 1)).eval()
+    vector = torch.full((32,), 3.0)
+    for c, name in enumerate(cifar10):
+        ids = tokenizer(generate.OAL_PROMPT.format(name), return_tensors='pt').input_ids
+        with torch.no_grad():
+            plain = encoder(ids).last_hidden_state
+            with generate.injected(encoder, generate.injected_tokens(tokenizer, cifar10, c, 'published'), vector):
+                published = encoder(ids).last_hidden_state
+            with generate.injected(encoder, generate.injected_tokens(tokenizer, cifar10, c, 'fixed'), vector):
+                fixed = encoder(ids).last_hidden_state
+        assert torch.equal(published, plain), name  # the authors' token ('apples' for class 0...) is not in a CIFAR-10 prompt
+        assert not torch.allclose(fixed, plain), name
+    # CIFAR-100 with the authors' prompt words: their token is in the prompt, so it is replaced
+    ids = tokenizer(generate.OAL_PROMPT.format(generate.OAL_CIFAR100_NAMES[0]), return_tensors='pt').input_ids
+    assert generate.injected_tokens(tokenizer, generate.OAL_CIFAR100_NAMES, 0, 'published')[0] in ids[0].tolist()
+
+
+def test_oal_draws_distinct_outliers_and_sizes_club_from_d():
+    idx = train_oal.distinct(300, 128, torch.device('cpu'))
+    assert len(idx) == 128 and len(set(idx.tolist())) == 128  # OAL: randperm(pool)[:n] at every step
+    counts = torch.bincount(train_oal.distinct(5, 12, torch.device('cpu')), minlength=5)
+    assert counts.sum() == 12 and counts.min() >= 2 and counts.max() <= 3  # a small pool is gone through again
+    deep = train_oal.CLUB(64, 512, deep_mu=True)
+    assert [m.out_features for m in deep.mu if isinstance(m, torch.nn.Linear)] == [32, 16, 256, 512]  # DEEP_CLUB: d, d/2, d/4, 256
+    assert [m.out_features for m in train_oal.CLUB(768, 512).mu if isinstance(m, torch.nn.Linear)] == [256, 512]
 
 
 # ================================================================================================
@@ -1295,12 +1500,13 @@ BAD_INPUTS = [
     ('train_oal', OAL + ' --w-kd -1', '--w-kd'),
     ('train_oal', OAL + ' --w-feat nan', '--w-feat'),
     ('train_oal', OAL + ' --seed -1', '--seed'),
+    ('train_oal', OAL + ' --teacher-min-acc 1.5', '--teacher-min-acc'),
     ('train_oal', OAL + ' --image-size 4', '--image-size'),
     ('train_oal', OAL + ' --arch vgg', '--arch'),
     ('train_oal', OAL + ' --device cudaX', '--device'),
     ('train_oal', OAL + ' --teacher {bad}/truncated.pt', 'cannot be read'),
     ('train_oal', OAL + ' --teacher {bad}/tensor.pt', 'not a synth-ood checkpoint'),
-    ('train_oal', OAL + ' --teacher {bad}/no_such_run', 'no such local path'),
+    ('train_oal', OAL + ' --teacher {bad}/no_such_run', 'no such path'),
     ('train_oal', OAL + ' --teacher {bad}/teacher_last_only', 'no best.pt'),
     ('train_oal', OAL + ' --init {bad}/empty.pt', 'cannot be read'),
     ('train_oal', OAL + ' --outliers {bad}/out_truncated', 'knn_outliers.npy'),
@@ -1327,6 +1533,7 @@ BAD_INPUTS = [
     ('generate', GEN_SIO + ' --class-names {bad}/none.txt', '--class-names'),  # the user's 000/0.png is not image 0 of a set
     ('generate', GEN_OAL + ' --out {bad}/foreign_outliers', 'did not write'),  # nor is a foreign knn_outliers.npy reused
     ('generate', GEN_OAL + ' --knn-k 0', '--knn-k'),
+    ('generate', GEN_OAL + ' --teacher-min-acc -0.1', '--teacher-min-acc'),
     ('generate', GEN_OAL + ' --keep 0', '--keep'),
     ('generate', GEN_OAL + ' --features-per-class 5', '--features-per-class'),
     ('generate', GEN_OAL + ' --knn-sigma 0', '--knn-sigma'),
@@ -1406,6 +1613,6 @@ def test_shared_blocks_are_worded_the_same_in_every_script():
     for fn in ('def normalize(', 'def augment(', 'def load_teacher(', 'def fail(', 'def check_ranges(', 'def check_device(', 'def check_out(',
                'def read_checkpoint(', 'def save_atomic(', 'def write_log(', 'def check_resume(', 'def read_meta(', 'def load_npy(',
                'def lock_folder(', 'def claim_out(', 'def temporary(', 'def is_temporary(', 'def write_atomic(', 'def claim_run_folder(',
-               'def check_set_meta('):
+               'def check_set_meta(', 'def teacher_class_order(', 'def teacher_accuracy(', 'def offline_if_unreachable('):
         bodies = {t[t.index(fn):t.index('\n\n\n', t.index(fn))] for t in texts.values() if fn in t}
         assert len(bodies) == 1, fn

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +35,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 RECIPE_AUGMENT = {'digits': (1, False), 'cifar10': (4, True), 'cifar100': (4, True), 'folder': (0, True)}  # (crop pad, flip) as in training
-MIN_LR_FACTOR = 2e-6  # per-iteration cosine down to lr * this (OAL's schedule)
+MIN_LR = 1e-8  # OAL's per-iteration cosine ends at 1e-8 for the student (every group is scaled by the same factor)
+TEACHERS = {  # the paper's teacher, a ViT-B/16 fine-tuned on the ID set at 224, as public transformers classifiers
+    'cifar10': 'aaraki/vit-base-patch16-224-in21k-finetuned-cifar10',  # model card: 97.88% on its eval split, 95.07% verified on the test set
+    'cifar100': 'jialicheng/vit-base-patch16-224-in21k-cifar100-13',  # model card: 91.96% on its eval split
+}
 
 
 def get_args(argv=None):
@@ -42,8 +47,14 @@ def get_args(argv=None):
     p.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
     p.add_argument('--data-root', default='./data')
     p.add_argument('--openood-root', default=None, help="OpenOOD's data dir: use its val/test lists")
-    p.add_argument('--teacher', default=None, help='run dir / .pt of ours or a transformers image classifier (default runs/<dataset>_ce_s0; '
-                                                     'the paper: a ViT-B/16 fine-tuned on the ID set at 224)')
+    p.add_argument('--teacher', default=None, help='transformers image classifier (hub id or folder), run dir or .pt of ours, or baseline '
+                                                     '(= runs/<dataset>_ce_s0). Default: the ViT-B/16 of TEACHERS for cifar10/100 (the paper), else baseline')
+    p.add_argument('--teacher-class-order', default='auto', choices=['auto', 'ignore'],
+                   help="auto: match the teacher's label names to the dataset's classes; ignore: take its outputs in the dataset's order")
+    p.add_argument('--teacher-min-acc', type=float, default=0.5, help="stop when the teacher's val top-1 is below this (it does not fit the data)")
+    p.add_argument('--crop', default='published', choices=['published', 'native'],
+                   help='published: resize to the training size, then flip and pad-crop there (+-4 px at 224); native: pad-crop at the '
+                        "dataset's size, then upsample (+-28 px at 224; this repository's earlier order)")
     p.add_argument('--init', default=None, help="student's starting checkpoint, as the paper (default runs/<dataset>_ce_s0; 'none' = scratch)")
     p.add_argument('--outliers', default=None, help='folder from generate.py oal (default outliers/<dataset>)')
     p.add_argument('--arch', default=None, help="student arch (default: the --init checkpoint's, else as train_sio.py)")
@@ -56,7 +67,7 @@ def get_args(argv=None):
                    help='joint (faithful): q-networks minimise the same loss; alternating: fit q by likelihood, then minimise CLUB')
     p.add_argument('--epochs', type=int, default=None, help='default 100 (30 for digits)')
     p.add_argument('--batch-size', type=int, default=None, help='default 128 (64 for digits)')
-    p.add_argument('--lr', type=float, default=0.005, help='student lr (DT 2x, q-networks 1e-4)')
+    p.add_argument('--lr', type=float, default=0.005, help='student lr (DT: --lr-dt, q-networks: --lr-q)')
     p.add_argument('--lr-dt', type=float, default=0.01)
     p.add_argument('--lr-q', type=float, default=1e-4)
     p.add_argument('--weight-decay', type=float, default=5e-4)
@@ -83,12 +94,14 @@ def get_args(argv=None):
         ('--lr-q', 'a number > 0', lambda v: 0 < v < math.inf),
         ('--weight-decay', 'a number >= 0', lambda v: 0 <= v < math.inf),
         ('--seed', 'an integer in [0, 2**32)', lambda v: 0 <= v < 2 ** 32),
+        ('--teacher-min-acc', 'in [0, 1]', lambda v: 0 <= v <= 1),
         ('--stop-after', 'an integer >= 1 (epochs to run in this call)', lambda v: v >= 1),
     ])
     if args.arch is not None and args.arch not in ARCH_SIZE:
         fail(f'unknown --arch {args.arch!r}: use resnet18, resnet18_224, resnet50 or cnn')
     check_device(args.device)
-    args.teacher = args.teacher or f'runs/{tag}_ce_s0'
+    args.teacher = args.teacher or TEACHERS.get(args.dataset, 'baseline')
+    args.teacher = f'runs/{tag}_ce_s0' if args.teacher == 'baseline' else args.teacher
     args.init = args.init or f'runs/{tag}_ce_s0'
     args.outliers = args.outliers or f'outliers/{tag}'
     args.out = args.out or f'runs/{tag}_oal_s{args.seed}'
@@ -366,8 +379,12 @@ def normalize(x, mean, std, size):
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def augment(x, pad, flip):
-    """Random crop with zero padding + horizontal flip, per image, on whatever device x lives on."""
+def augment(x, pad, flip, size=None):
+    """Random crop with zero padding + horizontal flip, per image, on whatever device x lives on (uint8 in and out).
+    With size, the images are resized to it first, so the crop shifts them by +-pad pixels at the training size:
+    OpenOOD's Resize(224), RandomHorizontalFlip, RandomCrop(224, padding=4), which OAL trained with."""
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x.float(), size=(size, size), mode='bilinear', align_corners=False).round().clamp(0, 255).to(torch.uint8)
     n, _, h, w = x.shape
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad))
@@ -381,9 +398,23 @@ def augment(x, pad, flip):
     return x
 
 
-def load_teacher(spec, device):
-    """A synth-ood checkpoint (run dir or .pt) or a transformers image classifier (hub id or folder).
-    Returns (forward(uint8 NCHW) -> (logits, pre-logit features), info)."""
+def offline_if_unreachable():
+    """Without a network, hub ids load from the local cache at once: huggingface_hub would otherwise retry for
+    about 25 s, printing every attempt, before the one-line error."""
+    import socket
+    import urllib.parse
+    import huggingface_hub.constants as hub
+    try:
+        socket.create_connection((urllib.parse.urlparse(hub.ENDPOINT).hostname, 443), timeout=3).close()
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+
+
+def load_teacher(spec, device, classes, class_order='auto'):
+    """A synth-ood checkpoint (run dir or .pt) or a transformers image classifier (hub id or folder), checked
+    against the dataset's classes. Returns (forward(uint8 NCHW at any size) -> (logits in the dataset's class
+    order, pre-logit features), info). The teacher sees the images resized to its own input size and normalised
+    with its own statistics (a ViT fine-tuned with mean = std = 0.5 would be fed out-of-range inputs otherwise)."""
     path = Path(spec)
     ckpt_file = path / 'best.pt' if path.is_dir() and (path / 'best.pt').exists() else path if path.suffix == '.pt' else None
     if ckpt_file is not None:
@@ -393,34 +424,79 @@ def load_teacher(spec, device):
         model = Net(ckpt['arch'], ckpt['num_classes'])
         model.load_state_dict(ckpt['model'])
         model = model.to(device).eval().requires_grad_(False)
-        forward = lambda x: model(normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
-        return forward, dict(kind='checkpoint', name=str(ckpt_file), feature_dim=model.feature_dim, image_size=ckpt['image_size'],
-                             num_classes=ckpt['num_classes'], dataset=ckpt['dataset'])
-    if path.is_dir() and (path / 'last.pt').exists() and not (path / 'config.json').exists():
-        fail(f'teacher {path} has last.pt but no best.pt: pass {path / "last.pt"} to distil from its last epoch')
-    from transformers import AutoModelForImageClassification
-    try:
-        model = AutoModelForImageClassification.from_pretrained(spec).to(device).eval().requires_grad_(False)
-    except Exception as e:
-        where = (f'the folder {spec} is not a transformers image classifier ({type(e).__name__})' if path.is_dir() else
-                 f'there is no such local path, and as a hub id it did not load ({type(e).__name__}; offline?)')
-        fail(f'cannot load teacher {spec!r}: {where}; pass a run directory, a .pt, or a local transformers model folder')
-    try:
-        from transformers import AutoImageProcessor
-        processor = AutoImageProcessor.from_pretrained(spec)
-        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-    except Exception:  # no preprocessor config: ViT's defaults
-        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    size = model.config.image_size if isinstance(model.config.image_size, int) else model.config.image_size[0]
-    head = model.classifier if hasattr(model, 'classifier') else model.get_output_embeddings()
-    captured = {}
-    head.register_forward_hook(lambda module, inputs, output: captured.__setitem__('h', inputs[0]))
+        mean, std, size, names = ckpt['mean'], ckpt['std'], ckpt['image_size'], ckpt.get('classes')
+        run = lambda x: model(x, features=True)
+        info = dict(kind='checkpoint', name=str(ckpt_file), feature_dim=model.feature_dim)
+    else:
+        if path.is_dir() and (path / 'last.pt').exists() and not (path / 'config.json').exists():
+            fail(f'teacher {path} has last.pt but no best.pt: pass {path / "last.pt"} to distil from its last epoch')
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+        if not path.is_dir():
+            offline_if_unreachable()
+        try:
+            model = AutoModelForImageClassification.from_pretrained(spec).to(device).eval().requires_grad_(False)
+        except Exception as e:
+            if path.is_dir():
+                where = f'the folder {spec} is not a transformers image classifier ({type(e).__name__})'
+            elif spec.count('/') != 1 or spec.startswith(('.', '/', '~')):
+                where = 'there is no such path'
+            else:
+                where = (f'it is no local path and did not load as a hub id ({type(e).__name__}; offline?); fetch it where there is a network '
+                         f'(huggingface-cli download {spec} --local-dir DIR) and pass --teacher DIR')
+            fail(f'cannot load teacher {spec!r}: {where}; or pass a transformers model folder, a run directory, a .pt, or --teacher baseline')
+        try:  # the teacher's own preprocessing, from its preprocessor_config.json
+            processor = AutoImageProcessor.from_pretrained(spec)
+            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+            size = processor.size.get('height') or processor.size.get('shortest_edge') or model.config.image_size
+        except Exception:  # no preprocessor config: ViT's defaults
+            mean, std, size = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), model.config.image_size
+        size = size if isinstance(size, int) else size[0]
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        head = model.classifier if hasattr(model, 'classifier') else model.get_output_embeddings()
+        captured = {}
+        head.register_forward_hook(lambda module, inputs, output: captured.__setitem__('h', inputs[0]))
+        run = lambda x: (model(pixel_values=x).logits, captured['h'])  # the head's input is the pre-logit feature (ViT: the normalised [CLS] token)
+        info = dict(kind='transformers', name=spec, feature_dim=head.in_features)
+    if len(names or classes) != len(classes):
+        fail(f'teacher {spec} has {len(names)} classes but the dataset has {len(classes)}: pass a teacher trained on this dataset')
+    order = teacher_class_order(names, classes, class_order, spec)
+    order = order if order is None else order.to(device)
 
-    def forward(x):  # the classifier head's input is the pre-logit feature (ViT: the normalised [CLS] token)
-        logits = model(pixel_values=normalize(x, mean, std, size).contiguous()).logits
-        return logits, captured['h']
-    return forward, dict(kind='transformers', name=spec, feature_dim=head.in_features, image_size=size,
-                         num_classes=model.config.num_labels, dataset=None)
+    def forward(x):
+        logits, h = run(normalize(x, mean, std, size))
+        return (logits if order is None else logits[:, order]), h
+    return forward, dict(info, image_size=size, mean=list(mean), std=list(std), num_classes=len(classes), module=model,
+                         class_order='as the dataset' if order is None else order.tolist())
+
+
+def teacher_class_order(names, classes, mode, spec):
+    """Indices that put the teacher's logits in the dataset's class order, matched by name (case, '_' and '-'
+    ignored); None when they are in order already, or when the teacher's labels carry no names (LABEL_3, 3) or
+    mode is 'ignore': the accuracy check then catches a wrong order. Names that do not match are an error."""
+    canon = lambda name: ' '.join(re.split(r'[\s_\-]+', str(name).strip().lower()))
+    if mode == 'ignore' or names is None or all(re.fullmatch(r'(label )?\d+', canon(n)) for n in names):
+        return None
+    theirs, ours = [canon(n) for n in names], [canon(c) for c in classes]
+    missing = [c for c, name in zip(classes, ours) if name not in theirs]
+    if missing or len(set(theirs)) != len(theirs):
+        problem = f'no class named {missing[0]!r}' if missing else 'a label twice'
+        fail(f"teacher {spec} has {problem} (its labels: {', '.join(map(str, names[:4]))}, ...): pass a teacher trained on this "
+             f"dataset, or --teacher-class-order ignore if its outputs are in the dataset's class order under other names")
+    order = [theirs.index(name) for name in ours]
+    return None if order == list(range(len(ours))) else torch.tensor(order)
+
+
+@torch.no_grad()
+def teacher_accuracy(forward, images, labels, device, batch_size=256):
+    """The teacher's top-1 on (uint8 NHWC images, labels): a teacher for other data, another label order or
+    other preprocessing shows here, before any step is spent on it."""
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).to(device)
+        with autocast:
+            correct += (forward(x)[0].argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum().item()
+    return correct / len(labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,8 +511,9 @@ class CLUB(nn.Module):
 
     def __init__(self, d_x, d_y, deep_mu=False):
         super().__init__()
-        # OAL's diffusion-outlier CLUB uses a deeper mean network (d_x-32-16-256-d_y)
-        self.mu = (nn.Sequential(nn.Linear(d_x, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, d_y))
+        # OAL's diffusion-outlier CLUB (DEEP_CLUB) has a deeper mean network: d_x, d_x/2, d_x/4, 256, d_y (64-d latents: 32, 16)
+        half, quarter = max(d_x // 2, 1), max(d_x // 4, 1)
+        self.mu = (nn.Sequential(nn.Linear(d_x, half), nn.ReLU(), nn.Linear(half, quarter), nn.ReLU(), nn.Linear(quarter, 256), nn.ReLU(), nn.Linear(256, d_y))
                    if deep_mu else nn.Sequential(nn.Linear(d_x, 256), nn.ReLU(), nn.Linear(256, d_y)))
         self.logvar = nn.Sequential(nn.Linear(d_x, 256), nn.ReLU(), nn.Linear(256, d_y), nn.Tanh())
 
@@ -480,6 +557,12 @@ def fit_q_step(optimizer, club_knn, club_diff, o_knn, o_diff, h_s, world=1):
     average_gradients([club_knn, club_diff], world)
     optimizer.step()
     return -loss.detach()
+
+
+def distinct(pool_size, n, device):
+    """n random indices into a pool, distinct while the pool lasts: OAL takes torch.randperm(pool)[:n] at every step.
+    A pool smaller than n (tiny runs) is gone through again in a new order."""
+    return torch.cat([torch.randperm(pool_size, device=device) for _ in range(-(-n // pool_size))])[:n]
 
 
 def average_gradients(modules, world):
@@ -583,8 +666,8 @@ def claim_run_folder(out, resume, overwrite, script):
             entry.unlink()
 
 
-RUN_FLAGS = ('dataset', 'openood_root', 'teacher', 'init', 'outliers', 'arch', 'image_size', 'w_kd', 'w_feat', 'w_knn', 'w_diff', 'club',
-             'epochs', 'batch_size', 'lr', 'lr_dt', 'lr_q', 'weight_decay', 'seed')  # what --resume must match
+RUN_FLAGS = ('dataset', 'openood_root', 'teacher', 'teacher_class_order', 'crop', 'init', 'outliers', 'arch', 'image_size', 'w_kd', 'w_feat',
+             'w_knn', 'w_diff', 'club', 'epochs', 'batch_size', 'lr', 'lr_dt', 'lr_q', 'weight_decay', 'seed')  # what --resume must match
 
 
 def check_resume(state, run, out):
@@ -651,9 +734,14 @@ def main(argv=None):
     if args.teacher == f'runs/{tag}_ce_s0' and not Path(args.teacher).exists():
         fail(f'no teacher at the default {args.teacher}: train the baseline with python train_sio.py --dataset {args.dataset} '
              f'--out {args.teacher}, or pass --teacher RUN_OR_TRANSFORMERS_MODEL')
-    teacher, teacher_info = load_teacher(args.teacher, device)
-    if teacher_info['num_classes'] != num_classes:
-        fail(f"teacher {args.teacher} has {teacher_info['num_classes']} classes but {args.dataset} has {num_classes}: pass --teacher trained on {args.dataset}")
+    teacher, teacher_info = load_teacher(args.teacher, device, ds['classes'], args.teacher_class_order)
+    teacher_acc = teacher_accuracy(teacher, ds['val'][0], ds['val'][1], device)
+    if master:
+        print(f"teacher {teacher_info['name']}: val top-1 {100 * teacher_acc:.2f}% on {args.dataset} (inputs {teacher_info['image_size']}px, "
+              f"mean {[round(m, 4) for m in teacher_info['mean']]}, std {[round(s, 4) for s in teacher_info['std']]}; class order {teacher_info['class_order'] if isinstance(teacher_info['class_order'], str) else 'permuted by name'})")
+    if teacher_acc < args.teacher_min_acc:
+        fail(f'teacher {args.teacher} gets {100 * teacher_acc:.1f}% top-1 on the {args.dataset} validation split, below --teacher-min-acc '
+             f'{args.teacher_min_acc:g}: it does not fit this data (another dataset, label order or preprocessing); pass the right --teacher')
     init = None
     if args.init != 'none':
         init_file = Path(args.init) / 'best.pt' if Path(args.init).is_dir() else Path(args.init)
@@ -661,8 +749,6 @@ def main(argv=None):
             fail(f'--init {args.init} not found: train the cross-entropy baseline first with '
                  f'python train_sio.py --dataset {args.dataset} --out {args.init}, or pass --init none to start from scratch')
         init = read_checkpoint(init_file, '--init')
-        if init['dataset'] != args.dataset or init['num_classes'] != num_classes:
-            fail(f"--init {init_file} was trained on {init['dataset']} ({init['num_classes']} classes), not {args.dataset}")
     args.arch = args.arch or (init['arch'] if init else {'digits': 'cnn'}.get(args.dataset, 'resnet18'))
     args.image_size = args.image_size or (init['image_size'] if init else (ds['image_size'] if args.dataset == 'digits' else ARCH_SIZE[args.arch]))
     if init and init['arch'] != args.arch:
@@ -671,6 +757,7 @@ def main(argv=None):
         fail(f'--image-size must be at least {ARCH_MIN_SIZE[args.arch]} for --arch {args.arch}, got {args.image_size}')
     knn_pool, diff_pool = (t.to(device) for t in load_outliers(args.outliers, args.dataset, ds['classes'], teacher_info['feature_dim']))
     pad, flip = RECIPE_AUGMENT.get(args.dataset, (4, True))
+    crop_size = args.image_size if args.crop == 'published' else None  # published: resize, flip, crop pad 4 at the training size
     train_x = torch.from_numpy(ds['train'][0]).permute(0, 3, 1, 2).contiguous().to(device)
     train_y = torch.from_numpy(ds['train'][1]).to(device)
     val_x = torch.from_numpy(ds['val'][0]).permute(0, 3, 1, 2).contiguous().to(device)
@@ -681,8 +768,13 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- student, DT, CLUBs, optimiser
     student = Net(args.arch, num_classes)
-    if init:
+    if init and init['dataset'] == args.dataset and init['num_classes'] == num_classes:
         student.load_state_dict(init['model'])
+    elif init:  # OAL initialises the student from a CIFAR-100 CE checkpoint for CIFAR-10 too: the backbone carries over
+        student.body.load_state_dict({k[len('body.'):]: v for k, v in init['model'].items() if k.startswith('body.')})
+        if master:
+            print(f"--init {args.init}: backbone from its {init['dataset']} training ({init['num_classes']} classes), "
+                  f'classifier head initialised afresh for {num_classes} classes')
     student = student.to(device).to(memory_format=torch.channels_last)
     d_s, d_t = student.feature_dim, teacher_info['feature_dim']
     dt = dt_adapter(d_t, d_s).to(device)
@@ -692,7 +784,8 @@ def main(argv=None):
     optimizer = torch.optim.SGD([dict(params=student.parameters(), lr=args.lr), dict(params=dt.parameters(), lr=args.lr_dt),
                                  dict(params=q_params, lr=args.lr_q)], momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     total_steps = args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    floor = MIN_LR / args.lr  # OAL's cosine_annealing(step, total, 1, 1e-8 / lr): one factor for every group
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     start_epoch, best_acc, log = 0, -1.0, []
     run = {k: os.path.abspath(v) if k in ('openood_root', 'teacher', 'init', 'outliers') and v and Path(v).exists() else v
            for k, v in vars(args).items() if k in RUN_FLAGS}
@@ -714,8 +807,9 @@ def main(argv=None):
             write_log(log, out / 'log.jsonl')
             print(f'resumed from {out}/last.pt after epoch {start_epoch}')
     raw_student = student
-    if args.compile:
+    if args.compile:  # the teacher's network too: it runs once per step, as many images as the student
         student = torch.compile(student)
+        teacher_info['module'].forward = torch.compile(teacher_info['module'].forward)
     if ddp:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
@@ -725,7 +819,8 @@ def main(argv=None):
 
     def checkpoint(epoch, val_acc, full):
         ckpt = dict(model=raw_student.state_dict(), arch=args.arch, num_classes=num_classes, classes=ds['classes'], dataset=args.dataset,
-                    image_size=args.image_size, mean=ds['mean'], std=ds['std'], epoch=epoch, val_acc=val_acc, args=vars(args), method='oal')
+                    image_size=args.image_size, mean=ds['mean'], std=ds['std'], epoch=epoch, val_acc=val_acc, args=vars(args), method='oal',
+                    teacher=dict(name=teacher_info['name'], val_acc=teacher_acc))
         if full:  # bf16 autocast needs no GradScaler; the key is kept for the format
             ckpt.update(dt=dt.state_dict(), club_knn=club_knn.state_dict(), club_diff=club_diff.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=None, best_val_acc=best_acc, run=run, log=log,
@@ -747,10 +842,9 @@ def main(argv=None):
         bar = tqdm(range(steps_per_epoch), desc=f'epoch {epoch + 1}/{args.epochs}', disable=not master, leave=False, dynamic_ncols=True)
         for step in bar:
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size][rank::world]
-            x, y = augment(train_x[idx], pad, flip), train_y[idx]
+            x, y = augment(train_x[idx], pad, flip, crop_size), train_y[idx]
             n = len(y)
-            o_knn = knn_pool[torch.randint(len(knn_pool), (n,), device=device)]  # random (outlier, ID sample) pairs
-            o_diff = diff_pool[torch.randint(len(diff_pool), (n,), device=device)]
+            o_knn, o_diff = knn_pool[distinct(len(knn_pool), n, device)], diff_pool[distinct(len(diff_pool), n, device)]  # random (outlier, ID sample) pairs
             with torch.no_grad(), autocast:
                 z_t, h_t = teacher(x)
             with autocast:

@@ -51,6 +51,9 @@ def get_args(argv=None):
     p.add_argument('--openood-root', default=None, help="OpenOOD's data dir (benchmark_imglist/, images_classic/): use its val/test lists")
     p.add_argument('--arch', default=None, help='resnet18 | resnet18_224 | resnet50 | cnn (default: cnn for digits, resnet18 for CIFAR, resnet18_224 for folders)')
     p.add_argument('--image-size', type=int, default=None, help='train/test resolution (default: native for the arch)')
+    p.add_argument('--crop', default='published', choices=['published', 'native'],
+                   help='in-memory sets above their native size: published = resize to --image-size, then flip and pad-crop there '
+                        "(OpenOOD at 224, +-4 px); native = pad-crop at the dataset's size, then upsample (+-28 px at 224)")
     p.add_argument('--synthetic', default=None, help='synthetic ID set: images.npy+labels.npy or zero-padded class folders (SPEC 1)')
     p.add_argument('--alpha', type=float, default=None, help='share of real images per batch (0.8 CIFAR, 0.9 folders); 1 = baseline')
     p.add_argument('--method', default='ce', choices=['ce', 'logitnorm', 'oe', 'cutmix'])
@@ -496,8 +499,12 @@ def sio_batches(n_real, n_syn, batch_size, alpha, generator):
 # ----------------------------------------------------------------------------------------------
 # Augmentation and normalisation on the training device, in batch (uint8 NCHW in, float out).
 
-def augment(x, pad, flip):
-    """Random crop with zero padding + horizontal flip, per image, on whatever device x lives on."""
+def augment(x, pad, flip, size=None):
+    """Random crop with zero padding + horizontal flip, per image, on whatever device x lives on (uint8 in and out).
+    With size, the images are resized to it first, so the crop shifts them by +-pad pixels at the training size:
+    OpenOOD's Resize(224), RandomHorizontalFlip, RandomCrop(224, padding=4), which OAL trained with."""
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x.float(), size=(size, size), mode='bilinear', align_corners=False).round().clamp(0, 255).to(torch.uint8)
     n, _, h, w = x.shape
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad))
@@ -615,7 +622,7 @@ def claim_run_folder(out, resume, overwrite, script):
             entry.unlink()
 
 
-RUN_FLAGS = ('dataset', 'openood_root', 'arch', 'image_size', 'synthetic', 'alpha', 'method', 'tau', 'oe_data', 'oe_weight',
+RUN_FLAGS = ('dataset', 'openood_root', 'arch', 'image_size', 'crop', 'synthetic', 'alpha', 'method', 'tau', 'oe_data', 'oe_weight',
              'oe_batch_size', 'oe_augment', 'epochs', 'batch_size', 'lr', 'weight_decay', 'seed')  # what --resume must match
 
 
@@ -682,6 +689,7 @@ def main(argv=None):
     args.image_size = args.image_size or (ds['image_size'] if args.dataset == 'digits' else ARCH_SIZE[args.arch])
     in_memory = not args.dataset.startswith('folder:')
     store_size = ds['image_size'] if in_memory else args.image_size  # in-memory sets stay native, resized on the device
+    crop_size = args.image_size if args.crop == 'published' else None  # published: resize first, so the crop shifts +-pad px at the training size
     train_x, train_y = ds['train']
     syn_x, syn_y = load_synthetic(args.synthetic, args.dataset, ds['classes'], store_size) if args.synthetic else (None, None)
     n_real, n_syn = len(train_y), 0 if syn_y is None else len(syn_y)
@@ -781,7 +789,7 @@ def main(argv=None):
             order = torch.randperm(len(y), device=device)  # real and synthetic shuffled within the batch
             x, y = x[order], y[order]
             if in_memory:
-                x = augment(x, args.pad, args.flip)
+                x = augment(x, args.pad, args.flip, crop_size)
             elif args.flip:
                 x = augment(x, 0, True)
             mix_labels, lam = None, 1.0
@@ -789,9 +797,9 @@ def main(argv=None):
                 x, mix_labels, lam = cutmix(x, y)
             if oe_x is not None and args.oe_augment:  # deviation (--oe-augment): augmented outliers drawn with replacement
                 ood = oe_x[torch.randint(len(oe_x), (args.oe_batch_size // world,), device=device)]
-                x = torch.cat([x, augment(ood, args.pad, args.flip)])
+                x = torch.cat([x, augment(ood, args.pad, args.flip, crop_size)])
             elif oe_x is not None:  # faithful (OpenOOD's OE trainer): test transform, the next outliers of this epoch's permutation, in the same forward pass
-                x = torch.cat([x, oe_x[oe_order[step * args.oe_batch_size:(step + 1) * args.oe_batch_size][rank::world].to(device)]])
+                x = torch.cat([x, augment(oe_x[oe_order[step * args.oe_batch_size:(step + 1) * args.oe_batch_size][rank::world].to(device)], 0, False, crop_size)])
             with autocast:
                 logits = model(normalize(x, ds['mean'], ds['std'], args.image_size))
                 loss = method_loss(args.method, logits.float(), y, args.tau, args.oe_weight, mix_labels, lam)
