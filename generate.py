@@ -7,15 +7,15 @@
        written as zero-padded class folders + meta.json + images.npy/labels.npy.
   oal  latent-space outliers (OAL, arXiv 2406.16525): teacher features of the ID set -> k-NN
        low-density samples per class (knn_outliers.npy), then Stable Diffusion prompted with the class
-       name whose token embedding is swapped for such a sample -> pooled final latents
-       (diffusion_outliers.npy) and decoded images for inspection.
+       name while a token embedding is swapped for such a sample (which token: --inject) -> pooled final
+       latents (diffusion_outliers.npy) and decoded images for inspection.
 
     python generate.py fit --dataset digits --out pipelines/digits                      # ~4 min on a CPU
     python generate.py sio --pipeline pipelines/digits --dataset digits --per-class 300 --out samples/digits_sio
     python generate.py oal --pipeline pipelines/digits --teacher runs/digits_ce_s0 --dataset digits --out outliers/digits
     # the papers' setting on a GPU box (Stable Diffusion v1.4, PLMS 50 steps, guidance 7.5, seed 42)
     python generate.py sio --pipeline CompVis/stable-diffusion-v1-4 --dataset cifar10 --per-class 5000 --out samples/c10_sio
-    python generate.py oal --pipeline CompVis/stable-diffusion-v1-4 --teacher VIT_DIR --dataset cifar10 --out outliers/cifar10
+    python generate.py oal --pipeline CompVis/stable-diffusion-v1-4 --dataset cifar10 --out outliers/cifar10   # teacher: TEACHERS
     torchrun --nproc_per_node=8 generate.py sio ...     # indices split across ranks, each image written once
 
 Every image depends only on (seed, index) and batches are fixed index ranges, so an interrupted run

@@ -10,7 +10,7 @@ two apart (MICL), and distillation from a strong frozen teacher keeps ID accurac
         + 0.1 CLUB(o_knn, h_s) + 0.2 CLUB(o_diff, h_s)
 
     python train_oal.py --dataset digits                           # teacher/init runs/digits_ce_s0, outliers/digits
-    python train_oal.py --dataset cifar10 --teacher VIT_DIR --init runs/cifar10_ce_s0 --outliers outliers/cifar10
+    python train_oal.py --dataset cifar10 --init runs/cifar100_ce_224  # teacher: the ViT-B/16 of TEACHERS; init: the authors' CIFAR-100 CE
     python train_oal.py --dataset cifar10 --club alternating                    # the CLUB estimator as designed
     python train_oal.py --dataset cifar10 --w-knn 0 --w-diff 0                  # ablation: distillation only
     torchrun --nproc_per_node=4 train_oal.py --dataset cifar100 ...
