@@ -961,6 +961,16 @@ def test_hub_teacher_offline_is_one_line_naming_the_id(capsys):
     assert generate.TEACHERS == train_oal.TEACHERS
 
 
+def test_default_teachers_follow_the_paper():
+    assert train_oal.get_args(['--dataset', 'cifar10']).teacher == train_oal.TEACHERS['cifar10']  # a ViT-B/16 fine-tuned at 224
+    assert train_oal.get_args(['--dataset', 'cifar100']).teacher == train_oal.TEACHERS['cifar100']
+    assert train_oal.get_args(['--dataset', 'cifar10', '--teacher', 'baseline']).teacher == 'runs/cifar10_ce_s0'
+    assert train_oal.get_args(['--dataset', 'digits']).teacher == 'runs/digits_ce_s0'
+    args = train_oal.get_args(['--dataset', 'cifar10'])
+    assert (args.crop, args.teacher_class_order, args.teacher_min_acc) == ('published', 'auto', 0.5)
+    assert generate.get_args(['oal', '--out', 'x']).inject == 'published'
+
+
 def test_oal_refuses_a_teacher_that_does_not_fit_the_data(runs, oal_outliers, tmp_path, capsys):
     random_vit = save_vit(tiny_vit([f'LABEL_{i}' for i in range(6)], seed=3), tmp_path / 'random_vit')
     error = main_error(capsys, train_oal.main, *oal_args(runs, oal_outliers, tmp_path / 'x', '--teacher', random_vit))  # the last --teacher counts
