@@ -929,16 +929,20 @@ def teacher_class_order(names, classes, mode, spec):
 
 
 @torch.no_grad()
-def teacher_accuracy(forward, images, labels, device, batch_size=256):
-    """The teacher's top-1 on (uint8 NHWC images, labels): a teacher for other data, another label order or
-    other preprocessing shows here, before any step is spent on it."""
+def teacher_accuracy(forward, images, labels, device, min_acc, spec, dataset, batch_size=256):
+    """The teacher's top-1 on (uint8 NHWC images, labels), stopping the run below min_acc: a teacher for other
+    data, another label order or other preprocessing shows here, before any step is spent on it."""
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
     correct = 0
     for i in range(0, len(labels), batch_size):
         x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).to(device)
         with autocast:
             correct += (forward(x)[0].argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum().item()
-    return correct / len(labels)
+    accuracy = correct / len(labels)
+    if accuracy < min_acc:
+        fail(f'teacher {spec} gets {100 * accuracy:.1f}% top-1 on the {dataset} validation split, below --teacher-min-acc '
+             f'{min_acc:g}: it does not fit this data (another dataset, label order or preprocessing); pass the right --teacher')
+    return accuracy
 
 
 @torch.no_grad()
@@ -1078,12 +1082,10 @@ def generate_oal(args):
             fail(f'no teacher at {args.teacher}: train one with python train_sio.py --dataset {args.dataset} '
                  f'--out {args.teacher}, or pass --teacher RUN_OR_HUB_ID')
     forward, teacher = load_teacher(args.teacher, device, classes, args.teacher_class_order)
-    teacher_acc = teacher_accuracy(forward, ds['val'][0], ds['val'][1], device) if isinstance(ds['val'][0], np.ndarray) else None
+    teacher_acc = (teacher_accuracy(forward, ds['val'][0], ds['val'][1], device, args.teacher_min_acc, args.teacher, args.dataset)
+                   if isinstance(ds['val'][0], np.ndarray) else None)  # folder datasets: file lists, not checked
     if teacher_acc is not None and rank == 0:
         print(f"teacher {teacher['name']}: val top-1 {100 * teacher_acc:.2f}% on {args.dataset} (inputs {teacher['image_size']}px)")
-    if teacher_acc is not None and teacher_acc < args.teacher_min_acc:
-        fail(f'teacher {args.teacher} gets {100 * teacher_acc:.1f}% top-1 on the {args.dataset} validation split, below --teacher-min-acc '
-             f'{args.teacher_min_acc:g}: it does not fit this data (another dataset, label order or preprocessing); pass the right --teacher')
     teacher = {k: v for k, v in teacher.items() if k != 'module'}
     anchor = args.anchor or ('token' if len(classes) >= 100 else 'pooled')  # the paper's choice per dataset
     repeats = args.repeats or len(classes)

@@ -487,16 +487,20 @@ def teacher_class_order(names, classes, mode, spec):
 
 
 @torch.no_grad()
-def teacher_accuracy(forward, images, labels, device, batch_size=256):
-    """The teacher's top-1 on (uint8 NHWC images, labels): a teacher for other data, another label order or
-    other preprocessing shows here, before any step is spent on it."""
+def teacher_accuracy(forward, images, labels, device, min_acc, spec, dataset, batch_size=256):
+    """The teacher's top-1 on (uint8 NHWC images, labels), stopping the run below min_acc: a teacher for other
+    data, another label order or other preprocessing shows here, before any step is spent on it."""
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
     correct = 0
     for i in range(0, len(labels), batch_size):
         x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).to(device)
         with autocast:
             correct += (forward(x)[0].argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum().item()
-    return correct / len(labels)
+    accuracy = correct / len(labels)
+    if accuracy < min_acc:
+        fail(f'teacher {spec} gets {100 * accuracy:.1f}% top-1 on the {dataset} validation split, below --teacher-min-acc '
+             f'{min_acc:g}: it does not fit this data (another dataset, label order or preprocessing); pass the right --teacher')
+    return accuracy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -735,13 +739,10 @@ def main(argv=None):
         fail(f'no teacher at the default {args.teacher}: train the baseline with python train_sio.py --dataset {args.dataset} '
              f'--out {args.teacher}, or pass --teacher RUN_OR_TRANSFORMERS_MODEL')
     teacher, teacher_info = load_teacher(args.teacher, device, ds['classes'], args.teacher_class_order)
-    teacher_acc = teacher_accuracy(teacher, ds['val'][0], ds['val'][1], device)
+    teacher_acc = teacher_accuracy(teacher, ds['val'][0], ds['val'][1], device, args.teacher_min_acc, args.teacher, args.dataset)
     if master:
         print(f"teacher {teacher_info['name']}: val top-1 {100 * teacher_acc:.2f}% on {args.dataset} (inputs {teacher_info['image_size']}px, "
               f"mean {[round(m, 4) for m in teacher_info['mean']]}, std {[round(s, 4) for s in teacher_info['std']]}; class order {teacher_info['class_order'] if isinstance(teacher_info['class_order'], str) else 'permuted by name'})")
-    if teacher_acc < args.teacher_min_acc:
-        fail(f'teacher {args.teacher} gets {100 * teacher_acc:.1f}% top-1 on the {args.dataset} validation split, below --teacher-min-acc '
-             f'{args.teacher_min_acc:g}: it does not fit this data (another dataset, label order or preprocessing); pass the right --teacher')
     init = None
     if args.init != 'none':
         init_file = Path(args.init) / 'best.pt' if Path(args.init).is_dir() else Path(args.init)
