@@ -20,6 +20,7 @@ import argparse
 import csv
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -64,7 +65,14 @@ def get_args(argv=None):
                    '(see README); the default is float32 with TF32 off, as OpenOOD scores')
     p.add_argument('--bench-features', default=None, metavar='N,D,C[,M]', help='no checkpoints: time fit + score of each '
                    'detector on synthetic features (N train rows, D dims, C classes, M test rows) and print peak memory')
+    p.add_argument('--aps', default=None, choices=['sio', 'val'],
+                   help="OpenOOD's automatic parameter search for ebo/odin/knn over APS_GRIDS, by AUROC against --aps-ood: "
+                        'sio = as the SIO code ran it (ID test scores kept at the default setting, for the search and the table); '
+                        'val = validation ID vs validation OOD, then every set scored with the pick (OpenOOD v1.5)')
+    p.add_argument('--aps-ood', default=None, metavar='PATH', help="validation OOD images for --aps, an image folder (the SIO code: "
+                   "1,000 held-out CIFAR-100 images for CIFAR-10; OpenOOD v1.5: TinyImageNet's val_tin list, used by default with --openood-root)")
     # detector settings (OpenOOD v1.5 defaults)
+    p.add_argument('--ebo-temperature', type=float, default=1.0, help='energy score T * logsumexp(z / T)')
     p.add_argument('--odin-temperature', type=float, default=1000.0)
     p.add_argument('--odin-eps', type=float, default=0.0014, help='ODIN step in [0,1] pixel units')
     p.add_argument('--gen-gamma', type=float, default=0.1)
@@ -80,6 +88,8 @@ def get_args(argv=None):
     unknown = [d for d in args.detectors if d not in DETECTORS]
     if unknown:
         fail(f"unknown detector(s) {', '.join(unknown)}: choose from {', '.join(DETECTORS)} or 'all'")
+    if args.aps_ood and not args.aps:
+        fail('--aps-ood names the validation OOD images of --aps: pass --aps sio or --aps val too, or drop --aps-ood')
     for flag in args.near + args.far:
         if '=' not in flag:
             fail(f'--near/--far take NAME=PATH (e.g. --near tin=data/tin), got {flag!r}')
@@ -87,6 +97,7 @@ def get_args(argv=None):
     check_ranges(args, [
         ('--batch-size', 'an integer >= 1', lambda v: v >= 1),
         ('--odin-temperature', 'a number > 0', lambda v: 0 < v < math.inf),
+        ('--ebo-temperature', 'a number > 0', lambda v: 0 < v < math.inf),
         ('--odin-eps', 'a number >= 0', lambda v: 0 <= v < math.inf),
         ('--gen-gamma', 'a number > 0', lambda v: 0 < v < math.inf),
         ('--react-percentile', *percentile), ('--ash-percentile', *percentile), ('--dice-percentile', *percentile),
@@ -280,7 +291,34 @@ def image_folder(path):
     return files, np.array(labels, dtype=np.int64), classes
 
 
-def load_dataset(name, data_root='./data', openood_root=None):
+# ImageNet subsets of the SIO code (imagenet_train_subclasses.py, SUB_CLASSES): positions in the 1,000 sorted
+# ImageNet-1K class folders. imagenet-10 = n01644373 n01744401 n01833805 n02099601 n02123045 n02690373 n03417042
+# n04037443 n04273569 n07745940 (the wnids of its train_imagenet_10.txt); imagenet-dogs = the 100 dogs 151..250.
+IMAGENET_SUBSETS = {'imagenet-10': [404, 751, 94, 281, 62, 207, 31, 949, 814, 569], 'imagenet-dogs': list(range(151, 251))}
+
+
+def subset_classes(spec, classes):
+    """--classes: imagenet-10 / imagenet-dogs, or a file of class folder names (one per line, first word, so
+    LOC_synset_mapping.txt lines work). Returns the chosen names, sorted (labels follow that order, as in the SIO code)."""
+    if spec in IMAGENET_SUBSETS:
+        if len(classes) != 1000:
+            fail(f'--classes {spec} takes ImageNet-1K classes by position, but the folder has {len(classes)} classes: '
+                 f'point --dataset folder:PATH at an ImageNet-1K layout (1,000 class folders), or pass a file of class names')
+        return sorted(classes[i] for i in IMAGENET_SUBSETS[spec])
+    try:
+        names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a text file of class folder names')
+    missing = [n for n in names if n not in classes]
+    if missing or len(names) < 2:
+        fail(f'--classes {spec}: ' + (f'{len(missing)} of its {len(names)} classes have no folder in the dataset (e.g. {missing[0]})'
+                                        if missing else f'{len(names)} class named, a classifier needs 2 or more') + ': fix the list or the dataset')
+    return names
+
+
+def load_dataset(name, data_root='./data', openood_root=None, classes=None):
+    """classes (folder datasets): --classes' spec or a list of class folder names; the other classes' test images
+    then come back as other_classes (the SIO code's OOD set for ImageNet subsets)."""
     if name == 'digits':
         return load_digits_splits()
     if name in ('cifar10', 'cifar100'):
@@ -303,14 +341,24 @@ def load_dataset(name, data_root='./data', openood_root=None):
                     classes=list(train.classes), image_size=32, mean=mean, std=std)
     if name.startswith('folder:'):
         root = Path(name[len('folder:'):])
-        train_files, train_y, classes = image_folder(root / 'train')
+        train_files, train_y, all_classes = image_folder(root / 'train')
         val_files, val_y, val_classes = image_folder(root / 'val')
-        if val_classes != classes:
-            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {classes[:5]}...: they must match')
+        if val_classes != all_classes:
+            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {all_classes[:5]}...: they must match')
         test = image_folder(root / 'test')[:2] if (root / 'test').is_dir() else (val_files, val_y)
+        classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
+        missing = [c for c in classes if c not in all_classes]
+        if missing:
+            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of {len(classes)} classes missing): pass the dataset the classes come from')
+
+        def select(split, names):  # the images of these classes, labelled by their position in names
+            position = {all_classes.index(n): i for i, n in enumerate(names)}
+            keep = [j for j, y in enumerate(split[1]) if y in position]
+            return [split[0][j] for j in keep], np.array([position[split[1][j]] for j in keep], dtype=np.int64)
+        other = [c for c in all_classes if c not in classes]
         mean, std = IMAGENET_STATS
-        return dict(train=(train_files, train_y), val=(val_files, val_y), test=test,
-                    classes=classes, image_size=224, mean=mean, std=std)
+        return dict(train=select((train_files, train_y), classes), val=select((val_files, val_y), classes), test=select(test, classes),
+                    classes=classes, other_classes=select(test, other)[0] if other else [], image_size=224, mean=mean, std=std)
     fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
 
 
@@ -426,8 +474,10 @@ BENCHMARKS = {  # OpenOOD v1.5 (SPEC section 4); OpenOOD image-list names
 }
 
 
-def ood_sets(dataset, size, args):
-    """{name: (group, uint8 images)} for the benchmark; missing sets are skipped with a warning (or --strict error)."""
+def ood_sets(dataset, size, args, other_classes=None):
+    """{name: (group, uint8 images)} for the benchmark; missing sets are skipped with a warning (or --strict error).
+    other_classes: test images of the folder's classes a subset run left out, near-OOD as in the SIO code
+    (ImageNet-10 vs the other 990 classes, ImageNet-Dogs vs non-dogs)."""
     plan = {name: ('near', None) for name in BENCHMARKS.get(dataset, {}).get('near', [])}
     plan.update({name: ('far', None) for name in BENCHMARKS.get(dataset, {}).get('far', [])})
     if args.no_tin:
@@ -456,6 +506,8 @@ def ood_sets(dataset, size, args):
             print(f'warning: skipping OOD set {name} ({group}): not found; {how}', file=sys.stderr)
             continue
         sets[name] = (group, images)
+    if other_classes:
+        sets = {'other-classes': ('near', read_files(other_classes, size)), **sets}
     return sets
 
 
@@ -518,6 +570,7 @@ def forward_all(model, images, ckpt, device, batch_size, bf16, rank=0, world=1, 
 
 
 def normalize(x, mean, std, size):
+    """uint8 images (or float ones on the same 0..255 scale, e.g. PixMix's) -> normalised float at size, channels_last."""
     x = x.float().div_(255)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
@@ -669,7 +722,7 @@ def ash_b(h, percentile):
 SCORES = {
     'msp': lambda z, h, s, a: F.softmax(z, 1).max(1).values,
     'mls': lambda z, h, s, a: z.max(1).values,
-    'ebo': lambda z, h, s, a: energy(z),  # T = 1
+    'ebo': lambda z, h, s, a: a.ebo_temperature * energy(z / a.ebo_temperature),  # T = 1 unless --ebo-temperature / --aps
     'tempscale': lambda z, h, s, a: F.softmax(z / s['temperature'], 1).max(1).values,
     'gen': lambda z, h, s, a: -(lambda p: (p ** a.gen_gamma * (1 - p) ** a.gen_gamma).sum(1))(F.softmax(z, 1).sort(1).values[:, -min(100, z.shape[1]):]),
     'klm': lambda z, h, s, a: klm_score(F.softmax(z, 1), s['klm_means']),
@@ -681,6 +734,27 @@ SCORES = {
     'knn': lambda z, h, s, a: knn_score(h, s['knn_bank'], a.knn_k),
     'vim': lambda z, h, s, a: energy(z) - s['vim_alpha'] * torch.linalg.norm((h - s['vim_u']) @ s['vim_ns'], dim=1),
 }
+
+
+# Automatic parameter search (--aps): the SIO code's postprocessor_sweep lists, which are OpenOOD's (knn: K 50 only).
+APS_GRIDS = {'ebo': {'ebo_temperature': [1.0, 10.0, 100.0, 1000.0]},
+             'odin': {'odin_temperature': [1.0, 10.0, 100.0, 1000.0], 'odin_eps': [0.0014, 0.0028]},
+             'knn': {'knn_k': [50]}}
+
+
+def aps_search(det, args, id_scores, ood_scores):
+    """Every setting of APS_GRIDS[det]; keeps the one with the highest AUROC of validation ID vs validation OOD scores
+    (the last of equals, as OpenOOD). id_scores(a) / ood_scores(a) score them under settings a. --aps sio scores the ID
+    side once under the flags' own setting, as the SIO code's evaluator (OpenOOD v1.0) did. -> (settings, record)"""
+    fixed_id = id_scores(args) if args.aps == 'sio' else None
+    best = None
+    for values in itertools.product(*APS_GRIDS[det].values()):
+        setting = dict(zip(APS_GRIDS[det], values))
+        a = argparse.Namespace(**{**vars(args), **setting})
+        auroc = ood_metrics(fixed_id if fixed_id is not None else id_scores(a), ood_scores(a))['AUROC']
+        if best is None or auroc >= best[0]:
+            best = (auroc, a, setting)
+    return best[1], dict(best[2], val_auroc=round(best[0], 4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -816,12 +890,14 @@ def array_digest(*arrays):
 def score_runs(checkpoints, split_images, oods, groups, args, device, rank, world):
     """Network passes (cached) and detector scores for each run -> ({detector: [table per run]}, scores, seconds)."""
     time_net = time_det = 0.0
-    tables, scores_out = {d: [] for d in args.detectors}, {}
+    tables, scores_out, aps_picks = {d: [] for d in args.detectors}, {}, {}
     for ckpt, run, ckpt_file in checkpoints:
         model = build_model(ckpt, device)
         outputs, t0 = {}, time.time()
         splits = {'train': split_images['train'], 'val': split_images['val'], 'id': split_images['test']}
         splits.update({name: (images, np.full(len(images), -1)) for name, (_, images) in oods.items()})
+        if args.aps:
+            splits['aps_ood'] = split_images['aps_ood']
         weights = file_digest(ckpt_file) if args.cache else None
         for split, (images, labels) in splits.items():
             cache_file = Path(args.cache) / run / f'{split}.npz' if args.cache else None
@@ -840,10 +916,14 @@ def score_runs(checkpoints, split_images, oods, groups, args, device, rank, worl
             if cache_file and rank == 0:
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(cache_file, lambda tmp: save_npz(tmp, source=fingerprint, **outputs[split]))
-        odin = {}
-        if 'odin' in args.detectors:
+        odin, det_args, picks = {}, {det: args for det in args.detectors}, {}
+        if 'odin' in args.detectors:  # every rank takes part in ODIN's passes, the search's included
+            run_odin = lambda split, a: odin_scores(model, splits[split][0], ckpt, device, args.batch_size, a.odin_temperature, a.odin_eps, rank, world)
+            if args.aps:
+                det_args['odin'], picks['odin'] = aps_search('odin', args, lambda a: run_odin('id' if args.aps == 'sio' else 'val', a),
+                                                             lambda a: run_odin('aps_ood', a))
             for split in ['id'] + list(oods):
-                odin[split] = odin_scores(model, splits[split][0], ckpt, device, args.batch_size, args.odin_temperature, args.odin_eps, rank, world)
+                odin[split] = run_odin(split, args if split == 'id' and args.aps == 'sio' else det_args['odin'])
         time_net += time.time() - t0
         if rank != 0:
             continue
@@ -855,15 +935,23 @@ def score_runs(checkpoints, split_images, oods, groups, args, device, rank, worl
         stats = fit(on_device(outputs['train']), on_device(outputs['val']), W, b, args)
         acc = 100 * float((outputs['id']['logits'].argmax(1) == outputs['id']['labels']).mean())
         scores = {det: {} for det in args.detectors}
+        as_tensors = lambda split: [torch.from_numpy(outputs[split][k]).to(device).double() for k in ('logits', 'features')]
+        for det in [d for d in args.detectors if args.aps and d in APS_GRIDS and d != 'odin']:
+            score = lambda split, a: SCORES[det](*as_tensors(split), stats, a).cpu().numpy()
+            det_args[det], picks[det] = aps_search(det, args, lambda a: score('id' if args.aps == 'sio' else 'val', a), lambda a: score('aps_ood', a))
+        if picks:
+            aps_picks[run] = picks
+            print(f'aps ({args.aps}) {run}: ' + '; '.join(f'{det} ' + ', '.join(f'{k} {v}' for k, v in p.items()) for det, p in picks.items()))
         for split in ['id'] + list(oods):
-            z, h = (torch.from_numpy(outputs[split][k]).to(device).double() for k in ('logits', 'features'))
-            for det in args.detectors:
-                scores[det][split] = odin[split] if det == 'odin' else SCORES[det](z, h, stats, args).cpu().numpy()
+            z, h = as_tensors(split)
+            for det in args.detectors:  # --aps sio: the ID side keeps the default setting, as the SIO code's evaluator
+                a = args if split == 'id' and args.aps == 'sio' else det_args[det]
+                scores[det][split] = odin[split] if det == 'odin' else SCORES[det](z, h, stats, a).cpu().numpy()
         for det in args.detectors:
             scores_out.setdefault(det, {})[run] = scores[det]
             tables[det].append(run_table(scores[det], groups, acc))
         time_det += time.time() - t0
-    return tables, scores_out, time_net, time_det
+    return tables, scores_out, time_net, time_det, aps_picks
 
 
 def compare_table(all_results, runs_per_setting):
@@ -976,7 +1064,12 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- data (once for all runs)
     t_start = time.time()
-    ds = load_dataset(dataset, args.data_root, args.openood_root)
+    folder = dataset.startswith('folder:')
+    classes = checkpoints[0][0].get('classes') if folder else None  # a folder run may hold a subset of the folder's classes (--classes)
+    for ckpt, name, _ in checkpoints:
+        if folder and ckpt.get('classes') != classes:
+            fail(f'runs were trained on different classes ({name} vs {names[0]}): evaluate one class set at a time')
+    ds = load_dataset(dataset, args.data_root, args.openood_root, classes)
     for ckpt, name, _ in checkpoints:
         if ckpt['num_classes'] != len(ds['classes']):
             fail(f"{name} has {ckpt['num_classes']} classes but --dataset {dataset} has {len(ds['classes'])}: "
@@ -986,10 +1079,17 @@ def main(argv=None):
             fail(f'--vim-dim {args.vim_dim} must be between 1 and {d - 1} (the feature size of {name} is {d})')
     if 'knn' in args.detectors and args.knn_k > len(ds['train'][1]):
         fail(f"--knn-k {args.knn_k} is larger than the {len(ds['train'][1])} ID train features: pass a smaller --knn-k")
-    folder = dataset.startswith('folder:')
     size = checkpoints[0][0]['image_size'] if folder else ds['image_size']
     split_images = {split: (read_files(ds[split][0], size) if folder else ds[split][0], ds[split][1]) for split in ('train', 'val', 'test')}
-    oods = ood_sets(dataset, size, args)
+    oods = ood_sets(dataset, size, args, ds.get('other_classes'))
+    if args.aps:  # validation OOD images for the search, never part of the table
+        files = sorted(str(f) for f in Path(args.aps_ood).rglob('*') if f.suffix.lower() in IMAGE_EXTENSIONS) if args.aps_ood else []
+        if not args.aps_ood and args.openood_root and (Path(args.openood_root) / 'benchmark_imglist' / dataset / 'val_tin.txt').exists():
+            files = read_imglist(args.openood_root, f'{dataset}/val_tin.txt')[0]
+        if not files:
+            fail(f"--aps needs validation OOD images: pass --aps-ood PATH (an image folder{'; none found in ' + args.aps_ood if args.aps_ood else ''}) "
+                 f"or --openood-root with its val_tin list")
+        split_images['aps_ood'] = (read_files(files, size), np.full(len(files), -1))
     groups = {name: group for name, (group, _) in oods.items()}
     if not groups:
         fail(f'no OOD set available for {dataset}: pass --near NAME=PATH / --far NAME=PATH')
@@ -997,9 +1097,10 @@ def main(argv=None):
         print(f'{dataset}: ID test {len(split_images["test"][1]):,}, ' + ', '.join(f'{n} ({g}) {len(oods[n][1]):,}' for n, g in groups.items()))
 
     # ---------------------------------------------------------------- network passes, scores, report
-    all_results, all_scores, reports, time_net, time_det = {}, {}, [], 0.0, 0.0
+    all_results, all_scores, reports, time_net, time_det, aps_picks = {}, {}, [], 0.0, 0.0, {}
     for setting, runs in settings.items():
-        tables, scores, t_net, t_det = score_runs(runs, split_images, oods, groups, args, device, rank, world)
+        tables, scores, t_net, t_det, picks = score_runs(runs, split_images, oods, groups, args, device, rank, world)
+        aps_picks.update(picks)
         time_net, time_det = time_net + t_net, time_det + t_det
         if master:
             all_results[setting] = {det: aggregate(tables[det]) for det in args.detectors}
@@ -1021,6 +1122,8 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         meta = dict(runs={s: [n for _, n, _ in r] for s, r in settings.items()}, dataset=dataset,
                     near=[n for n, g in groups.items() if g == 'near'], far=[n for n, g in groups.items() if g == 'far'])
+        if args.aps:  # what the search chose, per run and detector, with its validation AUROC
+            meta['aps'] = dict(mode=args.aps, ood=args.aps_ood or 'val_tin (OpenOOD list)', picks=aps_picks)
         results = all_results[''] if '' in all_results else all_results  # one setting: detector -> ...; several: setting -> detector -> ...
         rows = [['setting', 'detector', 'dataset'] + [k for m in METRICS for k in (m, f'{m}_std')]]
         rows += [[setting, det, row] + [f'{values[k]:.4f}' for m in METRICS for k in (m, f'{m}_std')]

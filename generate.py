@@ -66,6 +66,7 @@ def get_args(argv=None):
     sub = p.add_subparsers(dest='command', required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
+    common.add_argument('--classes', default=None, help="folder datasets: these classes only: imagenet-10 or imagenet-dogs (the SIO code's subsets) or a file of class folder names")
     common.add_argument('--data-root', default='./data')
     common.add_argument('--out', required=True)
     common.add_argument('--seed', type=int, default=None, help='default 0 (fit, sio) / 42 (oal, the paper)')
@@ -95,6 +96,9 @@ def get_args(argv=None):
                                                             "(ImageNet's LOC_synset_mapping.txt) or one name per line in class order")
     s = sub.choices['sio']
     s.add_argument('--per-class', type=int, default=100)
+    s.add_argument('--npy', action=argparse.BooleanOptionalAction, default=None,
+                   help="also write images.npy/labels.npy (SIO's release format), streamed to disk image by image; "
+                        'default: yes for digits/CIFAR, no for folder datasets (train_sio.py reads their PNGs from disk)')
     s.add_argument('--prompt', default='a photo of a {}', help='template over the class name')
     o = sub.choices['oal']
     o.add_argument('--teacher', default=None, help='transformers image classifier (hub id or folder), run dir or .pt of ours, or baseline '
@@ -120,7 +124,17 @@ def get_args(argv=None):
     o.add_argument('--iterations', type=int, default=100)
     o.add_argument('--samples-per-iteration', type=int, default=3)
     o.add_argument('--prompt', default=OAL_PROMPT)
+    fr = sub.add_parser('fractals', help="PixMix's mixing pictures made offline: random IFS fractals as PNGs")
+    fr.add_argument('--out', required=True)
+    fr.add_argument('--count', type=int, default=1000)
+    fr.add_argument('--size', type=int, default=64, help='side of each PNG in pixels')
+    fr.add_argument('--seed', type=int, default=0)
+    fr.add_argument('--overwrite', action='store_true', help='start afresh over a set in --out made with other settings (removes only its files)')
     args = p.parse_args(argv)
+    if args.command == 'fractals':
+        check_ranges(args, [('--count', 'an integer >= 1', lambda v: v >= 1), ('--size', 'an integer >= 8', lambda v: v >= 8),
+                            ('--seed', 'an integer in [0, 2**31)', lambda v: 0 <= v < 2 ** 31)])
+        return args
     if args.seed is None:
         args.seed = 42 if args.command == 'oal' else 0
     if args.command in ('sio', 'oal'):
@@ -157,6 +171,8 @@ def get_args(argv=None):
         channels = args.unet_channels.split(',')
         if not all(c.strip().isdigit() and int(c) >= 8 and int(c) % 8 == 0 for c in channels):
             fail(f'--unet-channels must be a comma list of multiples of 8 (GroupNorm with 8 groups), e.g. 16,32; got {args.unet_channels!r}')
+    if args.classes and not args.dataset.startswith('folder:'):
+        fail(f'--classes picks class folders of a folder:PATH dataset; --dataset {args.dataset} has fixed classes: drop --classes')
     check_device(args.device)
     return args
 
@@ -355,7 +371,34 @@ def image_folder(path):
     return files, np.array(labels, dtype=np.int64), classes
 
 
-def load_dataset(name, data_root='./data', openood_root=None):
+# ImageNet subsets of the SIO code (imagenet_train_subclasses.py, SUB_CLASSES): positions in the 1,000 sorted
+# ImageNet-1K class folders. imagenet-10 = n01644373 n01744401 n01833805 n02099601 n02123045 n02690373 n03417042
+# n04037443 n04273569 n07745940 (the wnids of its train_imagenet_10.txt); imagenet-dogs = the 100 dogs 151..250.
+IMAGENET_SUBSETS = {'imagenet-10': [404, 751, 94, 281, 62, 207, 31, 949, 814, 569], 'imagenet-dogs': list(range(151, 251))}
+
+
+def subset_classes(spec, classes):
+    """--classes: imagenet-10 / imagenet-dogs, or a file of class folder names (one per line, first word, so
+    LOC_synset_mapping.txt lines work). Returns the chosen names, sorted (labels follow that order, as in the SIO code)."""
+    if spec in IMAGENET_SUBSETS:
+        if len(classes) != 1000:
+            fail(f'--classes {spec} takes ImageNet-1K classes by position, but the folder has {len(classes)} classes: '
+                 f'point --dataset folder:PATH at an ImageNet-1K layout (1,000 class folders), or pass a file of class names')
+        return sorted(classes[i] for i in IMAGENET_SUBSETS[spec])
+    try:
+        names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a text file of class folder names')
+    missing = [n for n in names if n not in classes]
+    if missing or len(names) < 2:
+        fail(f'--classes {spec}: ' + (f'{len(missing)} of its {len(names)} classes have no folder in the dataset (e.g. {missing[0]})'
+                                        if missing else f'{len(names)} class named, a classifier needs 2 or more') + ': fix the list or the dataset')
+    return names
+
+
+def load_dataset(name, data_root='./data', openood_root=None, classes=None):
+    """classes (folder datasets): --classes' spec or a list of class folder names; the other classes' test images
+    then come back as other_classes (the SIO code's OOD set for ImageNet subsets)."""
     if name == 'digits':
         return load_digits_splits()
     if name in ('cifar10', 'cifar100'):
@@ -378,14 +421,24 @@ def load_dataset(name, data_root='./data', openood_root=None):
                     classes=list(train.classes), image_size=32, mean=mean, std=std)
     if name.startswith('folder:'):
         root = Path(name[len('folder:'):])
-        train_files, train_y, classes = image_folder(root / 'train')
+        train_files, train_y, all_classes = image_folder(root / 'train')
         val_files, val_y, val_classes = image_folder(root / 'val')
-        if val_classes != classes:
-            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {classes[:5]}...: they must match')
+        if val_classes != all_classes:
+            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {all_classes[:5]}...: they must match')
         test = image_folder(root / 'test')[:2] if (root / 'test').is_dir() else (val_files, val_y)
+        classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
+        missing = [c for c in classes if c not in all_classes]
+        if missing:
+            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of {len(classes)} classes missing): pass the dataset the classes come from')
+
+        def select(split, names):  # the images of these classes, labelled by their position in names
+            position = {all_classes.index(n): i for i, n in enumerate(names)}
+            keep = [j for j, y in enumerate(split[1]) if y in position]
+            return [split[0][j] for j in keep], np.array([position[split[1][j]] for j in keep], dtype=np.int64)
+        other = [c for c in all_classes if c not in classes]
         mean, std = IMAGENET_STATS
-        return dict(train=(train_files, train_y), val=(val_files, val_y), test=test,
-                    classes=classes, image_size=224, mean=mean, std=std)
+        return dict(train=select((train_files, train_y), classes), val=select((val_files, val_y), classes), test=select(test, classes),
+                    classes=classes, other_classes=select(test, other)[0] if other else [], image_size=224, mean=mean, std=std)
     fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
 
 
@@ -424,6 +477,7 @@ class Net(nn.Module):
 ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}
 
 def normalize(x, mean, std, size):
+    """uint8 images (or float ones on the same 0..255 scale, e.g. PixMix's) -> normalised float at size, channels_last."""
     x = x.float().div_(255)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
@@ -466,13 +520,15 @@ def write_atomic(path, write):
         fail(f'could not write {path} ({e}); the previous {Path(path).name}, if any, is intact: free some space or pass another --out')
 
 
-SET_FILES = {'sio': ('settings.json', 'meta.json', 'images.npy', 'labels.npy'),
+SET_FILES = {'fractals': ('settings.json',), 'sio': ('settings.json', 'meta.json', 'images.npy', 'labels.npy'),
              'oal': ('settings.json', 'meta.json', 'knn_outliers.npy', 'knn_meta.json', 'diffusion_outliers.npy')}
 
 
 def set_file(entry, command):
     """Whether entry is something generate.py sio/oal writes in its --out: its files, class folders of numbered
-    PNGs (sio) or images/ and latents/ (oal), and their temporary names."""
+    PNGs (sio) or images/ and latents/ (oal), numbered PNGs (fractals), and their temporary names."""
+    if command == 'fractals':
+        return entry.is_file() and (entry.name in SET_FILES[command] or entry.name.split('.')[0].isdigit())
     folder = {'sio': lambda e: e.name.isdigit() and len(e.name) >= 3, 'oal': lambda e: e.name in ('images', 'latents')}[command]
     if entry.is_dir():  # files inside are numbered: 0.png, 0003_1_zero.png, 0003.npy (and their .PID.tmp)
         return folder(entry) and all(f.is_file() and f.name.split('.')[0].split('_')[0].isdigit() for f in entry.iterdir())
@@ -656,7 +712,7 @@ def fit(args):
     made_by_fit = (out / 'fit.json').exists()
     claim_out(out, lambda e: made_by_fit and e.name in FIT_ENTRIES, 'a pipeline made by generate.py fit' if made_by_fit and not args.overwrite else None,
               'pass --overwrite to replace it once the new one is complete, or another --out')
-    ds = load_dataset(args.dataset, args.data_root)
+    ds = load_dataset(args.dataset, args.data_root, classes=args.classes)
     if args.dataset.startswith('folder:'):
         fail('fit keeps the training set in memory and suits small images (digits, CIFAR); for image folders use a pretrained pipeline')
     work = Path(tempfile.mkdtemp(prefix=f'.{out.name}.building-', dir=out.parent))
@@ -778,7 +834,7 @@ def train_pipeline(args, ds, work, t_start):
 
 def generate_sio(args):
     rank, world, device = setup_distributed(args.device)
-    ds = load_dataset(args.dataset, args.data_root)
+    ds = load_dataset(args.dataset, args.data_root, classes=args.classes)
     classes, size = ds['classes'], ds['image_size']
     out = Path(args.out)
     total = len(classes) * args.per_class
@@ -821,9 +877,17 @@ def generate_sio(args):
         dist.barrier()
     if rank == 0:
         done = all(path_of(i).exists() for i in range(total))
-        if done:  # the SIO-release pair, read back from the PNGs so both formats hold the same bytes
-            images = np.stack([np.asarray(__import__('PIL.Image').Image.open(path_of(i)).convert('RGB')) for i in range(total)])
-            save_npy_atomic(images, out / 'images.npy')
+        if done and (args.npy if args.npy is not None else not args.dataset.startswith('folder:')) \
+                and not ((out / 'images.npy').exists() and (out / 'labels.npy').exists()):
+            # the SIO-release pair, read back from the PNGs so both formats hold the same bytes, one image at a time
+            from PIL import Image
+
+            def write_images(tmp):
+                images = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(total, size, size, 3))
+                for i in range(total):
+                    images[i] = np.asarray(Image.open(path_of(i)).convert('RGB'))
+                images.flush()
+            write_atomic(out / 'images.npy', write_images)
             save_npy_atomic(np.repeat(np.arange(len(classes)), args.per_class), out / 'labels.npy')
         write_json(dict(dataset=args.dataset, classes=classes, prompts=[args.prompt.format(n) for n in names], generator=args.pipeline,
                         prompt_template=args.prompt, seed=args.seed,
@@ -1067,7 +1131,7 @@ def generate_oal(args):
     out = Path(args.out)
     if rank == 0:
         check_out(out)
-    ds = load_dataset(args.dataset, args.data_root)
+    ds = load_dataset(args.dataset, args.data_root, classes=args.classes)
     classes = ds['classes']
     names = class_prompt_names(classes, args.dataset, args.class_names)
     if args.dataset == 'cifar100' and args.class_names is None and args.inject == 'published':
@@ -1098,6 +1162,8 @@ def generate_oal(args):
     elif Path(args.teacher).is_dir():  # the same for a local transformers folder (a hub id names one fixed model)
         knn_settings['teacher_stamp'] = ','.join(f'{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}' for f in sorted(Path(args.teacher).iterdir()) if f.is_file())
     knn_file, knn_meta = out / 'knn_outliers.npy', out / 'knn_meta.json'
+    if args.classes:  # the class names come from the folders, so a subset is told apart by its list (none: as before)
+        knn_settings['classes'] = classes
     claim_set(out, dict(command='oal', pipeline=args.pipeline, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, prompt=args.prompt,
                         seed=args.seed, samples_per_iteration=args.samples_per_iteration, inject=args.inject, knn=knn_settings), args.overwrite, rank, world)
     pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
@@ -1178,9 +1244,52 @@ def generate_oal(args):
 RECIPE_AUGMENT = {'digits': (1, False), 'cifar10': (4, True), 'cifar100': (4, True), 'folder': (0, True)}  # (crop pad, flip) as in training
 
 
+# ----------------------------------------------------------------------------------------------
+# fractals: a stand-in for PixMix's mixing set (its fractals_and_fvis download) on an offline machine.
+
+def ifs_fractal(rng, size, points=50000):
+    """One random iterated function system (2-4 contractive affine maps, chosen by |det|), run as 1,000 chaos-game
+    chains; each map has its own colour, pixel brightness follows log hit counts, on black (as PixMix's fractals)."""
+    maps = rng.randint(2, 5)
+    A = rng.uniform(-1, 1, (maps, 2, 2))
+    A *= rng.uniform(0.5, 0.95, (maps, 1, 1)) / np.linalg.norm(A, 2, axis=(1, 2))[:, None, None]  # largest singular value < 1
+    b = rng.uniform(-1, 1, (maps, 2))
+    weights = np.abs(np.linalg.det(A)) + 1e-3
+    colours = rng.uniform(0.2, 1, (maps, 3))
+    xy, hits, which = rng.uniform(-1, 1, (1000, 2)), [], []
+    for step in range(20 + points // 1000):
+        k = rng.choice(maps, size=len(xy), p=weights / weights.sum())
+        xy = np.einsum('nij,nj->ni', A[k], xy) + b[k]
+        if step >= 20:  # past the transient, the chains lie on the attractor
+            hits.append(xy.copy())
+            which.append(k)
+    xy, which = np.concatenate(hits), np.concatenate(which)
+    low, high = xy.min(0), xy.max(0)
+    pixel = ((xy - low) / np.maximum(high - low, 1e-9) * (size - 1)).round().astype(int)
+    image = np.zeros((size, size, 3))
+    counts = np.zeros((size, size))
+    np.add.at(image, (pixel[:, 1], pixel[:, 0]), colours[which])
+    np.add.at(counts, (pixel[:, 1], pixel[:, 0]), 1)
+    brightness = np.log1p(counts) / np.log1p(counts.max())
+    return (image / np.maximum(counts, 1)[..., None] * brightness[..., None] * 255).round().astype(np.uint8)
+
+
+def generate_fractals(args):
+    out = Path(args.out)
+    check_out(out)
+    claim_set(out, dict(command='fractals', count=args.count, size=args.size, seed=args.seed), args.overwrite, 0, 1)
+    t0, made = time.time(), 0
+    for i in tqdm(range(args.count), desc='fractals'):
+        path = out / f'{i:05d}.png'
+        if not readable_image(path):  # every picture depends only on (seed, index): a rerun makes only the missing ones
+            save_png_atomic(ifs_fractal(np.random.RandomState([args.seed, i]), args.size), path)
+            made += 1
+    print(f'fractals: {made} made, {args.count - made} already there, in {time.time() - t0:.1f}s -> {out}')
+
+
 def main(argv=None):
     args = get_args(argv)
-    {'fit': fit, 'sio': generate_sio, 'oal': generate_oal}[args.command](args)
+    {'fit': fit, 'sio': generate_sio, 'oal': generate_oal, 'fractals': generate_fractals}[args.command](args)
 
 
 if __name__ == '__main__':

@@ -212,6 +212,96 @@ def test_cutmix_lambda_is_kept_area():
             assert kept == pytest.approx(lam, abs=1e-6)
 
 
+def test_pixmix_ops_match_pil():
+    """Every AugMix operation, batched on tensors, against PIL at fixed parameters: at most 2 grey levels apart."""
+    from PIL import Image, ImageEnhance, ImageOps
+    rng = np.random.RandomState(0)
+    image = (rng.rand(32, 32, 3) * 200 + 20).astype(np.uint8)
+    image[8:20, 5:25] = 240
+    pil, x = Image.fromarray(image), torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
+    one = lambda v: torch.tensor([float(v)])
+    affine = lambda data: pil.transform((32, 32), Image.AFFINE, data, resample=Image.BILINEAR)
+    pairs = {
+        'autocontrast': (ImageOps.autocontrast(pil), train_sio.autocontrast(x)),
+        'equalize': (ImageOps.equalize(pil), train_sio.equalize(x)),
+        'posterize': (ImageOps.posterize(pil, 3), train_sio.posterize(x, one(3))),
+        'solarize': (ImageOps.solarize(pil, 180), train_sio.solarize(x, one(180))),
+        'rotate': (pil.rotate(20, resample=Image.BILINEAR), train_sio.geometric(x, 'rotate', one(20))),
+        'shear_x': (affine((1, 0.2, 0, 0, 1, 0)), train_sio.geometric(x, 'shear_x', one(0.2))),
+        'shear_y': (affine((1, 0, 0, -0.2, 1, 0)), train_sio.geometric(x, 'shear_y', one(-0.2))),
+        'translate_x': (affine((1, 0, 5, 0, 1, 0)), train_sio.geometric(x, 'translate_x', one(5))),
+        'translate_y': (affine((1, 0, 0, 0, 1, -3)), train_sio.geometric(x, 'translate_y', one(-3))),
+        'color': (ImageEnhance.Color(pil).enhance(0.4), train_sio.blend(train_sio.grey(x), x, one(0.4))),
+        'contrast': (ImageEnhance.Contrast(pil).enhance(1.5), train_sio.blend(train_sio.grey(x).mean((1, 2, 3), keepdim=True).add(0.5).floor(), x, one(1.5))),
+        'brightness': (ImageEnhance.Brightness(pil).enhance(1.3), train_sio.blend(torch.zeros(()), x, one(1.3))),
+        'sharpness': (ImageEnhance.Sharpness(pil).enhance(1.7), train_sio.blend(train_sio.smooth(x), x, one(1.7))),
+    }
+    assert set(pairs) == set(train_sio.PIXMIX_OPS)
+    for name, (expected, got) in pairs.items():
+        assert got.dtype == torch.uint8 and got.shape == x.shape, name
+        gap = np.abs(np.asarray(expected).astype(int) - got[0].permute(1, 2, 0).numpy().astype(int))
+        assert gap.max() <= 2 and gap.mean() < 0.5, (name, gap.max(), gap.mean())
+        assert not np.array_equal(np.asarray(expected), image), name  # the op did something
+
+
+def test_pixmix_on_a_batch():
+    """Range, the number of mixings (none at k = 0: every op maps black to black), mixing at k = 4, determinism under a seed."""
+    rng = np.random.RandomState(0)
+    x = torch.from_numpy(rng.randint(0, 256, (64, 3, 16, 16), dtype=np.uint8))
+    pics = torch.from_numpy(rng.randint(0, 256, (64, 3, 16, 16), dtype=np.uint8))
+    torch.manual_seed(1)
+    out = train_sio.pixmix(x, pics)
+    assert out.dtype == torch.float32 and out.shape == x.shape and torch.isfinite(out).all() and 0 <= out.min() and out.max() <= 255
+    torch.manual_seed(1)
+    assert torch.equal(train_sio.pixmix(x, pics), out)  # same seed, same batch
+    assert not torch.equal(train_sio.pixmix(x, pics), out)
+    black, white = torch.zeros(200, 3, 16, 16, dtype=torch.uint8), torch.full((200, 3, 16, 16), 255, dtype=torch.uint8)
+    for ops in (True, False):
+        assert train_sio.pixmix(black, white, k=0, all_ops=ops).abs().max() == 0  # no mixing round, only ops that keep black
+        assert train_sio.pixmix(black, white, k=4, rounds=torch.zeros(200), all_ops=ops).abs().max() == 0
+    # Black image, white mixing picture: every op keeps black, so PixMix reduces to scalars. The share of images that
+    # end non-black, against the PixMix code's loop written out per image in numpy (0..k rounds, partner, add/multiply, a, b).
+    def reference(k, draws=20000, rng=np.random.RandomState(0)):
+        ends_lit = 0
+        for _ in range(draws):
+            mixed = 0.0
+            for _ in range(rng.randint(k + 1)):
+                partner = 0.0 if rng.random_sample() < 0.5 else 1.0
+                add = rng.random_sample() < 0.5
+                if rng.random_sample() < 0.5:
+                    a, b = rng.beta(3, 1), rng.beta(1, 3)
+                else:
+                    a, b = 1 + rng.beta(1, 3), -rng.beta(1, 3)
+                mixed = (a * (2 * mixed - 1) + b * (2 * partner - 1) + 1) / 2 if add else (2 * mixed) ** a * max(2 * partner, 1e-37) ** b / 2
+                mixed = min(max(mixed, 0.0), 1.0)
+            ends_lit += mixed > 0
+        return ends_lit / draws
+    black, white = torch.zeros(4000, 3, 2, 2, dtype=torch.uint8), torch.full((4000, 3, 2, 2), 255, dtype=torch.uint8)
+    for k in (1, 4):
+        lit = (train_sio.pixmix(black, white, k=k, all_ops=False).flatten(1).amax(1) > 0).float().mean().item()
+        assert lit == pytest.approx(reference(k), abs=0.03), k
+
+
+def test_fractal_mixing_set_resumes_and_keeps_its_settings(tmp_path, capsys):
+    out = tmp_path / 'fractals'
+    generate.main(['fractals', '--out', str(out), '--count', '6', '--size', '16'])
+    from PIL import Image
+    images = {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob('*.png'))}
+    assert list(images) == [f'{i:05d}.png' for i in range(6)]
+    assert all(im.shape == (16, 16, 3) and im.max() > 0 and (im == 0).mean() > 0.1 for im in images.values())  # coloured shapes on black
+    assert len({im.tobytes() for im in images.values()}) == 6
+    first = {name: (out / name).read_bytes() for name in images}
+    (out / '00002.png').unlink()
+    (out / '00004.png').write_bytes(first['00004.png'][:20])  # damaged: made again
+    capsys.readouterr()
+    generate.main(['fractals', '--out', str(out), '--count', '6', '--size', '16'])
+    assert '2 made, 4 already there' in capsys.readouterr().out
+    assert all((out / name).read_bytes() == data for name, data in first.items())
+    with pytest.raises(SystemExit):  # other settings over a finished set: refused, nothing touched
+        generate.main(['fractals', '--out', str(out), '--count', '6', '--size', '24'])
+    assert 'size 16 -> 24' in capsys.readouterr().err and (out / '00000.png').read_bytes() == first['00000.png']
+
+
 def test_augment_crops_and_flips_in_batch():
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
     torch.manual_seed(0)
@@ -1146,7 +1236,74 @@ def test_folder_dataset_trains_and_evaluates(tmp_path):
     assert set(results['knn']) == {'noise', 'far'} and results['_meta']['near'] == []
 
 
-@pytest.mark.parametrize('method', ['logitnorm', 'oe', 'cutmix'])
+def test_imagenet_subset_trains_and_scores_the_other_classes_as_ood(tmp_path):
+    """A stand-in ImageNet layout (WordNet-id folders): --classes keeps two of three classes, labelled in sorted-wnid
+    order as the SIO code does; the synthetic set is read from disk; evaluate.py scores the left-out class as near-OOD."""
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    wnids = ['n02085620', 'n01440764', 'n09999999']
+    for split, n in (('train', 10), ('val', 4)):
+        for c, wnid in enumerate(wnids):
+            (tmp_path / 'inet' / split / wnid).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.randint(0, 80, (20, 24, 3)) + 80 * c).astype(np.uint8)).save(tmp_path / 'inet' / split / wnid / f'{wnid}_{i}.JPEG')
+    (tmp_path / 'subset.txt').write_text('n02085620 Chihuahua\nn01440764 tench, Tinca tinca\n')  # LOC_synset_mapping.txt lines
+    ds = train_sio.load_dataset(f'folder:{tmp_path / "inet"}', classes=str(tmp_path / 'subset.txt'))
+    assert ds['classes'] == ['n01440764', 'n02085620'] and list(np.bincount(ds['train'][1])) == [10, 10] and len(ds['val'][0]) == 8
+    assert all(f'/{ds["classes"][y]}/' in f for f, y in zip(*ds['train']))
+    assert len(ds['other_classes']) == 4 and all('/n09999999/' in f for f in ds['other_classes'])
+    names = [f'n{i:08d}' for i in range(1000)]  # the SIO code's subsets: positions among ImageNet-1K's sorted wnids
+    assert train_sio.subset_classes('imagenet-10', names) == ['n00000031', 'n00000062', 'n00000094', 'n00000207', 'n00000281',
+                                                              'n00000404', 'n00000569', 'n00000751', 'n00000814', 'n00000949']
+    assert train_sio.subset_classes('imagenet-dogs', names) == names[151:251]
+    for c in range(2):  # synthetic class folders in the subset's label order
+        (tmp_path / 'syn' / f'{c:03d}').mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray((rng.randint(0, 80, (16, 16, 3)) + 80 * (1 - c)).astype(np.uint8)).save(tmp_path / 'syn' / f'{c:03d}' / f'{i}.png')
+    common = ['--dataset', f'folder:{tmp_path / "inet"}', '--classes', str(tmp_path / 'subset.txt'), '--arch', 'cnn', '--image-size', '16', '--workers', '0']
+    train_sio.main(common + ['--synthetic', str(tmp_path / 'syn'), '--epochs', '2', '--batch-size', '10', '--out', str(tmp_path / 'run')])
+    ckpt = torch.load(tmp_path / 'run' / 'best.pt', weights_only=False)
+    assert ckpt['classes'] == ['n01440764', 'n02085620'] and ckpt['num_classes'] == 2 and ckpt['args']['classes'] == str(tmp_path / 'subset.txt')
+    evaluate.main([str(tmp_path / 'run'), '--detectors', 'msp,ebo', '--out', str(tmp_path / 'e')])
+    results = json.loads((tmp_path / 'e' / 'results.json').read_text())
+    assert results['_meta']['near'] == ['other-classes'] and 0 <= results['msp']['other-classes']['AUROC'] <= 100
+
+
+def test_synthetic_folder_set_stays_on_disk(tmp_path):
+    """Folder datasets: synthetic images are read by the loader's workers as used, so loading 4x more images costs
+    a path each, not their pixels (in memory at 224 they would cost 150 kB each)."""
+    import pickle
+    import tracemalloc
+    from PIL import Image
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (32, 32, 3), dtype=np.uint8))
+    peaks = {}
+    for n in (100, 400):
+        for c in range(2):
+            (tmp_path / f'set{n}' / f'{c:03d}').mkdir(parents=True)
+            for i in range(n // 2):
+                image.save(tmp_path / f'set{n}' / f'{c:03d}' / f'{i}.png')
+        (tmp_path / f'npy{n}').mkdir()
+        np.save(tmp_path / f'npy{n}' / 'images.npy', np.zeros((n, 32, 32, 3), np.uint8))
+        np.save(tmp_path / f'npy{n}' / 'labels.npy', np.arange(n) % 2)
+        for kind, on_disk in (('set', True), ('npy', True), ('set', False)):
+            tracemalloc.start()
+            train_sio.load_synthetic(tmp_path / f'{kind}{n}', 'folder:x', ['a', 'b'], 224, on_disk)
+            peaks[kind, on_disk, n] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    assert peaks['set', False, 400] - peaks['set', False, 100] > 300 * 224 * 224 * 3  # every image held at 224: what it used to be
+    assert peaks['set', True, 400] - peaks['set', True, 100] < 300 * 2000, peaks  # a path per image
+    assert peaks['npy', True, 400] - peaks['npy', True, 100] < 300 * 100, peaks  # a memory map: labels only
+    files, labels = train_sio.load_synthetic(tmp_path / 'set100', 'folder:x', ['a', 'b'], 224, True)
+    mapped, mapped_labels = train_sio.load_synthetic(tmp_path / 'npy100', 'folder:x', ['a', 'b'], 224, True)
+    real = [str(tmp_path / 'set100' / '000' / '0.png')] * 3
+    for extra, extra_labels in ((files, labels), (mapped, mapped_labels)):
+        folder_set = train_sio.FolderImages(real, np.zeros(3, np.int64), 16, True, extra, extra_labels)
+        assert len(folder_set) == 103 and folder_set[3 + 51][0].shape == (3, 16, 16) and folder_set[3 + 51][1] == 1
+        reopened = pickle.loads(pickle.dumps(folder_set))  # a spawn-started worker opens the map again rather than receive the pixels
+        assert len(pickle.dumps(folder_set)) < 20000 and reopened[102][1] == 1
+
+
+@pytest.mark.parametrize('method', ['logitnorm', 'oe', 'cutmix', 'pixmix'])
 def test_plugin_methods_train_with_and_without_sio(runs, tmp_path, method):
     extra = ['--lr', '0.01'] if method == 'logitnorm' else []  # 1/tau = 25 multiplies the small CNN's logit gradients
     if method == 'oe':  # outliers as a folder of images of another size (resized on load)
@@ -1155,12 +1312,43 @@ def test_plugin_methods_train_with_and_without_sio(runs, tmp_path, method):
         for i in range(10):
             Image.fromarray(np.random.RandomState(i).randint(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / 'ood' / f'{i}.png')
         extra = ['--oe-data', str(tmp_path / 'ood')]
+    if method == 'pixmix':  # fractals larger than the digits, and one picture that is not square: resized and cropped on load
+        from PIL import Image
+        generate.main(['fractals', '--out', str(tmp_path / 'mix'), '--count', '5', '--size', '20'])
+        Image.fromarray(np.random.RandomState(0).randint(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / 'mix' / 'wide.png')
+        extra = ['--mixing-set', str(tmp_path / 'mix')]
     for synthetic in ([], ['--synthetic', str(runs / 'syn')]):
         out = tmp_path / f'{method}{len(synthetic)}'
         train_sio.main(['--dataset', 'digits', '--method', method, '--epochs', '6', '--out', str(out)] + extra + synthetic)
         log = [json.loads(l) for l in (out / 'log.jsonl').read_text().splitlines()]
         assert len(log) == 6 and np.isfinite(log[-1]['loss']) and max(r['val_acc'] for r in log) > 0.5
         assert torch.load(out / 'best.pt', weights_only=False)['args']['method'] == method
+
+
+def test_aps_picks_the_setting_with_the_best_validation_auroc(runs, tmp_path):
+    """--aps against a hand search over the cached outputs: EBO's T from APS_GRIDS by validation AUROC; val mode scores
+    every set with the pick, sio mode keeps the ID test scores at T = 1 as the SIO code's evaluator did."""
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    (tmp_path / 'val_ood').mkdir()
+    for i in range(30):
+        Image.fromarray(rng.randint(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / 'val_ood' / f'{i}.png')
+    energy = lambda z, t: t * torch.logsumexp(torch.from_numpy(z).double() / t, 1).numpy()
+    for mode in ('val', 'sio'):
+        evaluate.main([str(runs / 'ce_s0'), '--detectors', 'ebo,knn', '--aps', mode, '--aps-ood', str(tmp_path / 'val_ood'),
+                       '--cache', str(tmp_path / 'cache'), '--out', str(tmp_path / mode)])
+        z = {split: np.load(tmp_path / 'cache' / 'ce_s0' / f'{split}.npz')['logits'] for split in ('val', 'id', 'aps_ood', 'digits6-9')}
+        id_side = 'val' if mode == 'val' else 'id'
+        aurocs = {t: evaluate.ood_metrics(energy(z[id_side], t if mode == 'val' else 1.0), energy(z['aps_ood'], t))['AUROC'] for t in (1.0, 10.0, 100.0, 1000.0)}
+        best = max(aurocs.values())
+        expected = [t for t, a in aurocs.items() if a == best][-1]
+        picks = json.loads((tmp_path / mode / 'results.json').read_text())['_meta']['aps']
+        assert picks['mode'] == mode and picks['picks']['ce_s0']['ebo']['ebo_temperature'] == expected, (aurocs, picks)
+        assert picks['picks']['ce_s0']['ebo']['val_auroc'] == pytest.approx(best, abs=1e-3) and picks['picks']['ce_s0']['knn']['knn_k'] == 50
+        with np.load(tmp_path / mode / 'scores.npz') as scores:
+            assert np.allclose(scores['ce_s0/ebo/id'], energy(z['id'], expected if mode == 'val' else 1.0))
+            assert np.allclose(scores['ce_s0/ebo/digits6-9'], energy(z['digits6-9'], expected))
+    assert len(set(aurocs.values())) > 1  # the temperature matters here, so the search is tested
 
 
 def test_evaluate_torchrun_shards_give_the_same_table(runs, evaluated, tmp_path):
@@ -1438,6 +1626,8 @@ def bad(runs, tmp_path_factory):
             shutil.copy(root / 'syn_partial' / '000' / '0.png', root / 'wnid_dataset' / split / wnid / 'a.png')
     (root / 'results_done').mkdir()
     (root / 'results_done' / 'results.json').write_text('{}')
+    (root / 'one_class.txt').write_text('n01440764\n')
+    (root / 'unknown_class.txt').write_text('n01440764\nn09999999\n')
     return root
 
 
@@ -1471,6 +1661,12 @@ BAD_INPUTS = [
     ('train_sio', SIO + ' --method oe --oe-data {bad}/no_images --oe-batch-size 0', '--oe-batch-size'),
     ('train_sio', SIO + ' --method oe --oe-data {bad}/no_images', 'no images found'),
     ('train_sio', SIO + ' --method oe', '--oe-data'),
+    ('train_sio', SIO + ' --method pixmix', '--mixing-set'),
+    ('train_sio', SIO + ' --method pixmix --mixing-set {bad}/no_images', 'no images found'),
+    ('train_sio', SIO + ' --mixing-set {bad}/no_images', '--method pixmix'),
+    ('train_sio', SIO + ' --method pixmix --mixing-set {bad}/no_images --aug-severity 11', '--aug-severity'),
+    ('train_sio', SIO + ' --method pixmix --mixing-set {bad}/no_images --pixmix-k -1', '--pixmix-k'),
+    ('train_sio', SIO + ' --method pixmix --mixing-set {bad}/no_images --pixmix-beta 0', '--pixmix-beta'),
     ('train_sio', SIO + ' --workers -1', '--workers'),
     ('train_sio', SIO + ' --device cudaX', '--device'),
     ('train_sio', SIO + ' --device cuda:99', '--device cuda:99'),
@@ -1540,6 +1736,19 @@ BAD_INPUTS = [
     ('generate', GEN_SIO + ' --out {bad}/settings_corrupt', 'settings.json unreadable'),
     ('generate', GEN_SIO + ' --out {bad}/foreign_set', 'did not write'),
     ('generate', GEN_SIO + ' --dataset folder:{bad}/wnid_dataset', '--class-names'),
+    ('train_sio', SIO + ' --classes imagenet-10', 'drop --classes'),
+    ('train_sio', SIO.replace('digits', 'folder:{bad}/wnid_dataset') + ' --classes imagenet-10', '1,000 class folders'),
+    ('train_sio', SIO.replace('digits', 'folder:{bad}/wnid_dataset') + ' --classes {bad}/no_such.txt', 'cannot be read'),
+    ('train_sio', SIO.replace('digits', 'folder:{bad}/wnid_dataset') + ' --classes {bad}/one_class.txt', '2 or more'),
+    ('train_sio', SIO.replace('digits', 'folder:{bad}/wnid_dataset') + ' --classes {bad}/unknown_class.txt', 'n09999999'),
+    ('train_oal', '--dataset cifar10 --classes imagenet-dogs --out {out}', 'drop --classes'),
+    ('generate', GEN_SIO + ' --classes imagenet-10', 'drop --classes'),
+    ('generate', 'fractals --out {out} --count 0', '--count'),
+    ('evaluate', '{bad}/run_ce --aps-ood {bad}/no_images', '--aps sio'),
+    ('evaluate', '{bad}/run_ce --aps val --aps-ood {bad}/no_images', 'validation OOD images'),
+    ('evaluate', '{bad}/run_ce --aps val', '--aps-ood PATH'),
+    ('evaluate', '{bad}/run_ce --ebo-temperature 0', '--ebo-temperature'),
+    ('generate', 'fractals --out {out} --size 4', '--size'),
     ('generate', GEN_SIO + ' --class-names {bad}/none.txt', '--class-names'),  # the user's 000/0.png is not image 0 of a set
     ('generate', GEN_OAL + ' --out {bad}/foreign_outliers', 'did not write'),  # nor is a foreign knn_outliers.npy reused
     ('generate', GEN_OAL + ' --knn-k 0', '--knn-k'),

@@ -45,6 +45,7 @@ TEACHERS = {  # the paper's teacher, a ViT-B/16 fine-tuned on the ID set at 224,
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
+    p.add_argument('--classes', default=None, help="folder datasets: these classes only: imagenet-10 or imagenet-dogs (the SIO code's subsets) or a file of class folder names")
     p.add_argument('--data-root', default='./data')
     p.add_argument('--openood-root', default=None, help="OpenOOD's data dir: use its val/test lists")
     p.add_argument('--teacher', default=None, help='transformers image classifier (hub id or folder), run dir or .pt of ours, or baseline '
@@ -99,6 +100,8 @@ def get_args(argv=None):
     ])
     if args.arch is not None and args.arch not in ARCH_SIZE:
         fail(f'unknown --arch {args.arch!r}: use resnet18, resnet18_224, resnet50 or cnn')
+    if args.classes and not args.dataset.startswith('folder:'):
+        fail(f'--classes picks class folders of a folder:PATH dataset; --dataset {args.dataset} has fixed classes: drop --classes')
     check_device(args.device)
     args.teacher = args.teacher or TEACHERS.get(args.dataset, 'baseline')
     args.teacher = f'runs/{tag}_ce_s0' if args.teacher == 'baseline' else args.teacher
@@ -302,7 +305,34 @@ def image_folder(path):
     return files, np.array(labels, dtype=np.int64), classes
 
 
-def load_dataset(name, data_root='./data', openood_root=None):
+# ImageNet subsets of the SIO code (imagenet_train_subclasses.py, SUB_CLASSES): positions in the 1,000 sorted
+# ImageNet-1K class folders. imagenet-10 = n01644373 n01744401 n01833805 n02099601 n02123045 n02690373 n03417042
+# n04037443 n04273569 n07745940 (the wnids of its train_imagenet_10.txt); imagenet-dogs = the 100 dogs 151..250.
+IMAGENET_SUBSETS = {'imagenet-10': [404, 751, 94, 281, 62, 207, 31, 949, 814, 569], 'imagenet-dogs': list(range(151, 251))}
+
+
+def subset_classes(spec, classes):
+    """--classes: imagenet-10 / imagenet-dogs, or a file of class folder names (one per line, first word, so
+    LOC_synset_mapping.txt lines work). Returns the chosen names, sorted (labels follow that order, as in the SIO code)."""
+    if spec in IMAGENET_SUBSETS:
+        if len(classes) != 1000:
+            fail(f'--classes {spec} takes ImageNet-1K classes by position, but the folder has {len(classes)} classes: '
+                 f'point --dataset folder:PATH at an ImageNet-1K layout (1,000 class folders), or pass a file of class names')
+        return sorted(classes[i] for i in IMAGENET_SUBSETS[spec])
+    try:
+        names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a text file of class folder names')
+    missing = [n for n in names if n not in classes]
+    if missing or len(names) < 2:
+        fail(f'--classes {spec}: ' + (f'{len(missing)} of its {len(names)} classes have no folder in the dataset (e.g. {missing[0]})'
+                                        if missing else f'{len(names)} class named, a classifier needs 2 or more') + ': fix the list or the dataset')
+    return names
+
+
+def load_dataset(name, data_root='./data', openood_root=None, classes=None):
+    """classes (folder datasets): --classes' spec or a list of class folder names; the other classes' test images
+    then come back as other_classes (the SIO code's OOD set for ImageNet subsets)."""
     if name == 'digits':
         return load_digits_splits()
     if name in ('cifar10', 'cifar100'):
@@ -325,14 +355,24 @@ def load_dataset(name, data_root='./data', openood_root=None):
                     classes=list(train.classes), image_size=32, mean=mean, std=std)
     if name.startswith('folder:'):
         root = Path(name[len('folder:'):])
-        train_files, train_y, classes = image_folder(root / 'train')
+        train_files, train_y, all_classes = image_folder(root / 'train')
         val_files, val_y, val_classes = image_folder(root / 'val')
-        if val_classes != classes:
-            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {classes[:5]}...: they must match')
+        if val_classes != all_classes:
+            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {all_classes[:5]}...: they must match')
         test = image_folder(root / 'test')[:2] if (root / 'test').is_dir() else (val_files, val_y)
+        classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
+        missing = [c for c in classes if c not in all_classes]
+        if missing:
+            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of {len(classes)} classes missing): pass the dataset the classes come from')
+
+        def select(split, names):  # the images of these classes, labelled by their position in names
+            position = {all_classes.index(n): i for i, n in enumerate(names)}
+            keep = [j for j, y in enumerate(split[1]) if y in position]
+            return [split[0][j] for j in keep], np.array([position[split[1][j]] for j in keep], dtype=np.int64)
+        other = [c for c in all_classes if c not in classes]
         mean, std = IMAGENET_STATS
-        return dict(train=(train_files, train_y), val=(val_files, val_y), test=test,
-                    classes=classes, image_size=224, mean=mean, std=std)
+        return dict(train=select((train_files, train_y), classes), val=select((val_files, val_y), classes), test=select(test, classes),
+                    classes=classes, other_classes=select(test, other)[0] if other else [], image_size=224, mean=mean, std=std)
     fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
 
 
@@ -372,6 +412,7 @@ ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}
 ARCH_MIN_SIZE = {'cnn': 8, 'resnet18': 8, 'resnet18_224': 32, 'resnet50': 32}  # cnn: the digits' 8x8; ResNets: their total downsampling
 
 def normalize(x, mean, std, size):
+    """uint8 images (or float ones on the same 0..255 scale, e.g. PixMix's) -> normalised float at size, channels_last."""
     x = x.float().div_(255)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
@@ -585,10 +626,10 @@ def read_meta(path):
         fail(f'{path}/meta.json cannot be read ({type(e).__name__}): rerun the generate.py command that made {path}, or remove meta.json')
 
 
-def load_npy(file):
-    """np.load with one line for a truncated or pickled (object) array."""
+def load_npy(file, mmap_mode=None):
+    """np.load with one line for a truncated or pickled (object) array (mmap_mode='r': read from disk as used)."""
     try:
-        return np.load(file)  # allow_pickle=False: an object array is refused, not unpickled
+        return np.load(file, mmap_mode=mmap_mode)  # allow_pickle=False: an object array is refused, not unpickled
     except (ValueError, OSError, EOFError) as e:
         fail(f'{file} cannot be read as a numeric .npy ({e}): rewrite it, e.g. rerun the generate.py command that made it')
 
@@ -670,7 +711,7 @@ def claim_run_folder(out, resume, overwrite, script):
             entry.unlink()
 
 
-RUN_FLAGS = ('dataset', 'openood_root', 'teacher', 'teacher_class_order', 'crop', 'init', 'outliers', 'arch', 'image_size', 'w_kd', 'w_feat',
+RUN_FLAGS = ('dataset', 'classes', 'openood_root', 'teacher', 'teacher_class_order', 'crop', 'init', 'outliers', 'arch', 'image_size', 'w_kd', 'w_feat',
              'w_knn', 'w_diff', 'club', 'epochs', 'batch_size', 'lr', 'lr_dt', 'lr_q', 'weight_decay', 'seed')  # what --resume must match
 
 
@@ -730,7 +771,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # ---------------------------------------------------------------- data, teacher, outliers
-    ds = load_dataset(args.dataset, args.data_root, args.openood_root)
+    ds = load_dataset(args.dataset, args.data_root, args.openood_root, args.classes)
     if args.dataset.startswith('folder:'):
         fail('train_oal.py keeps the training set in memory; image-folder datasets are not supported yet (use CIFAR or digits)')
     num_classes = len(ds['classes'])

@@ -17,6 +17,7 @@ Without --synthetic this is the plain cross-entropy baseline (and the teacher / 
     # plug-in training methods the paper combined with SIO
     python train_sio.py --dataset cifar10 --synthetic PATH --method logitnorm|cutmix
     python train_sio.py --dataset cifar10 --synthetic PATH --method oe --oe-data PATH
+    python train_sio.py --dataset cifar10 --synthetic PATH --method pixmix --mixing-set fractals_and_fvis/   # SIO's 92.94
 """
 import argparse
 import json
@@ -47,6 +48,7 @@ MIN_LR = 1e-6  # per-iteration cosine from lr down to this (OpenOOD's cosine_ann
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
+    p.add_argument('--classes', default=None, help="folder datasets: these classes only: imagenet-10 or imagenet-dogs (the SIO code's subsets) or a file of class folder names")
     p.add_argument('--data-root', default='./data', help='where torchvision datasets live / are downloaded')
     p.add_argument('--openood-root', default=None, help="OpenOOD's data dir (benchmark_imglist/, images_classic/): use its val/test lists")
     p.add_argument('--arch', default=None, help='resnet18 | resnet18_224 | resnet50 | cnn (default: cnn for digits, resnet18 for CIFAR, resnet18_224 for folders)')
@@ -56,13 +58,19 @@ def get_args(argv=None):
                         "(OpenOOD at 224, +-4 px); native = pad-crop at the dataset's size, then upsample (+-28 px at 224)")
     p.add_argument('--synthetic', default=None, help='synthetic ID set: images.npy+labels.npy or zero-padded class folders (SPEC 1)')
     p.add_argument('--alpha', type=float, default=None, help='share of real images per batch (0.8 CIFAR, 0.9 folders); 1 = baseline')
-    p.add_argument('--method', default='ce', choices=['ce', 'logitnorm', 'oe', 'cutmix'])
+    p.add_argument('--method', default='ce', choices=['ce', 'logitnorm', 'oe', 'cutmix', 'pixmix'])
     p.add_argument('--tau', type=float, default=0.04, help='LogitNorm temperature')
     p.add_argument('--oe-data', default=None, help='outlier images for --method oe: a .npy (N,H,W,3) uint8 or an image folder')
     p.add_argument('--oe-weight', type=float, default=0.5)
     p.add_argument('--oe-batch-size', type=int, default=None, help='outliers per step (default 2x batch, as in OE)')
     p.add_argument('--oe-augment', action='store_true', help='deviation: outliers get the training crop/flip, drawn with replacement '
                                                               '(default, as the SIO code: test transform, in order from a per-epoch permutation)')
+    p.add_argument('--mixing-set', default=None, help="PixMix's mixing pictures for --method pixmix: a folder of images (e.g. its fractals_and_fvis)")
+    p.add_argument('--pixmix-k', type=int, default=4, help='PixMix: at most this many mixing rounds per image (uniform in 0..k)')
+    p.add_argument('--pixmix-beta', type=float, default=3.0, help='PixMix: mixing severity (the Beta distributions of the weights)')
+    p.add_argument('--aug-severity', type=int, default=3, help='PixMix: severity of the AugMix operations, 1..10')
+    p.add_argument('--pixmix-ops', default='all', choices=['all', 'base'], help='PixMix: all 13 AugMix ops, as the SIO code (OpenOOD all_ops: true); '
+                                                                                'base = the 9 without color/contrast/brightness/sharpness, as PixMix\'s CIFAR script')
     p.add_argument('--epochs', type=int, default=None)
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--lr', type=float, default=None)
@@ -95,6 +103,9 @@ def get_args(argv=None):
         ('--batch-size', f'an integer >= {world} (the number of processes)', lambda v: v >= world),
         ('--lr', 'a number > 0', lambda v: 0 < v < math.inf),
         ('--weight-decay', 'a number >= 0', lambda v: 0 <= v < math.inf),
+        ('--pixmix-k', 'an integer >= 0', lambda v: v >= 0),
+        ('--pixmix-beta', 'a number > 0', lambda v: 0 < v < math.inf),
+        ('--aug-severity', 'an integer in 1..10', lambda v: 1 <= v <= 10),
         ('--seed', 'an integer in [0, 2**32)', lambda v: 0 <= v < 2 ** 32),
         ('--stop-after', 'an integer >= 1 (epochs to run in this call)', lambda v: v >= 1),
         ('--workers', 'an integer >= 0', lambda v: v >= 0),
@@ -103,9 +114,15 @@ def get_args(argv=None):
     if args.synthetic and int(args.batch_size * args.alpha) < world:
         fail(f'--alpha {args.alpha} leaves {int(args.batch_size * args.alpha)} real images in a batch of {args.batch_size}: '
              f'raise --alpha or --batch-size')
+    if args.classes and not args.dataset.startswith('folder:'):
+        fail(f'--classes picks class folders of a folder:PATH dataset; --dataset {args.dataset} has fixed classes: drop --classes')
     check_device(args.device)
     if args.method == 'oe' and not args.oe_data:
         fail('--method oe needs outlier images: pass --oe-data PATH (a .npy of uint8 images or an image folder)')
+    if args.method == 'pixmix' and not args.mixing_set:
+        fail("--method pixmix needs mixing pictures: pass --mixing-set PATH (a folder of images, e.g. PixMix's fractals_and_fvis)")
+    if args.mixing_set and args.method != 'pixmix':
+        fail(f'--mixing-set is used by --method pixmix only (this run is --method {args.method}): drop it, or pass --method pixmix')
     if args.out is None:
         args.out = f"runs/{args.dataset.replace(':', '_').replace('/', '_')}_{args.method}{'_sio' if args.synthetic else ''}_s{args.seed}"
     return args
@@ -305,7 +322,34 @@ def image_folder(path):
     return files, np.array(labels, dtype=np.int64), classes
 
 
-def load_dataset(name, data_root='./data', openood_root=None):
+# ImageNet subsets of the SIO code (imagenet_train_subclasses.py, SUB_CLASSES): positions in the 1,000 sorted
+# ImageNet-1K class folders. imagenet-10 = n01644373 n01744401 n01833805 n02099601 n02123045 n02690373 n03417042
+# n04037443 n04273569 n07745940 (the wnids of its train_imagenet_10.txt); imagenet-dogs = the 100 dogs 151..250.
+IMAGENET_SUBSETS = {'imagenet-10': [404, 751, 94, 281, 62, 207, 31, 949, 814, 569], 'imagenet-dogs': list(range(151, 251))}
+
+
+def subset_classes(spec, classes):
+    """--classes: imagenet-10 / imagenet-dogs, or a file of class folder names (one per line, first word, so
+    LOC_synset_mapping.txt lines work). Returns the chosen names, sorted (labels follow that order, as in the SIO code)."""
+    if spec in IMAGENET_SUBSETS:
+        if len(classes) != 1000:
+            fail(f'--classes {spec} takes ImageNet-1K classes by position, but the folder has {len(classes)} classes: '
+                 f'point --dataset folder:PATH at an ImageNet-1K layout (1,000 class folders), or pass a file of class names')
+        return sorted(classes[i] for i in IMAGENET_SUBSETS[spec])
+    try:
+        names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a text file of class folder names')
+    missing = [n for n in names if n not in classes]
+    if missing or len(names) < 2:
+        fail(f'--classes {spec}: ' + (f'{len(missing)} of its {len(names)} classes have no folder in the dataset (e.g. {missing[0]})'
+                                        if missing else f'{len(names)} class named, a classifier needs 2 or more') + ': fix the list or the dataset')
+    return names
+
+
+def load_dataset(name, data_root='./data', openood_root=None, classes=None):
+    """classes (folder datasets): --classes' spec or a list of class folder names; the other classes' test images
+    then come back as other_classes (the SIO code's OOD set for ImageNet subsets)."""
     if name == 'digits':
         return load_digits_splits()
     if name in ('cifar10', 'cifar100'):
@@ -328,14 +372,24 @@ def load_dataset(name, data_root='./data', openood_root=None):
                     classes=list(train.classes), image_size=32, mean=mean, std=std)
     if name.startswith('folder:'):
         root = Path(name[len('folder:'):])
-        train_files, train_y, classes = image_folder(root / 'train')
+        train_files, train_y, all_classes = image_folder(root / 'train')
         val_files, val_y, val_classes = image_folder(root / 'val')
-        if val_classes != classes:
-            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {classes[:5]}...: they must match')
+        if val_classes != all_classes:
+            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {all_classes[:5]}...: they must match')
         test = image_folder(root / 'test')[:2] if (root / 'test').is_dir() else (val_files, val_y)
+        classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
+        missing = [c for c in classes if c not in all_classes]
+        if missing:
+            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of {len(classes)} classes missing): pass the dataset the classes come from')
+
+        def select(split, names):  # the images of these classes, labelled by their position in names
+            position = {all_classes.index(n): i for i, n in enumerate(names)}
+            keep = [j for j, y in enumerate(split[1]) if y in position]
+            return [split[0][j] for j in keep], np.array([position[split[1][j]] for j in keep], dtype=np.int64)
+        other = [c for c in all_classes if c not in classes]
         mean, std = IMAGENET_STATS
-        return dict(train=(train_files, train_y), val=(val_files, val_y), test=test,
-                    classes=classes, image_size=224, mean=mean, std=std)
+        return dict(train=select((train_files, train_y), classes), val=select((val_files, val_y), classes), test=select(test, classes),
+                    classes=classes, other_classes=select(test, other)[0] if other else [], image_size=224, mean=mean, std=std)
     fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
 
 
@@ -386,10 +440,10 @@ def read_meta(path):
         fail(f'{path}/meta.json cannot be read ({type(e).__name__}): rerun the generate.py command that made {path}, or remove meta.json')
 
 
-def load_npy(file):
-    """np.load with one line for a truncated or pickled (object) array."""
+def load_npy(file, mmap_mode=None):
+    """np.load with one line for a truncated or pickled (object) array (mmap_mode='r': read from disk as used)."""
     try:
-        return np.load(file)  # allow_pickle=False: an object array is refused, not unpickled
+        return np.load(file, mmap_mode=mmap_mode)  # allow_pickle=False: an object array is refused, not unpickled
     except (ValueError, OSError, EOFError) as e:
         fail(f'{file} cannot be read as a numeric .npy ({e}): rewrite it, e.g. rerun the generate.py command that made it')
 
@@ -410,14 +464,17 @@ def check_set_meta(path, dataset, classes, command):
     return meta
 
 
-def load_synthetic(path, dataset, classes, size):
-    """A synthetic ID set checked against the real one: finished, every class present, same classes."""
+def load_synthetic(path, dataset, classes, size, on_disk=False):
+    """A synthetic ID set checked against the real one: finished, every class present, same classes.
+    on_disk (folder datasets): the images stay on disk, read by the loader's workers as used: returns the list of
+    files, or images.npy opened as a memory map, so memory does not grow with the number of images."""
     path, num_classes = Path(path), len(classes)
     check_set_meta(path, dataset, classes, 'sio')
+    files = None
     if (path / 'images.npy').exists():
         if not (path / 'labels.npy').exists():
             fail(f'{path}/images.npy has no labels.npy beside it')
-        images, labels = load_npy(path / 'images.npy'), load_npy(path / 'labels.npy')
+        images, labels = load_npy(path / 'images.npy', 'r' if on_disk else None), load_npy(path / 'labels.npy')
     elif path.is_dir():
         class_dirs = sorted(d for d in path.iterdir() if d.is_dir())
         if not class_dirs or not all(d.name.isdigit() for d in class_dirs):
@@ -427,8 +484,9 @@ def load_synthetic(path, dataset, classes, size):
         if len(files) < len(entries):
             skipped = [f for f, _ in entries if f.suffix.lower() not in IMAGE_EXTENSIONS]
             print(f'note: {len(skipped)} file(s) in {path} are not images and are skipped (e.g. {skipped[0]})', file=sys.stderr)
-        images = read_images([f for f, _ in files], size) if files else np.zeros((0, size, size, 3), np.uint8)
         labels = np.array([c for _, c in files], dtype=np.int64)
+        files = [str(f) for f, _ in files]
+        images = np.zeros((len(files), 1, 1, 3), np.uint8) if on_disk else read_images(files, size) if files else np.zeros((0, size, size, 3), np.uint8)
     else:
         fail(f'--synthetic {path} does not exist: run generate.py sio first or point at images.npy/labels.npy')
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape[1:3]:
@@ -445,6 +503,8 @@ def load_synthetic(path, dataset, classes, size):
     if missing:
         fail(f'{path}: synthetic set has {num_classes - len(missing)} classes but the dataset has {num_classes} '
              f'(no image for class {", ".join(map(str, missing[:5]))}{"..." if len(missing) > 5 else ""}): generate it for this --dataset')
+    if on_disk:  # resized by the loader's crop, like the real images
+        return (files if files is not None else images), labels
     return resize_images(images, size), labels  # e.g. 512x512 diffusion samples for 32x32 CIFAR
 
 
@@ -519,6 +579,7 @@ def augment(x, pad, flip, size=None):
 
 
 def normalize(x, mean, std, size):
+    """uint8 images (or float ones on the same 0..255 scale, e.g. PixMix's) -> normalised float at size, channels_last."""
     x = x.float().div_(255)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
@@ -527,11 +588,14 @@ def normalize(x, mean, std, size):
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Real image files followed by in-memory synthetic images, decoded and cropped in workers to uint8 CHW."""
+    """Real image files followed by synthetic ones (more files, or a memory-mapped images.npy), decoded and cropped
+    in the workers to uint8 CHW: nothing is held in memory but the lists."""
 
     def __init__(self, files, labels, size, train, extra_images=None, extra_labels=None):
+        if isinstance(extra_images, list):  # synthetic image files: read like the real ones
+            files, labels, extra_images = list(files) + extra_images, np.concatenate([labels, extra_labels]), None
         self.files, self.labels = files, labels
-        self.extra_images, self.extra_labels = extra_images, extra_labels
+        self.extra_images, self.extra_labels = extra_images, extra_labels  # images.npy as a memory map, or None
         import torchvision
         t = torchvision.transforms
         self.transform = (t.RandomResizedCrop(size) if train else
@@ -539,6 +603,17 @@ class FolderImages(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.files) + (0 if self.extra_images is None else len(self.extra_images))
+
+    def __getstate__(self):  # workers started by spawn reopen the memory map rather than receive a copy of every image
+        state = dict(self.__dict__)
+        if isinstance(self.extra_images, np.memmap):
+            state['extra_images'] = self.extra_images.filename
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if isinstance(self.extra_images, (str, Path)):
+            self.extra_images = np.load(self.extra_images, mmap_mode='r')
 
     def __getitem__(self, i):
         from PIL import Image
@@ -582,6 +657,188 @@ def cutmix(x, labels):
 
 
 # ----------------------------------------------------------------------------------------------
+# PixMix (Hendrycks et al. 2022), as OpenOOD's preprocessor runs it (the SIO code's): start from the
+# image or one augmentation of it, then mix in 0..k times (uniform) a fresh augmentation of the
+# original or a mixing picture, adding or multiplying with random weights (a, b). Here per image,
+# in batch, on the training device: every op and weight is drawn per image, nothing leaves the GPU.
+
+def int_parameter(level, maxval):
+    """AugMix's int_parameter: floor(level * maxval / 10), per image."""
+    return torch.floor(level * maxval / 10)
+
+
+def random_sign(level):
+    return torch.where(torch.rand(len(level), device=level.device) > 0.5, -1.0, 1.0) * level
+
+
+def affine(x, rows):
+    """PIL's Image.transform(AFFINE) per image: rows (n, 2, 3) map output pixel (x, y, 1) to input; bilinear, black fill."""
+    n, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device) + 0.5, torch.arange(w, device=x.device) + 0.5, indexing='ij')
+    points = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h * w, 3)
+    source = (points @ rows.transpose(1, 2)).view(n, h, w, 2)  # in pixels
+    size = torch.tensor([w, h], device=x.device)
+    sampled = F.grid_sample(x.float(), source / size * 2 - 1, mode='bilinear', padding_mode='border', align_corners=False)
+    inside = ((source >= 0) & (source < size)).all(-1)[:, None]  # PIL fills a pixel whose source lies off the image
+    return torch.where(inside, sampled, 0).round().clamp(0, 255).byte()
+
+
+def geometric(x, kind, amount):
+    """rotate (degrees counter-clockwise about the centre, as PIL), shear_x/shear_y (factor), translate_x/translate_y (pixels)."""
+    n, _, h, w = x.shape
+    rows = torch.eye(2, 3, device=x.device).repeat(n, 1, 1)
+    if kind == 'rotate':  # input = centre + R (output - centre)
+        cos, sin = torch.cos(torch.deg2rad(amount)), torch.sin(torch.deg2rad(amount))
+        rows[:, 0, 0], rows[:, 0, 1], rows[:, 0, 2] = cos, -sin, w / 2 - cos * w / 2 + sin * h / 2
+        rows[:, 1, 0], rows[:, 1, 1], rows[:, 1, 2] = sin, cos, h / 2 - sin * w / 2 - cos * h / 2
+    elif kind == 'shear_x':  # PIL's (1, level, 0, 0, 1, 0)
+        rows[:, 0, 1] = amount
+    elif kind == 'shear_y':  # (1, 0, 0, level, 1, 0)
+        rows[:, 1, 0] = amount
+    elif kind == 'translate_x':  # (1, 0, level, 0, 1, 0)
+        rows[:, 0, 2] = amount
+    else:  # translate_y: (1, 0, 0, 0, 1, level)
+        rows[:, 1, 2] = amount
+    return affine(x, rows)
+
+
+def blend(degenerate, x, factor):
+    """PIL's ImageEnhance: degenerate + factor * (image - degenerate), cut to uint8."""
+    return (degenerate + factor.view(-1, 1, 1, 1) * (x.float() - degenerate)).floor().clamp(0, 255).byte()
+
+
+def grey(x):
+    """PIL's convert('L'): ITU-R 601-2 luma, rounded, as float (n, 1, h, w)."""
+    return ((x[:, 0:1].float() * 299 + x[:, 1:2].float() * 587 + x[:, 2:3].float() * 114 + 500) / 1000).floor()
+
+
+def autocontrast(x):
+    """PIL's ImageOps.autocontrast: each channel stretched to 0..255 (a flat channel is left as it is)."""
+    low, high = x.amin((2, 3), keepdim=True).float(), x.amax((2, 3), keepdim=True).float()
+    stretched = ((x.float() - low) * 255 / (high - low).clamp_min(1)).floor().clamp(0, 255).byte()
+    return torch.where(high > low, stretched, x)
+
+
+def equalize(x):
+    """PIL's ImageOps.equalize per image and channel: a lookup table from the cumulative histogram."""
+    n, c, h, w = x.shape
+    values = x.reshape(n * c, h * w).long()
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, values, torch.ones_like(values))
+    step = (h * w - hist.gather(1, values.amax(1, keepdim=True))) // 255  # all pixels but those of the top value, in 255 steps
+    lut = ((step // 2 + hist.cumsum(1) - hist) // step.clamp_min(1)).clamp(max=255)
+    lut = torch.where(step > 0, lut, torch.arange(256, device=x.device))  # a flat channel is left as it is
+    return lut.gather(1, values).byte().view(n, c, h, w)
+
+
+def posterize(x, bits):
+    """PIL's ImageOps.posterize: keep the top `bits` bits of every channel (bits per image)."""
+    return x & ((255 << (8 - bits.long())) & 255).byte().view(-1, 1, 1, 1)
+
+
+def solarize(x, threshold):
+    """PIL's ImageOps.solarize: invert every value at or above threshold (per image)."""
+    return torch.where(x.float() >= threshold.view(-1, 1, 1, 1), 255 - x, x)
+
+
+def smooth(x):
+    """PIL's ImageFilter.SMOOTH (3x3, centre 5, others 1, /13), border pixels unchanged: ImageEnhance.Sharpness's degenerate."""
+    kernel = torch.ones(3, 3, device=x.device)
+    kernel[1, 1] = 5
+    out = x.float().clone()
+    out[:, :, 1:-1, 1:-1] = F.conv2d(x.float(), (kernel / 13).expand(3, 1, 3, 3), groups=3).round()
+    return out
+
+
+# AugMix's operations as the PixMix code has them: level = U(0.1, severity) per image, scaled by each op
+PIXMIX_OPS = {
+    'autocontrast': lambda x, level: autocontrast(x),
+    'equalize': lambda x, level: equalize(x),
+    'posterize': lambda x, level: posterize(x, 4 - int_parameter(level, 4)),
+    'rotate': lambda x, level: geometric(x, 'rotate', random_sign(int_parameter(level, 30))),
+    'solarize': lambda x, level: solarize(x, 256 - int_parameter(level, 256)),
+    'shear_x': lambda x, level: geometric(x, 'shear_x', random_sign(level * 0.3 / 10)),
+    'shear_y': lambda x, level: geometric(x, 'shear_y', random_sign(level * 0.3 / 10)),
+    'translate_x': lambda x, level: geometric(x, 'translate_x', random_sign(int_parameter(level, x.shape[-1] / 3))),
+    'translate_y': lambda x, level: geometric(x, 'translate_y', random_sign(int_parameter(level, x.shape[-2] / 3))),
+    # the four that overlap ImageNet-C's corruptions: on in the SIO code (OpenOOD's all_ops: true), off in PixMix's CIFAR script
+    'color': lambda x, level: blend(grey(x), x, level * 1.8 / 10 + 0.1),
+    'contrast': lambda x, level: blend(grey(x).mean((1, 2, 3), keepdim=True).add(0.5).floor(), x, level * 1.8 / 10 + 0.1),
+    'brightness': lambda x, level: blend(torch.zeros((), device=x.device), x, level * 1.8 / 10 + 0.1),
+    'sharpness': lambda x, level: blend(smooth(x), x, level * 1.8 / 10 + 0.1),
+}
+
+
+def augment_op(x, severity, all_ops):
+    """One AugMix operation per image, chosen uniformly: every op runs on the whole batch and each image keeps its own
+    (no host sync; the ops are cheap next to the network)."""
+    ops = list(PIXMIX_OPS.values())[:None if all_ops else 9]
+    which = torch.randint(len(ops), (len(x), 1, 1, 1), device=x.device)
+    level = torch.empty(len(x), device=x.device).uniform_(0.1, severity)
+    out = x
+    for i, op in enumerate(ops):
+        out = torch.where(which == i, op(x, level), out)
+    return out
+
+
+def mixing_weights(n, beta, device):
+    """PixMix's get_ab per image: (Beta(beta, 1), Beta(1, beta)) or (1 + Beta(1, beta), -Beta(1, beta)), even odds."""
+    first = torch.rand(n, device=device) < 0.5
+    beta_b1 = torch.distributions.Beta(torch.tensor(float(beta), device=device), torch.tensor(1.0, device=device))
+    beta_1b = torch.distributions.Beta(torch.tensor(1.0, device=device), torch.tensor(float(beta), device=device))
+    a = torch.where(first, beta_b1.sample((n,)), 1 + beta_1b.sample((n,)))
+    b = torch.where(first, beta_1b.sample((n,)), -beta_1b.sample((n,)))
+    return a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1)
+
+
+def pixmix(x, mixing_pics, k=4, beta=3.0, severity=3, all_ops=True, rounds=None):
+    """x, mixing_pics: uint8 (n, 3, h, w) on one device -> float (n, 3, h, w) in [0, 255], ready for normalize().
+    rounds: mixings per image (default: uniform in 0..k, as PixMix draws them)."""
+    n, device = len(x), x.device
+    coin = lambda: torch.rand(n, 1, 1, 1, device=device) < 0.5
+    mixed = torch.where(coin(), augment_op(x, severity, all_ops), x).float() / 255
+    rounds = torch.randint(0, k + 1, (n, 1, 1, 1), device=device) if rounds is None else torch.as_tensor(rounds, device=device).view(-1, 1, 1, 1)
+    for r in range(int(k)):
+        partner = torch.where(coin(), augment_op(x, severity, all_ops), mixing_pics).float() / 255
+        a, b = mixing_weights(n, beta, device)
+        added = (a * (mixed * 2 - 1) + b * (partner * 2 - 1) + 1) / 2
+        multiplied = (mixed * 2) ** a * (partner * 2).clamp_min(1e-37) ** b / 2
+        mixed = torch.where(rounds > r, torch.where(coin(), added, multiplied).clamp(0, 1), mixed)
+    return mixed * 255
+
+
+def load_mixing_set(path, size):
+    """PixMix's mixing pictures: every image under a folder, shorter side resized to size and centre-cropped square
+    (a training step then takes a random crop at the training size, as OpenOOD's Resize + RandomCrop)."""
+    from PIL import Image
+    path = Path(path)
+    files = sorted(f for f in path.rglob('*') if f.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else []
+    if not files:
+        fail(f'--mixing-set {path}: no images found; pass a folder of images (e.g. PixMix\'s fractals_and_fvis)')
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, f in enumerate(files):
+        try:
+            image = Image.open(f).convert('RGB')
+        except OSError as e:
+            fail(f'cannot read image {f} ({type(e).__name__}): replace or remove that file')
+        scale = size / min(image.size)
+        image = image.resize((max(size, round(image.size[0] * scale)), max(size, round(image.size[1] * scale))), Image.BILINEAR)
+        left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+        out[i] = np.asarray(image.crop((left, top, left + size, top + size)))
+    return out
+
+
+def random_crops(images, count, size):
+    """count random (size x size) crops of randomly chosen images (uint8 NCHW), on their device."""
+    pick = images[torch.randint(len(images), (count,), device=images.device)]
+    offset = pick.shape[-1] - size
+    dy = torch.randint(0, offset + 1, (count, 1), device=images.device)
+    dx = torch.randint(0, offset + 1, (count, 1), device=images.device)
+    rows = (dy + torch.arange(size, device=images.device))[:, None, :, None]
+    cols = (dx + torch.arange(size, device=images.device))[:, None, None, :]
+    return pick[torch.arange(count, device=images.device)[:, None, None, None], torch.arange(3, device=images.device)[None, :, None, None], rows, cols]
+
+
+# ----------------------------------------------------------------------------------------------
 
 def save_atomic(obj, path):
     """Write a temporary file, then rename it over path: a crash or a full disk never leaves half a file."""
@@ -622,8 +879,9 @@ def claim_run_folder(out, resume, overwrite, script):
             entry.unlink()
 
 
-RUN_FLAGS = ('dataset', 'openood_root', 'arch', 'image_size', 'crop', 'synthetic', 'alpha', 'method', 'tau', 'oe_data', 'oe_weight',
-             'oe_batch_size', 'oe_augment', 'epochs', 'batch_size', 'lr', 'weight_decay', 'seed')  # what --resume must match
+RUN_FLAGS = ('dataset', 'classes', 'openood_root', 'arch', 'image_size', 'crop', 'synthetic', 'alpha', 'method', 'tau', 'oe_data', 'oe_weight',
+             'oe_batch_size', 'oe_augment', 'mixing_set', 'pixmix_k', 'pixmix_beta', 'aug_severity', 'pixmix_ops',
+             'epochs', 'batch_size', 'lr', 'weight_decay', 'seed')  # what --resume must match
 
 
 def check_resume(state, run, out):
@@ -684,14 +942,14 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # ---------------------------------------------------------------- data
-    ds = load_dataset(args.dataset, args.data_root, args.openood_root)
+    ds = load_dataset(args.dataset, args.data_root, args.openood_root, args.classes)
     num_classes = len(ds['classes'])
     args.image_size = args.image_size or (ds['image_size'] if args.dataset == 'digits' else ARCH_SIZE[args.arch])
     in_memory = not args.dataset.startswith('folder:')
     store_size = ds['image_size'] if in_memory else args.image_size  # in-memory sets stay native, resized on the device
     crop_size = args.image_size if args.crop == 'published' else None  # published: resize first, so the crop shifts +-pad px at the training size
     train_x, train_y = ds['train']
-    syn_x, syn_y = load_synthetic(args.synthetic, args.dataset, ds['classes'], store_size) if args.synthetic else (None, None)
+    syn_x, syn_y = load_synthetic(args.synthetic, args.dataset, ds['classes'], store_size, not in_memory) if args.synthetic else (None, None)
     n_real, n_syn = len(train_y), 0 if syn_y is None else len(syn_y)
     if in_memory:  # the whole set as a uint8 tensor on the training device: no loader, no workers
         def to_device(images):
@@ -713,6 +971,14 @@ def main(argv=None):
     if args.method == 'oe':
         oe_x = torch.from_numpy(load_outlier_images(args.oe_data, store_size)).permute(0, 3, 1, 2).contiguous().to(device)
         args.oe_batch_size = args.oe_batch_size or 2 * args.batch_size
+    mixing_set = None
+    if args.method == 'pixmix':  # kept a little larger than the images, as OpenOOD's Resize(36) before RandomCrop(32) (256 for 224)
+        mixed_size = args.image_size if crop_size or not in_memory else store_size
+        mixing_set = torch.from_numpy(load_mixing_set(args.mixing_set, round(mixed_size * (256 / 224 if not in_memory else 36 / 32))))
+        mixing_set = mixing_set.permute(0, 3, 1, 2).contiguous().to(device)
+        if master:
+            print(f'PixMix: {len(mixing_set):,} mixing pictures from {args.mixing_set}; k {args.pixmix_k}, beta {args.pixmix_beta}, '
+                  f'severity {args.aug_severity}, {args.pixmix_ops} ops')
     batch_plan = sio_batches(n_real, n_syn, args.batch_size, args.alpha, torch.Generator().manual_seed(0))
     real_seen = sum(len(r) for r, _ in batch_plan)
     if master:
@@ -730,7 +996,7 @@ def main(argv=None):
     total_steps = args.epochs * len(batch_plan)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: MIN_LR / args.lr + (1 - MIN_LR / args.lr) * 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     start_epoch, best_acc, log = 0, -1.0, []
-    run = {k: os.path.abspath(v) if k in ('openood_root', 'synthetic', 'oe_data') and v else v for k, v in vars(args).items() if k in RUN_FLAGS}
+    run = {k: os.path.abspath(v) if k in ('openood_root', 'synthetic', 'oe_data', 'mixing_set') and v else v for k, v in vars(args).items() if k in RUN_FLAGS}
     run['synthetic set'] = dict(images=n_syn, meta=read_meta(Path(args.synthetic))) if n_syn else None
     if args.resume and not (out / 'last.pt').exists() and master:
         print(f'--resume: no {out}/last.pt yet, starting at epoch 1')
@@ -793,6 +1059,9 @@ def main(argv=None):
             elif args.flip:
                 x = augment(x, 0, True)
             mix_labels, lam = None, 1.0
+            if mixing_set is not None:  # PixMix after the crop and flip, on real and synthetic images alike
+                x = pixmix(x, random_crops(mixing_set, len(x), x.shape[-1]), args.pixmix_k, args.pixmix_beta, args.aug_severity,
+                           args.pixmix_ops == 'all')
             if args.method == 'cutmix':
                 x, mix_labels, lam = cutmix(x, y)
             if oe_x is not None and args.oe_augment:  # deviation (--oe-augment): augmented outliers drawn with replacement
