@@ -13,6 +13,7 @@ themselves at ImageNet-1K scale. Several runs = seeds: mean +- std.
     python evaluate.py baseline=runs/ce_s0,runs/ce_s1 sio=runs/sio_s0,runs/sio_s1 --detectors msp,ebo,knn   # one comparison table
     torchrun --nproc_per_node=4 evaluate.py runs/c100_sio_s0    # rank-sharded network passes
     python evaluate.py --bench-features 200000,2048,1000        # time + memory of each detector on synthetic features
+    python evaluate.py runs/c10_sio_s0 --aps sio --aps-ood data/c100_heldout   # EBO/ODIN/KNN settings searched as the SIO code did
 
 Detectors: msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim (SPEC section 4).
 """

@@ -9,10 +9,12 @@
        low-density samples per class (knn_outliers.npy), then Stable Diffusion prompted with the class
        name while a token embedding is swapped for such a sample (which token: --inject) -> pooled final
        latents (diffusion_outliers.npy) and decoded images for inspection.
+  fractals  random IFS fractal PNGs: an offline stand-in for PixMix's mixing set (train_sio.py --method pixmix).
 
     python generate.py fit --dataset digits --out pipelines/digits                      # ~4 min on a CPU
     python generate.py sio --pipeline pipelines/digits --dataset digits --per-class 300 --out samples/digits_sio
     python generate.py oal --pipeline pipelines/digits --teacher runs/digits_ce_s0 --dataset digits --out outliers/digits
+    python generate.py fractals --out mixing/fractals --count 1000
     # the papers' setting on a GPU box (Stable Diffusion v1.4, PLMS 50 steps, guidance 7.5, seed 42)
     python generate.py sio --pipeline CompVis/stable-diffusion-v1-4 --dataset cifar10 --per-class 5000 --out samples/c10_sio
     python generate.py oal --pipeline CompVis/stable-diffusion-v1-4 --dataset cifar10 --out outliers/cifar10   # teacher: TEACHERS

@@ -1741,7 +1741,6 @@ BAD_INPUTS = [
     ('train_sio', SIO.replace('digits', 'folder:{bad}/wnid_dataset') + ' --classes {bad}/no_such.txt', 'cannot be read'),
     ('train_sio', SIO.replace('digits', 'folder:{bad}/wnid_dataset') + ' --classes {bad}/one_class.txt', '2 or more'),
     ('train_sio', SIO.replace('digits', 'folder:{bad}/wnid_dataset') + ' --classes {bad}/unknown_class.txt', 'n09999999'),
-    ('train_oal', '--dataset cifar10 --classes imagenet-dogs --out {out}', 'drop --classes'),
     ('generate', GEN_SIO + ' --classes imagenet-10', 'drop --classes'),
     ('generate', 'fractals --out {out} --count 0', '--count'),
     ('evaluate', '{bad}/run_ce --aps-ood {bad}/no_images', '--aps sio'),

@@ -45,7 +45,6 @@ TEACHERS = {  # the paper's teacher, a ViT-B/16 fine-tuned on the ID set at 224,
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
-    p.add_argument('--classes', default=None, help="folder datasets: these classes only: imagenet-10 or imagenet-dogs (the SIO code's subsets) or a file of class folder names")
     p.add_argument('--data-root', default='./data')
     p.add_argument('--openood-root', default=None, help="OpenOOD's data dir: use its val/test lists")
     p.add_argument('--teacher', default=None, help='transformers image classifier (hub id or folder), run dir or .pt of ours, or baseline '
@@ -100,8 +99,6 @@ def get_args(argv=None):
     ])
     if args.arch is not None and args.arch not in ARCH_SIZE:
         fail(f'unknown --arch {args.arch!r}: use resnet18, resnet18_224, resnet50 or cnn')
-    if args.classes and not args.dataset.startswith('folder:'):
-        fail(f'--classes picks class folders of a folder:PATH dataset; --dataset {args.dataset} has fixed classes: drop --classes')
     check_device(args.device)
     args.teacher = args.teacher or TEACHERS.get(args.dataset, 'baseline')
     args.teacher = f'runs/{tag}_ce_s0' if args.teacher == 'baseline' else args.teacher
@@ -711,7 +708,7 @@ def claim_run_folder(out, resume, overwrite, script):
             entry.unlink()
 
 
-RUN_FLAGS = ('dataset', 'classes', 'openood_root', 'teacher', 'teacher_class_order', 'crop', 'init', 'outliers', 'arch', 'image_size', 'w_kd', 'w_feat',
+RUN_FLAGS = ('dataset', 'openood_root', 'teacher', 'teacher_class_order', 'crop', 'init', 'outliers', 'arch', 'image_size', 'w_kd', 'w_feat',
              'w_knn', 'w_diff', 'club', 'epochs', 'batch_size', 'lr', 'lr_dt', 'lr_q', 'weight_decay', 'seed')  # what --resume must match
 
 
@@ -771,7 +768,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # ---------------------------------------------------------------- data, teacher, outliers
-    ds = load_dataset(args.dataset, args.data_root, args.openood_root, args.classes)
+    ds = load_dataset(args.dataset, args.data_root, args.openood_root)
     if args.dataset.startswith('folder:'):
         fail('train_oal.py keeps the training set in memory; image-folder datasets are not supported yet (use CIFAR or digits)')
     num_classes = len(ds['classes'])

@@ -18,6 +18,8 @@ Without --synthetic this is the plain cross-entropy baseline (and the teacher / 
     python train_sio.py --dataset cifar10 --synthetic PATH --method logitnorm|cutmix
     python train_sio.py --dataset cifar10 --synthetic PATH --method oe --oe-data PATH
     python train_sio.py --dataset cifar10 --synthetic PATH --method pixmix --mixing-set fractals_and_fvis/   # SIO's 92.94
+    # ImageNet subsets of the SIO code (224, 60 epochs, B 256, alpha 0.9); evaluate.py scores the other classes as OOD
+    python train_sio.py --dataset folder:data/imagenet --classes imagenet-10 --synthetic PATH
 """
 import argparse
 import json
