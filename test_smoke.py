@@ -1236,9 +1236,10 @@ def test_folder_dataset_trains_and_evaluates(tmp_path):
     assert set(results['knn']) == {'noise', 'far'} and results['_meta']['near'] == []
 
 
-def test_imagenet_subset_trains_and_scores_the_other_classes_as_ood(tmp_path):
+def test_imagenet_subset_trains_and_scores_the_other_classes_as_ood(tiny_pipeline, tmp_path):
     """A stand-in ImageNet layout (WordNet-id folders): --classes keeps two of three classes, labelled in sorted-wnid
-    order as the SIO code does; the synthetic set is read from disk; evaluate.py scores the left-out class as near-OOD."""
+    order as the SIO code does; generate.py sio makes the subset's set (PNGs only: no images.npy for folder datasets),
+    which the trainer reads from disk; evaluate.py scores the left-out class as near-OOD."""
     from PIL import Image
     rng = np.random.RandomState(0)
     wnids = ['n02085620', 'n01440764', 'n09999999']
@@ -1256,11 +1257,13 @@ def test_imagenet_subset_trains_and_scores_the_other_classes_as_ood(tmp_path):
     assert train_sio.subset_classes('imagenet-10', names) == ['n00000031', 'n00000062', 'n00000094', 'n00000207', 'n00000281',
                                                               'n00000404', 'n00000569', 'n00000751', 'n00000814', 'n00000949']
     assert train_sio.subset_classes('imagenet-dogs', names) == names[151:251]
-    for c in range(2):  # synthetic class folders in the subset's label order
-        (tmp_path / 'syn' / f'{c:03d}').mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray((rng.randint(0, 80, (16, 16, 3)) + 80 * (1 - c)).astype(np.uint8)).save(tmp_path / 'syn' / f'{c:03d}' / f'{i}.png')
-    common = ['--dataset', f'folder:{tmp_path / "inet"}', '--classes', str(tmp_path / 'subset.txt'), '--arch', 'cnn', '--image-size', '16', '--workers', '0']
+    subset = ['--dataset', f'folder:{tmp_path / "inet"}', '--classes', str(tmp_path / 'subset.txt')]
+    generate.main(['sio', '--pipeline', str(tiny_pipeline), '--per-class', '3', '--steps', '2', '--batch-size', '6', '--out', str(tmp_path / 'syn'),
+                   '--class-names', str(tmp_path / 'subset.txt')] + subset)
+    meta = json.loads((tmp_path / 'syn' / 'meta.json').read_text())
+    assert meta['classes'] == ['n01440764', 'n02085620'] and meta['prompts'] == ['a photo of a tench', 'a photo of a Chihuahua']
+    assert meta['complete'] and not (tmp_path / 'syn' / 'images.npy').exists() and len(list((tmp_path / 'syn').rglob('*.png'))) == 6
+    common = subset + ['--arch', 'cnn', '--image-size', '16', '--workers', '0']
     train_sio.main(common + ['--synthetic', str(tmp_path / 'syn'), '--epochs', '2', '--batch-size', '10', '--out', str(tmp_path / 'run')])
     ckpt = torch.load(tmp_path / 'run' / 'best.pt', weights_only=False)
     assert ckpt['classes'] == ['n01440764', 'n02085620'] and ckpt['num_classes'] == 2 and ckpt['args']['classes'] == str(tmp_path / 'subset.txt')
