@@ -488,6 +488,7 @@ def load_synthetic(path, dataset, classes, size, on_disk=False):
             print(f'note: {len(skipped)} file(s) in {path} are not images and are skipped (e.g. {skipped[0]})', file=sys.stderr)
         labels = np.array([c for _, c in files], dtype=np.int64)
         files = [str(f) for f, _ in files]
+        # on disk: a stand-in of the right length for the checks below (the files are decoded by the loader)
         images = np.zeros((len(files), 1, 1, 3), np.uint8) if on_disk else read_images(files, size) if files else np.zeros((0, size, size, 3), np.uint8)
     else:
         fail(f'--synthetic {path} does not exist: run generate.py sio first or point at images.npy/labels.npy')
