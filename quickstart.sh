@@ -19,7 +19,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   seeds="0 1"
 else
   fit=""
-  sio="--per-class 200"
+  sio="--per-class 200 --batch-size 120"  # 120 images per pipeline call: 2x the images/s of 16 on a CPU
   oal="--iterations 30 --steps 25"
   n_epochs=30  # the digits recipe of both trainers, spelled out so a finished run can be recognised
 fi

@@ -282,6 +282,16 @@ def test_pixmix_on_a_batch():
         assert lit == pytest.approx(reference(k), abs=0.03), k
 
 
+def test_digits_are_read_as_sklearn_loads_them():
+    """The digits come from scikit-learn's own CSV (no sklearn.datasets import at start-up): the same pixels and labels."""
+    from sklearn.datasets import load_digits
+    images, labels = train_sio.digits_images()
+    digits = load_digits()
+    assert images.dtype == np.uint8 and images.shape == (1797, 8, 8, 3) and labels.dtype == np.int64
+    assert np.array_equal(images[..., 0], np.rint(digits.images * 255 / 16).astype(np.uint8)) and np.array_equal(labels, digits.target)
+    assert (images[..., 0] == images[..., 2]).all()
+
+
 def test_fractal_mixing_set_resumes_and_keeps_its_settings(tmp_path, capsys):
     out = tmp_path / 'fractals'
     generate.main(['fractals', '--out', str(out), '--count', '6', '--size', '16'])
