@@ -1336,6 +1336,8 @@ def test_plugin_methods_train_with_and_without_sio(runs, tmp_path, method):
         log = [json.loads(l) for l in (out / 'log.jsonl').read_text().splitlines()]
         assert len(log) == 6 and np.isfinite(log[-1]['loss']) and max(r['val_acc'] for r in log) > 0.5
         assert torch.load(out / 'best.pt', weights_only=False)['args']['method'] == method
+        recorded = torch.load(out / 'last.pt', weights_only=False)['run']  # what --resume compares: PixMix's flags only for PixMix,
+        assert ('pixmix_k' in recorded) == (method == 'pixmix') and 'classes' not in recorded  # so older runs without them still resume
 
 
 def test_aps_picks_the_setting_with_the_best_validation_auroc(runs, tmp_path):

@@ -1008,7 +1008,10 @@ def main(argv=None):
     total_steps = args.epochs * len(batch_plan)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: MIN_LR / args.lr + (1 - MIN_LR / args.lr) * 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     start_epoch, best_acc, log = 0, -1.0, []
-    run = {k: os.path.abspath(v) if k in ('openood_root', 'synthetic', 'oe_data', 'mixing_set') and v else v for k, v in vars(args).items() if k in RUN_FLAGS}
+    # flags that cannot change this run stay out, so a run saved before they existed still resumes
+    unused = ({'mixing_set', 'pixmix_k', 'pixmix_beta', 'aug_severity', 'pixmix_ops'} if args.method != 'pixmix' else set()) | ({'classes'} if args.classes is None else set())
+    run = {k: os.path.abspath(v) if k in ('openood_root', 'synthetic', 'oe_data', 'mixing_set') and v else v for k, v in vars(args).items()
+           if k in RUN_FLAGS and k not in unused}
     run['synthetic set'] = dict(images=n_syn, meta=read_meta(Path(args.synthetic))) if n_syn else None
     if args.resume and not (out / 'last.pt').exists() and master:
         print(f'--resume: no {out}/last.pt yet, starting at epoch 1')
