@@ -1262,15 +1262,15 @@ def ifs_fractal(rng, size, points=50000):
     """One random iterated function system (2-4 contractive affine maps, chosen by |det|), run as 1,000 chaos-game
     chains; each map has its own colour, pixel brightness follows log hit counts, on black (as PixMix's fractals)."""
     maps = rng.randint(2, 5)
-    A = rng.uniform(-1, 1, (maps, 2, 2))
-    A *= rng.uniform(0.5, 0.95, (maps, 1, 1)) / np.linalg.norm(A, 2, axis=(1, 2))[:, None, None]  # largest singular value < 1
-    b = rng.uniform(-1, 1, (maps, 2))
-    weights = np.abs(np.linalg.det(A)) + 1e-3
+    linear = rng.uniform(-1, 1, (maps, 2, 2))
+    linear *= rng.uniform(0.5, 0.95, (maps, 1, 1)) / np.linalg.norm(linear, 2, axis=(1, 2))[:, None, None]  # largest singular value < 1
+    shift = rng.uniform(-1, 1, (maps, 2))
+    weights = np.abs(np.linalg.det(linear)) + 1e-3
     colours = rng.uniform(0.2, 1, (maps, 3))
     xy, hits, which = rng.uniform(-1, 1, (1000, 2)), [], []
     for step in range(20 + points // 1000):
         k = rng.choice(maps, size=len(xy), p=weights / weights.sum())
-        xy = np.einsum('nij,nj->ni', A[k], xy) + b[k]
+        xy = np.einsum('nij,nj->ni', linear[k], xy) + shift[k]
         if step >= 20:  # past the transient, the chains lie on the attractor
             hits.append(xy.copy())
             which.append(k)
