@@ -71,7 +71,7 @@ def get_args(argv=None):
                         'sio = as the SIO code ran it (ID test scores kept at the default setting, for the search and the table); '
                         'val = validation ID vs validation OOD, then every set scored with the pick (OpenOOD v1.5)')
     p.add_argument('--aps-ood', default=None, metavar='PATH', help="validation OOD images for --aps, an image folder (the SIO code: "
-                   "1,000 held-out CIFAR-100 images for CIFAR-10; OpenOOD v1.5: TinyImageNet's val_tin list, used by default with --openood-root)")
+                   "held-out CIFAR-100 images for CIFAR-10; OpenOOD v1.5: TinyImageNet's val_tin list, used by default with --openood-root)")
     # detector settings (OpenOOD v1.5 defaults)
     p.add_argument('--ebo-temperature', type=float, default=1.0, help='energy score T * logsumexp(z / T)')
     p.add_argument('--odin-temperature', type=float, default=1000.0)
