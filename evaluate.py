@@ -319,11 +319,9 @@ def subset_classes(spec, classes):
         names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
     except (OSError, UnicodeDecodeError) as e:
         fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a text file of class folder names')
-    missing = [n for n in names if n not in classes]
-    if missing or len(names) < 2:
-        fail(f'--classes {spec}: ' + (f'{len(missing)} of its {len(names)} classes have no folder in the dataset (e.g. {missing[0]})'
-                                        if missing else f'{len(names)} class named, a classifier needs 2 or more') + ': fix the list or the dataset')
-    return names
+    if len(names) < 2:
+        fail(f'--classes {spec}: {len(names)} class named, a classifier needs 2 or more: fix the list')
+    return names  # load_dataset checks that each has a folder
 
 
 def load_dataset(name, data_root='./data', openood_root=None, classes=None):
@@ -359,7 +357,8 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
         classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
         missing = [c for c in classes if c not in all_classes]
         if missing:
-            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of {len(classes)} classes missing): pass the dataset the classes come from')
+            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of the {len(classes)} classes asked for): '
+                 f'fix the class list, or pass the dataset it comes from')
 
         def select(split, names):  # the images of these classes, labelled by their position in names
             position = {all_classes.index(n): i for i, n in enumerate(names)}
@@ -409,6 +408,11 @@ ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}
 # ----------------------------------------------------------------------------------------------
 # Benchmarks: ID test + near/far OOD sets as uint8 (N, S, S, 3) at the ID set's native size S
 # (OpenOOD's test transform: RGB, resize shorter side, centre crop; normalisation comes later).
+
+def image_files(path):
+    """Every image file under a folder, searched recursively, in sorted order ([] when it is no folder)."""
+    return [str(f) for f in sorted(Path(path).rglob('*')) if f.suffix.lower() in IMAGE_EXTENSIONS] if Path(path).is_dir() else []
+
 
 def resize_crop(images, size):
     """uint8 (N, H, W, 3) or (N, H, W) -> uint8 (N, size, size, 3): shorter side to size, centre crop."""
@@ -500,7 +504,7 @@ def ood_sets(dataset, size, args, other_classes=None):
     for name, (group, path) in plan.items():
         images = None
         if path is not None:
-            files = [str(f) for f in sorted(Path(path).rglob('*')) if f.suffix.lower() in IMAGE_EXTENSIONS] if Path(path).is_dir() else []
+            files = image_files(path)
             images = read_files(files, size) if files else None
         elif dataset == 'digits':
             images = digits_ood(name)
@@ -929,11 +933,13 @@ def score_runs(checkpoints, split_images, oods, groups, args, device, rank, worl
         odin, det_args, picks = {}, {det: args for det in args.detectors}, {}
         if 'odin' in args.detectors:  # every rank takes part in ODIN's passes, the search's included
             run_odin = lambda split, a: odin_scores(model, splits[split][0], ckpt, device, args.batch_size, a.odin_temperature, a.odin_eps, rank, world)
+            if args.aps == 'sio':  # the ID test side stays at the default setting, for the search and the table: one pass
+                odin['id'] = run_odin('id', args)
             if args.aps:
-                det_args['odin'], picks['odin'] = aps_search('odin', args, lambda a: run_odin('id' if args.aps == 'sio' else 'val', a),
+                det_args['odin'], picks['odin'] = aps_search('odin', args, lambda a: odin['id'] if args.aps == 'sio' else run_odin('val', a),
                                                              lambda a: run_odin('aps_ood', a))
-            for split in ['id'] + list(oods):
-                odin[split] = run_odin(split, args if split == 'id' and args.aps == 'sio' else det_args['odin'])
+            for split in [s for s in ['id'] + list(oods) if s not in odin]:
+                odin[split] = run_odin(split, det_args['odin'])
         time_net += time.time() - t0
         if rank != 0:
             continue
@@ -1093,7 +1099,7 @@ def main(argv=None):
     split_images = {split: (read_files(ds[split][0], size) if folder else ds[split][0], ds[split][1]) for split in ('train', 'val', 'test')}
     oods = ood_sets(dataset, size, args, ds.get('other_classes'))
     if args.aps:  # validation OOD images for the search, never part of the table
-        files = sorted(str(f) for f in Path(args.aps_ood).rglob('*') if f.suffix.lower() in IMAGE_EXTENSIONS) if args.aps_ood else []
+        files = image_files(args.aps_ood) if args.aps_ood else []
         if not args.aps_ood and args.openood_root and (Path(args.openood_root) / 'benchmark_imglist' / dataset / 'val_tin.txt').exists():
             files = read_imglist(args.openood_root, f'{dataset}/val_tin.txt')[0]
         if not files:

@@ -329,11 +329,9 @@ def subset_classes(spec, classes):
         names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
     except (OSError, UnicodeDecodeError) as e:
         fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a text file of class folder names')
-    missing = [n for n in names if n not in classes]
-    if missing or len(names) < 2:
-        fail(f'--classes {spec}: ' + (f'{len(missing)} of its {len(names)} classes have no folder in the dataset (e.g. {missing[0]})'
-                                        if missing else f'{len(names)} class named, a classifier needs 2 or more') + ': fix the list or the dataset')
-    return names
+    if len(names) < 2:
+        fail(f'--classes {spec}: {len(names)} class named, a classifier needs 2 or more: fix the list')
+    return names  # load_dataset checks that each has a folder
 
 
 def load_dataset(name, data_root='./data', openood_root=None, classes=None):
@@ -369,7 +367,8 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
         classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
         missing = [c for c in classes if c not in all_classes]
         if missing:
-            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of {len(classes)} classes missing): pass the dataset the classes come from')
+            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of the {len(classes)} classes asked for): '
+                 f'fix the class list, or pass the dataset it comes from')
 
         def select(split, names):  # the images of these classes, labelled by their position in names
             position = {all_classes.index(n): i for i, n in enumerate(names)}

@@ -351,11 +351,9 @@ def subset_classes(spec, classes):
         names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
     except (OSError, UnicodeDecodeError) as e:
         fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a text file of class folder names')
-    missing = [n for n in names if n not in classes]
-    if missing or len(names) < 2:
-        fail(f'--classes {spec}: ' + (f'{len(missing)} of its {len(names)} classes have no folder in the dataset (e.g. {missing[0]})'
-                                        if missing else f'{len(names)} class named, a classifier needs 2 or more') + ': fix the list or the dataset')
-    return names
+    if len(names) < 2:
+        fail(f'--classes {spec}: {len(names)} class named, a classifier needs 2 or more: fix the list')
+    return names  # load_dataset checks that each has a folder
 
 
 def load_dataset(name, data_root='./data', openood_root=None, classes=None):
@@ -391,7 +389,8 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
         classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
         missing = [c for c in classes if c not in all_classes]
         if missing:
-            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of {len(classes)} classes missing): pass the dataset the classes come from')
+            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of the {len(classes)} classes asked for): '
+                 f'fix the class list, or pass the dataset it comes from')
 
         def select(split, names):  # the images of these classes, labelled by their position in names
             position = {all_classes.index(n): i for i, n in enumerate(names)}
@@ -529,6 +528,11 @@ def resize_images(images, size):
     return torch.cat(resized).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
+def image_files(path):
+    """Every image file under a folder, searched recursively, as sorted path strings ([] when it is no folder)."""
+    return sorted(str(f) for f in path.rglob('*') if f.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else []
+
+
 def load_outlier_images(path, size):
     """Outlier images for OE: a .npy of uint8 (N, H, W, 3) or any folder of images (searched recursively)."""
     path = Path(path)
@@ -537,7 +541,7 @@ def load_outlier_images(path, size):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             fail(f'{path}: outlier images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}')
         return resize_images(images, size)
-    files = sorted(str(f) for f in path.rglob('*') if f.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else []
+    files = image_files(path)
     if not files:
         fail(f'--oe-data {path}: no images found (pass a .npy of uint8 images or a folder of image files)')
     return read_images(files, size)
@@ -823,7 +827,7 @@ def load_mixing_set(path, size):
     (a training step then takes a random crop at the training size, as OpenOOD's Resize + RandomCrop)."""
     from PIL import Image
     path = Path(path)
-    files = sorted(f for f in path.rglob('*') if f.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else []
+    files = image_files(path)
     if not files:
         fail(f'--mixing-set {path}: no images found; pass a folder of images (e.g. PixMix\'s fractals_and_fvis)')
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
