@@ -10,6 +10,7 @@ two apart (MICL), and distillation from a strong frozen teacher keeps ID accurac
         + 0.1 CLUB(o_knn, h_s) + 0.2 CLUB(o_diff, h_s)
 
     python train_oal.py --dataset digits                           # teacher/init runs/digits_ce_s0, outliers/digits
+    python train_oal.py --dataset digits --seed 0,1,2 --init 'runs/digits_ce_s{seed}' --out 'runs/digits_oal_s{seed}'  # one process
     python train_oal.py --dataset cifar10 --init runs/cifar100_ce_224  # teacher: the ViT-B/16 of TEACHERS; init: the authors' CIFAR-100 CE
     python train_oal.py --dataset cifar10 --club alternating                    # the CLUB estimator as designed
     python train_oal.py --dataset cifar10 --w-knn 0 --w-diff 0                  # ablation: distillation only
@@ -71,7 +72,8 @@ def get_args(argv=None):
     p.add_argument('--lr-dt', type=float, default=0.01)
     p.add_argument('--lr-q', type=float, default=1e-4)
     p.add_argument('--weight-decay', type=float, default=5e-4)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', default='0', help='an integer, or several (0,1,2): one run per seed, one after another in this process; '
+                                               '{seed} in --out and --init stands for each')
     p.add_argument('--out', default=None, help='run directory (default runs/<dataset>_oal_s<seed>)')
     p.add_argument('--resume', action='store_true', help='continue from OUT/last.pt (from scratch while there is none yet)')
     p.add_argument('--overwrite', action='store_true', help='start afresh over the run in --out (replaces only best.pt, last.pt, log.jsonl)')
@@ -93,7 +95,6 @@ def get_args(argv=None):
         ('--lr-dt', 'a number > 0', lambda v: 0 < v < math.inf),
         ('--lr-q', 'a number > 0', lambda v: 0 < v < math.inf),
         ('--weight-decay', 'a number >= 0', lambda v: 0 <= v < math.inf),
-        ('--seed', 'an integer in [0, 2**32)', lambda v: 0 <= v < 2 ** 32),
         ('--teacher-min-acc', 'in [0, 1]', lambda v: 0 <= v <= 1),
         ('--stop-after', 'an integer >= 1 (epochs to run in this call)', lambda v: v >= 1),
     ])
@@ -104,8 +105,19 @@ def get_args(argv=None):
     args.teacher = f'runs/{tag}_ce_s0' if args.teacher == 'baseline' else args.teacher
     args.init = args.init or f'runs/{tag}_ce_s0'
     args.outliers = args.outliers or f'outliers/{tag}'
-    args.out = args.out or f'runs/{tag}_oal_s{args.seed}'
+    args.seeds = parse_seeds(args.seed)
+    args.out = args.out or f'runs/{tag}_oal_s{{seed}}'
+    if len(args.seeds) > 1 and '{seed}' not in args.out:
+        fail(f'--seed {args.seed} makes one run per seed: put {{seed}} in --out (e.g. {args.out}_s{{seed}})')
     return args
+
+
+def parse_seeds(text):
+    """--seed 0, or several distinct seeds: 0,1,2."""
+    parts = text.split(',')
+    if not all(p.strip().isdigit() and int(p) < 2 ** 32 for p in parts) or len({int(p) for p in parts}) < len(parts):
+        fail(f'--seed must be an integer in [0, 2**32) or distinct ones separated by commas (0,1,2), got {text!r}')
+    return [int(p) for p in parts]
 
 
 def fail(message):
@@ -759,6 +771,18 @@ def main(argv=None):
             torch.cuda.set_device(device)
     else:
         rank, world, device = 0, 1, torch.device(args.device)
+    for seed in args.seeds:  # one run per seed, each exactly as if started alone; one process saves the start-up of the others
+        run_args = {k: v for k, v in vars(args).items() if k != 'seeds'}
+        named = {flag: getattr(args, flag).replace('{seed}', str(seed)) for flag in ('out', 'init')}
+        if len(args.seeds) > 1 and rank == 0:
+            print(f"== seed {seed} -> {named['out']}")
+        train(argparse.Namespace(**dict(run_args, seed=seed, **named)), ddp, rank, world, device)
+    if ddp:
+        dist.destroy_process_group()
+
+
+def train(args, ddp, rank, world, device):
+    """One run of args.seed into args.out."""
     master = rank == 0
     out = Path(args.out)
     for flag in ('teacher', 'init'):  # distilling from a run must never write over it
@@ -940,8 +964,6 @@ def main(argv=None):
             write_log(log, out / 'log.jsonl')
     if master:
         print(f'best val acc {100 * best_acc:.2f}% -> {out}/best.pt')
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

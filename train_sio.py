@@ -10,6 +10,7 @@ Without --synthetic this is the plain cross-entropy baseline (and the teacher / 
     # embedded benchmark, CPU, seconds
     python train_sio.py --dataset digits --out runs/digits_ce_s0
     python train_sio.py --dataset digits --synthetic samples/digits_sio --out runs/digits_sio_s0
+    python train_sio.py --dataset digits --seed 0,1,2 --out 'runs/digits_ce_s{seed}'   # three seeds, one process
     # the paper's CIFAR recipe (ResNet-18, 200 epochs, B=128, alpha=0.8 -> 102 real + 26 synthetic)
     python train_sio.py --dataset cifar10 --out runs/c10_ce_s0
     python train_sio.py --dataset cifar10 --synthetic samples/c10_sio --out runs/c10_sio_s0
@@ -77,7 +78,8 @@ def get_args(argv=None):
     p.add_argument('--batch-size', type=int, default=None)
     p.add_argument('--lr', type=float, default=None)
     p.add_argument('--weight-decay', type=float, default=None)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', default='0', help='an integer, or several (0,1,2): one run per seed, one after another in this process; '
+                                               '{seed} in --out stands for each')
     p.add_argument('--out', default=None, help='run directory (default runs/<dataset>_<method>[_sio]_s<seed>)')
     p.add_argument('--resume', action='store_true', help='continue from OUT/last.pt (from scratch while there is none yet)')
     p.add_argument('--overwrite', action='store_true', help='start afresh over the run in --out (replaces only best.pt, last.pt, log.jsonl)')
@@ -108,7 +110,6 @@ def get_args(argv=None):
         ('--pixmix-k', 'an integer >= 0', lambda v: v >= 0),
         ('--pixmix-beta', 'a number > 0', lambda v: 0 < v < math.inf),
         ('--aug-severity', 'an integer in 1..10', lambda v: 1 <= v <= 10),
-        ('--seed', 'an integer in [0, 2**32)', lambda v: 0 <= v < 2 ** 32),
         ('--stop-after', 'an integer >= 1 (epochs to run in this call)', lambda v: v >= 1),
         ('--workers', 'an integer >= 0', lambda v: v >= 0),
         ('--image-size', f'at least {ARCH_MIN_SIZE[args.arch]} for --arch {args.arch}', lambda v: v >= ARCH_MIN_SIZE[args.arch]),
@@ -125,9 +126,19 @@ def get_args(argv=None):
         fail("--method pixmix needs mixing pictures: pass --mixing-set PATH (a folder of images, e.g. PixMix's fractals_and_fvis)")
     if args.mixing_set and args.method != 'pixmix':
         fail(f'--mixing-set is used by --method pixmix only (this run is --method {args.method}): drop it, or pass --method pixmix')
-    if args.out is None:
-        args.out = f"runs/{args.dataset.replace(':', '_').replace('/', '_')}_{args.method}{'_sio' if args.synthetic else ''}_s{args.seed}"
+    args.seeds = parse_seeds(args.seed)
+    args.out = args.out or f"runs/{args.dataset.replace(':', '_').replace('/', '_')}_{args.method}{'_sio' if args.synthetic else ''}_s{{seed}}"
+    if len(args.seeds) > 1 and '{seed}' not in args.out:
+        fail(f'--seed {args.seed} makes one run per seed: put {{seed}} in --out (e.g. {args.out}_s{{seed}})')
     return args
+
+
+def parse_seeds(text):
+    """--seed 0, or several distinct seeds: 0,1,2."""
+    parts = text.split(',')
+    if not all(p.strip().isdigit() and int(p) < 2 ** 32 for p in parts) or len({int(p) for p in parts}) < len(parts):
+        fail(f'--seed must be an integer in [0, 2**32) or distinct ones separated by commas (0,1,2), got {text!r}')
+    return [int(p) for p in parts]
 
 
 def fail(message):
@@ -945,6 +956,17 @@ def main(argv=None):
             torch.cuda.set_device(device)
     else:
         rank, world, device = 0, 1, torch.device(args.device)
+    for seed in args.seeds:  # one run per seed, each exactly as if started alone; one process saves the start-up of the others
+        run_args = {k: v for k, v in vars(args).items() if k != 'seeds'}
+        if len(args.seeds) > 1 and rank == 0:
+            print(f"== seed {seed} -> {args.out.replace('{seed}', str(seed))}")
+        train(argparse.Namespace(**dict(run_args, seed=seed, out=args.out.replace('{seed}', str(seed)))), ddp, rank, world, device)
+    if ddp:
+        dist.destroy_process_group()
+
+
+def train(args, ddp, rank, world, device):
+    """One run of args.seed into args.out."""
     master = rank == 0
     out = Path(args.out)
     if master:
@@ -1123,8 +1145,6 @@ def main(argv=None):
             write_log(log, out / 'log.jsonl')
     if master:
         print(f'best val acc {100 * best_acc:.2f}% -> {out}/best.pt')
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == '__main__':
