@@ -120,7 +120,11 @@ def test_runs_write_checkpoint_contract(runs):
 
 def test_resume_gives_identical_weights(tmp_path):
     common = ['--dataset', 'digits', '--epochs', '4', '--seed', '3']
-    train_sio.main(common + ['--out', str(tmp_path / 'straight')])
+    # straight: seeds 2 and 3 one after the other in one process, each run exactly as if started alone
+    train_sio.main(common[:-1] + ['2,3', '--out', str(tmp_path / 'seed{seed}')])
+    (tmp_path / 'seed3').rename(tmp_path / 'straight')
+    other = torch.load(tmp_path / 'seed2' / 'last.pt', weights_only=False)
+    assert other['args']['seed'] == 2 and other['args']['out'] == str(tmp_path / 'seed2') and 'seeds' not in other['args']
     train_sio.main(common + ['--out', str(tmp_path / 'split'), '--stop-after', '2'])
     assert json.loads((tmp_path / 'split' / 'log.jsonl').read_text().splitlines()[-1])['epoch'] == 2
     (tmp_path / 'split' / 'log.jsonl').unlink()  # as if killed between writing last.pt and log.jsonl: the rows live in last.pt too
@@ -323,9 +327,9 @@ def test_augment_crops_and_flips_in_batch():
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
 
 
-def test_nan_loss_stops_with_epoch_and_step(tmp_path):
-    proc = run_script('train_sio.py', '--dataset', 'digits', '--epochs', '2', '--lr', '1e30', '--out', tmp_path / 'nan')
-    assert_user_error(proc, 'epoch 1 step', 'nothing was saved')
+def test_nan_loss_stops_with_epoch_and_step(tmp_path, capsys):
+    line = main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '2', '--lr', '1e30', '--out', tmp_path / 'nan')
+    assert 'epoch 1 step' in line and 'nothing was saved' in line
     assert not (tmp_path / 'nan' / 'last.pt').exists()
 
 
@@ -757,9 +761,11 @@ def test_sio_torchrun_writes_each_index_once(tiny_pipeline, sio_samples, tmp_pat
         assert (tmp_path / 'ddp' / f.relative_to(sio_samples)).read_bytes() == f.read_bytes()
 
 
-def test_sio_hub_id_offline_is_one_line(tmp_path):
-    proc = run_script('generate.py', 'sio', '--pipeline', 'someone/not-cached-pipeline', '--dataset', 'digits', '--out', tmp_path / 'x')
-    assert_user_error(proc, 'local folder', 'generate.py fit')
+def test_sio_hub_id_offline_is_one_line(tmp_path, capsys):
+    line = main_error(capsys, generate.main, 'sio', '--pipeline', 'someone/not-cached-pipeline', '--dataset', 'digits', '--out', tmp_path / 'x')
+    assert 'local folder' in line and 'generate.py fit' in line
+    # as a user runs it (an error found before diffusers is imported, so the interpreter start-up is all it costs)
+    assert_user_error(run_script('generate.py', 'sio', '--dataset', 'digits', '--steps', '0', '--out', tmp_path / 'y'), '--steps')
 
 
 def brute_force_knn(points, k, select, sigma, draws, keep, seed):
@@ -790,6 +796,14 @@ def test_knn_sampler_fixed_and_faithful_selection():
         rows = np.argsort(-grid[:, b])[:keep]  # ... top rows of column b ...
         np.testing.assert_allclose(np.sort(faithful[b * keep:(b + 1) * keep], 0), np.sort(candidates[b * draws + rows], 0), atol=1e-5)  # ... index b*draws + r
     assert not np.allclose(np.sort(fixed, 0), np.sort(faithful, 0))  # the two modes really differ here
+
+
+def test_kth_distance_takes_the_kth_nearest_by_either_kernel():
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(40, 3, generator=g), torch.randn(100, 3, generator=g)
+    squared = ((queries[:, None] - bank[None]) ** 2).sum(-1).numpy()
+    for k in (5, 39):  # topk (k a small share of the bank), kthvalue (a large share, as digits' 105 of 106)
+        np.testing.assert_allclose(generate.kth_distance(queries, bank, k, chunk=32).numpy(), np.sort(squared, 1)[:, k - 1], rtol=1e-4, atol=1e-5)
 
 
 def test_token_injection_touches_only_class_tokens(tiny_pipeline):
@@ -827,6 +841,27 @@ def test_oal_outputs_shapes_and_meta(oal_outliers):
     assert meta['projection']['shape'] == [128, 32]  # teacher 128-d -> the tiny CLIP's 32-d token space
     np.testing.assert_allclose(np.linalg.norm(knn, axis=2), np.array(meta['anchor_norms'])[:, None].repeat(20, 1), rtol=1e-4)
     assert len(list((oal_outliers / 'images').glob('*.png'))) == 6
+
+
+def test_oal_batched_calls_match_one_call_per_iteration(tiny_pipeline, runs, oal_outliers, tmp_path):
+    """--batch-size 2 = 2 samples per iteration: one pipeline call per iteration, as the paper's loop, bit for bit (that call is
+    written out below); the fixture's default 16 ran all 3 iterations in one call and differs only by float rounding."""
+    out = tmp_path / 'one_per_call'
+    generate.main(['oal', '--pipeline', str(tiny_pipeline), '--teacher', str(runs / 'ce_s0'), '--dataset', 'digits', '--out', str(out),
+                   '--iterations', '3', '--samples-per-iteration', '2', '--steps', '2', '--features-per-class', '40', '--knn-k', '10',
+                   '--knn-draws', '50', '--boundary', '5', '--repeats', '2', '--batch-size', '2'])
+    one = np.load(out / 'diffusion_outliers.npy')
+    np.testing.assert_allclose(np.load(oal_outliers / 'diffusion_outliers.npy'), one, atol=1e-4)
+    pipe = generate.load_pipeline(str(tiny_pipeline), torch.device('cpu'), 'fp32', 'pndm')
+    knn, names = torch.from_numpy(np.load(out / 'knn_outliers.npy')), generate.class_prompt_names(generate.DIGIT_NAMES[:6], 'digits')
+    i, seed = 1, 42  # iteration 1 under the default seed, drawn as the paper's loop draws it
+    rng = np.random.RandomState(seed * 1000 + i)
+    c = rng.randint(6)
+    vector = knn[c, rng.randint(min(1000, knn.shape[1]))] @ generate.projection(128, 32, seed)
+    with generate.injected(pipe.text_encoder, generate.injected_tokens(pipe.tokenizer, names, c, 'published'), vector), torch.no_grad():
+        latents = pipe(generate.OAL_PROMPT.format(names[c]), num_images_per_prompt=2, num_inference_steps=2, guidance_scale=7.5,
+                       generator=torch.Generator('cpu').manual_seed(seed * 1000 + i), output_type='latent').images
+    assert np.array_equal(latents.float().mean(dim=1).mean(dim=1).numpy(), one[2:4])
 
 
 def test_oal_rerun_reuses_knn_and_finished_iterations(tiny_pipeline, runs, oal_outliers, capsys):
@@ -1168,12 +1203,15 @@ def test_quickstart_chain_ends_with_the_comparison_table(tmp_path):
     results = json.loads((tmp_path / 'qs' / 'results' / 'results.json').read_text())
     assert set(results) == {'baseline', 'sio', 'oal', '_meta'} and results['_meta']['runs']['oal'] == ['oal_s0', 'oal_s1']
     stages = proc.stdout[proc.stdout.index('wall time per stage:'):].splitlines()[1:]
-    assert [l.split()[0] for l in stages] == ['fit', 'sio-images', 'ce', 'ce', 'oal-outliers', 'sio', 'oal', 'sio', 'oal', 'evaluate', 'total']
-    # a rerun into the finished folder runs nothing but the evaluation (from its cache) and prints the same table
+    assert [l.split()[0] for l in stages] == ['fit', 'sio-images', 'ce', 'oal-outliers', 'sio', 'oal', 'evaluate', 'total']
+    assert [l.split()[1] for l in stages if l.split()[0] in ('ce', 'sio', 'oal')] == ['0,1'] * 3  # each trainer: both seeds in one process
+    oal_init = [torch.load(tmp_path / 'qs' / 'runs' / f'oal_s{s}' / 'best.pt', weights_only=False)['args']['init'] for s in (0, 1)]
+    assert [Path(p).name for p in oal_init] == ['ce_s0', 'ce_s1']  # {seed} in --init: each student starts from its own seed's baseline
+    # a rerun into the finished folder runs nothing and prints the same table
     rerun = subprocess.run(['bash', str(REPO / 'quickstart.sh'), str(tmp_path / 'qs')], env=dict(OFFLINE, QUICK='1', PYTHON=sys.executable),
                            capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert [l.split()[0] for l in rerun.stdout[rerun.stdout.index('wall time per stage:'):].splitlines()[1:]] == ['evaluate', 'total']
+    assert [l.split()[0] for l in rerun.stdout[rerun.stdout.index('wall time per stage:'):].splitlines()[1:]] == ['total']
     assert [l for l in rerun.stdout.splitlines() if l.startswith('| ')] == table
 
 
@@ -1446,7 +1484,7 @@ def one_thread():
 
 def test_trainers_finish_identically_after_a_kill_at_any_write(runs, oal_outliers, tmp_path, one_thread, monkeypatch):
     for main, argv in ((train_sio.main, ['--dataset', 'digits', '--epochs', '2', '--seed', '5']),
-                       (train_oal.main, oal_args(runs, oal_outliers, tmp_path / 'unused', '--epochs', '2', '--seed', '5')[:-2])):
+                       (train_oal.main, oal_args(runs, oal_outliers, tmp_path / 'unused', '--epochs', '2', '--seed', '5'))):
         writes, real_replace = [], os.replace
         monkeypatch.setattr(os, 'replace', lambda src, dst: (real_replace(src, dst), writes.append(Path(dst).name)))
         main(argv + ['--out', str(tmp_path / 'straight')])
@@ -1671,6 +1709,8 @@ BAD_INPUTS = [
     ('train_sio', SIO + ' --stop-after 0', '--stop-after'),
     ('train_sio', SIO + ' --image-size 3', '--image-size'),
     ('train_sio', SIO + ' --seed -1', '--seed'),
+    ('train_sio', SIO + ' --seed 0,1,0', 'distinct'),
+    ('train_sio', SIO + ' --seed 0,1', '{seed}'),  # two runs cannot share one --out
     ('train_sio', SIO + ' --method logitnorm --tau 0', '--tau'),
     ('train_sio', SIO + ' --method oe --oe-data {bad}/no_images --oe-weight -1', '--oe-weight'),
     ('train_sio', SIO + ' --method oe --oe-data {bad}/no_images --oe-batch-size 0', '--oe-batch-size'),
@@ -1721,6 +1761,8 @@ BAD_INPUTS = [
     ('train_oal', OAL + ' --w-kd -1', '--w-kd'),
     ('train_oal', OAL + ' --w-feat nan', '--w-feat'),
     ('train_oal', OAL + ' --seed -1', '--seed'),
+    ('train_oal', OAL + ' --seed 1,x', '--seed'),
+    ('train_oal', OAL + ' --seed 1,2', '{seed}'),
     ('train_oal', OAL + ' --teacher-min-acc 1.5', '--teacher-min-acc'),
     ('train_oal', OAL + ' --image-size 4', '--image-size'),
     ('train_oal', OAL + ' --arch vgg', '--arch'),
@@ -1846,6 +1888,7 @@ def test_shared_blocks_are_worded_the_same_in_every_script():
     for fn in ('def normalize(', 'def augment(', 'def load_teacher(', 'def fail(', 'def check_ranges(', 'def check_device(', 'def check_out(',
                'def read_checkpoint(', 'def save_atomic(', 'def write_log(', 'def check_resume(', 'def read_meta(', 'def load_npy(',
                'def lock_folder(', 'def claim_out(', 'def temporary(', 'def is_temporary(', 'def write_atomic(', 'def claim_run_folder(',
-               'def check_set_meta(', 'def teacher_class_order(', 'def teacher_accuracy(', 'def offline_if_unreachable('):
+               'def check_set_meta(', 'def teacher_class_order(', 'def teacher_accuracy(', 'def offline_if_unreachable(', 'def parse_seeds('):
         bodies = {t[t.index(fn):t.index('\n\n\n', t.index(fn))] for t in texts.values() if fn in t}
         assert len(bodies) == 1, fn
+
