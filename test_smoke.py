@@ -1220,24 +1220,47 @@ def test_oal_draws_distinct_outliers_and_sizes_club_from_d():
 # ================================================================================================
 # quickstart.sh: the README's one command, with tiny settings
 
-def test_quickstart_chain_ends_with_the_comparison_table(tmp_path):
-    proc = subprocess.run(['bash', str(REPO / 'quickstart.sh'), str(tmp_path / 'qs')], env=dict(OFFLINE, QUICK='1', PYTHON=sys.executable),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = [l for l in proc.stdout.splitlines() if l.startswith('| ')]
+@pytest.fixture(scope='session', autouse=True)
+def quickstart_in_background(request, tmp_path_factory):
+    """The quickstart chain (QUICK=1) is seven interpreter start-ups, mostly on one core: it starts with the session and runs
+    beside the in-process tests, and its test below waits for it (about 30 s less for the suite on 2 cores). Each side gets
+    one thread while it runs: two OpenMP pools spinning on the same two cores slowed the in-process tests up to 4x."""
+    if not any(item.name == 'test_quickstart_chain_ends_with_the_comparison_table' for item in request.session.items):
+        yield None
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp('quickstart')
+    with open(folder / 'stdout', 'w') as out, open(folder / 'stderr', 'w') as err:
+        proc = subprocess.Popen(['bash', str(REPO / 'quickstart.sh'), str(folder / 'qs')], stdout=out, stderr=err, start_new_session=True,
+                                env=dict(OFFLINE, QUICK='1', PYTHON=sys.executable, OMP_NUM_THREADS='1'))
+    yield proc, folder
+    torch.set_num_threads(threads)
+    if proc.poll() is None:  # the session ended early (-x, Ctrl-C): the script and the stage it runs
+        import signal
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_quickstart_chain_ends_with_the_comparison_table(quickstart_in_background):
+    proc, folder = quickstart_in_background
+    proc.wait(timeout=900)
+    stdout, stderr = (folder / 'stdout').read_text(), (folder / 'stderr').read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    table = [l for l in stdout.splitlines() if l.startswith('| ')]
     assert table[0].startswith('| detector | setting | near AUROC | far AUROC | near FPR@95 | far FPR@95 | ACC |')
     rows = [tuple(c.strip() for c in l.split('|')[1:3]) for l in table[1:]]  # the |---| line does not start with '| '
     assert rows == [(d, s) for d in ('msp', 'ebo', 'knn') for s in ('baseline', 'sio', 'oal')]
     assert all(l.count('±') == 5 for l in table[1:])  # mean ± std over the seeds in every cell
-    results = json.loads((tmp_path / 'qs' / 'results' / 'results.json').read_text())
+    results = json.loads((folder / 'qs' / 'results' / 'results.json').read_text())
     assert set(results) == {'baseline', 'sio', 'oal', '_meta'} and results['_meta']['runs']['oal'] == ['oal_s0', 'oal_s1']
-    stages = proc.stdout[proc.stdout.index('wall time per stage:'):].splitlines()[1:]
+    stages = stdout[stdout.index('wall time per stage:'):].splitlines()[1:]
     assert [l.split()[0] for l in stages] == ['fit', 'sio-images', 'ce', 'oal-outliers', 'sio', 'oal', 'evaluate', 'total']
     assert [l.split()[1] for l in stages if l.split()[0] in ('ce', 'sio', 'oal')] == ['0,1'] * 3  # each trainer: both seeds in one process
-    oal_init = [torch.load(tmp_path / 'qs' / 'runs' / f'oal_s{s}' / 'best.pt', weights_only=False)['args']['init'] for s in (0, 1)]
+    oal_init = [torch.load(folder / 'qs' / 'runs' / f'oal_s{s}' / 'best.pt', weights_only=False)['args']['init'] for s in (0, 1)]
     assert [Path(p).name for p in oal_init] == ['ce_s0', 'ce_s1']  # {seed} in --init: each student starts from its own seed's baseline
     # a rerun into the finished folder runs nothing and prints the same table
-    rerun = subprocess.run(['bash', str(REPO / 'quickstart.sh'), str(tmp_path / 'qs')], env=dict(OFFLINE, QUICK='1', PYTHON=sys.executable),
+    rerun = subprocess.run(['bash', str(REPO / 'quickstart.sh'), str(folder / 'qs')], env=dict(OFFLINE, QUICK='1', PYTHON=sys.executable),
                            capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [l.split()[0] for l in rerun.stdout[rerun.stdout.index('wall time per stage:'):].splitlines()[1:]] == ['total']
