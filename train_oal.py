@@ -771,8 +771,8 @@ def main(argv=None):
             torch.cuda.set_device(device)
     else:
         rank, world, device = 0, 1, torch.device(args.device)
+    run_args = {k: v for k, v in vars(args).items() if k != 'seeds'}
     for seed in args.seeds:  # one run per seed, each exactly as if started alone; one process saves the start-up of the others
-        run_args = {k: v for k, v in vars(args).items() if k != 'seeds'}
         named = {flag: getattr(args, flag).replace('{seed}', str(seed)) for flag in ('out', 'init')}
         if len(args.seeds) > 1 and rank == 0:
             print(f"== seed {seed} -> {named['out']}")

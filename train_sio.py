@@ -956,11 +956,12 @@ def main(argv=None):
             torch.cuda.set_device(device)
     else:
         rank, world, device = 0, 1, torch.device(args.device)
+    run_args = {k: v for k, v in vars(args).items() if k != 'seeds'}
     for seed in args.seeds:  # one run per seed, each exactly as if started alone; one process saves the start-up of the others
-        run_args = {k: v for k, v in vars(args).items() if k != 'seeds'}
+        out = args.out.replace('{seed}', str(seed))
         if len(args.seeds) > 1 and rank == 0:
-            print(f"== seed {seed} -> {args.out.replace('{seed}', str(seed))}")
-        train(argparse.Namespace(**dict(run_args, seed=seed, out=args.out.replace('{seed}', str(seed)))), ddp, rank, world, device)
+            print(f'== seed {seed} -> {out}')
+        train(argparse.Namespace(**dict(run_args, seed=seed, out=out)), ddp, rank, world, device)
     if ddp:
         dist.destroy_process_group()
 
