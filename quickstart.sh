@@ -2,8 +2,8 @@
 # The whole story on the embedded digits benchmark, offline, on a CPU, in one command:
 # fit a small diffusion pipeline on the ID digits, generate synthetic ID images (SIO) and latent-space
 # outliers (OAL), train baseline / SIO / OAL with 3 seeds each, evaluate, print one comparison table.
-# After fit, two lanes run side by side (SIO images + SIO training | baseline training + OAL outliers), each
-# on half the cores with its output in WORKDIR/logs; then OAL training and the evaluation.
+# After fit and the baseline, two lanes run side by side (SIO images + SIO training | OAL outliers + OAL
+# training), each on half the cores with its output in WORKDIR/logs; then the evaluation.
 #
 #   bash quickstart.sh [WORKDIR]        (default ./quickstart; finished steps are skipped on a rerun,
 #                                         so a rerun into a finished folder only prints the table again)
@@ -77,18 +77,18 @@ finished() { [ -f "$work/runs/$1/log.jsonl" ] && tail -n 1 "$work/runs/$1/log.js
 all_finished() { local s; for s in ${seeds//,/ }; do finished "$1_s$s" || return 1; done; }  # all_finished ce: runs ce_s0, ce_s1, ...
 
 [ -f "$work/pipeline/model_index.json" ] || stage fit $py generate.py fit --dataset digits --out "$work/pipeline" $fit
-lane1() {  # the SIO side
+all_finished ce || stage "ce $seeds" $py train_sio.py --dataset digits --seed "$seeds" --out "$work/runs/ce_s{seed}" $epochs
+lane1() {  # SIO
   complete "$work/sio_samples" || stage sio-images $py generate.py sio --pipeline "$work/pipeline" --dataset digits --out "$work/sio_samples" $sio
   all_finished sio || stage "sio $seeds" $py train_sio.py --dataset digits --synthetic "$work/sio_samples" --seed "$seeds" --out "$work/runs/sio_s{seed}" $epochs
 }
-lane2() {  # the baseline, whose seed-0 run is OAL's teacher
-  all_finished ce || stage "ce $seeds" $py train_sio.py --dataset digits --seed "$seeds" --out "$work/runs/ce_s{seed}" $epochs
+lane2() {  # OAL, with the seed-0 baseline as its teacher
   complete "$work/outliers" || stage oal-outliers $py generate.py oal --pipeline "$work/pipeline" --teacher "$work/runs/ce_s0" --dataset digits \
     --out "$work/outliers" $oal
+  all_finished oal || stage "oal $seeds" $py train_oal.py --dataset digits --teacher "$work/runs/ce_s0" --init "$work/runs/ce_s{seed}" \
+    --outliers "$work/outliers" --seed "$seeds" --out "$work/runs/oal_s{seed}" $epochs
 }
 lanes 1 2
-all_finished oal || stage "oal $seeds" $py train_oal.py --dataset digits --teacher "$work/runs/ce_s0" --init "$work/runs/ce_s{seed}" \
-  --outliers "$work/outliers" --seed "$seeds" --out "$work/runs/oal_s{seed}" $epochs
 runs() { local out=""; for s in ${seeds//,/ }; do out="$out,$work/runs/$1_s$s"; done; echo "${out#,}"; }
 # evaluated again only when a stage ran now or the last evaluation did not finish (a rerun into a finished folder: no process at all)
 if [ -s "$stage_times" ] || ! [ -f "$work/results/results.json" ] || ! grep -q '^## comparison' "$work/evaluate.log" 2>/dev/null; then

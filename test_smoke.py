@@ -1256,9 +1256,9 @@ def test_quickstart_chain_ends_with_the_comparison_table(quickstart_in_backgroun
     results = json.loads((folder / 'qs' / 'results' / 'results.json').read_text())
     assert set(results) == {'baseline', 'sio', 'oal', '_meta'} and results['_meta']['runs']['oal'] == ['oal_s0', 'oal_s1']
     stages = stdout[stdout.index('wall time per stage:'):].splitlines()[1:]
-    assert [l.split()[0] for l in stages] == ['fit', 'sio-images', 'sio', 'ce', 'oal-outliers', 'lanes', 'oal', 'evaluate', 'total']
-    assert [l.split('(')[-1] for l in stages[1:5]] == ['lane 1)'] * 2 + ['lane 2)'] * 2  # the two sides ran beside each other
-    assert {p.name for p in (folder / 'qs' / 'logs').iterdir()} == {'sio-images.log', 'sio.log', 'ce.log', 'oal-outliers.log'}
+    assert [l.split()[0] for l in stages] == ['fit', 'ce', 'sio-images', 'sio', 'oal-outliers', 'oal', 'lanes', 'evaluate', 'total']
+    assert [l.split('(')[-1] for l in stages[2:6]] == ['lane 1)'] * 2 + ['lane 2)'] * 2  # SIO and OAL ran beside each other
+    assert {p.name for p in (folder / 'qs' / 'logs').iterdir()} == {'sio-images.log', 'sio.log', 'oal-outliers.log', 'oal.log'}
     assert [l.split()[1] for l in stages if l.split()[0] in ('ce', 'sio', 'oal')] == ['0,1'] * 3  # each trainer: both seeds in one process
     oal_init = [torch.load(folder / 'qs' / 'runs' / f'oal_s{s}' / 'best.pt', weights_only=False)['args']['init'] for s in (0, 1)]
     assert [Path(p).name for p in oal_init] == ['ce_s0', 'ce_s1']  # {seed} in --init: each student starts from its own seed's baseline
@@ -1272,9 +1272,10 @@ def test_quickstart_chain_ends_with_the_comparison_table(quickstart_in_backgroun
 
 def test_quickstart_stops_both_lanes_when_one_fails(tmp_path):
     """A stage that fails in one lane ends the run at once: the other lane's process is stopped, the exit code is not 0 and
-    the failed stage's log is shown. A stand-in interpreter: the baseline training fails, everything else would sleep."""
+    the failed stage's log is shown. A stand-in interpreter: the baseline passes, the OAL outliers fail, SIO would sleep."""
     fake = tmp_path / 'python'
-    fake.write_text('#!/bin/bash\ncase "$*" in\n  *train_sio.py*--seed*ce_s*) sleep 1; echo "error: the baseline broke"; exit 2 ;;\n'
+    fake.write_text('#!/bin/bash\ncase "$*" in\n  *train_sio.py*ce_s*) exit 0 ;;\n'
+                    '  *generate.py\\ oal*) sleep 1; echo "error: the outliers broke"; exit 2 ;;\n'
                     f'  *) echo $$ >> {tmp_path}/sleepers; exec sleep 60 ;;\nesac\n')
     fake.chmod(0o755)
     work = tmp_path / 'qs'
@@ -1284,7 +1285,7 @@ def test_quickstart_stops_both_lanes_when_one_fails(tmp_path):
     proc = subprocess.run(['bash', str(REPO / 'quickstart.sh'), str(work)], env=dict(os.environ, QUICK='1', PYTHON=str(fake)),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and time.time() - start < 30
-    assert 'ce 0,1 failed (lane 2)' in proc.stderr and 'error: the baseline broke' in proc.stderr
+    assert 'oal-outliers failed (lane 2)' in proc.stderr and 'error: the outliers broke' in proc.stderr
     sleepers = (tmp_path / 'sleepers').read_text().split()
     assert sleepers  # sio-images in lane 1 was started ...
     for pid in sleepers:  # ... and is gone
