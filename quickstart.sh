@@ -41,10 +41,11 @@ stage() {  # stage NAME COMMAND...: run it and note its wall time for the table 
   fi
   awk -v n="$name" -v a="$start" -v b="$(date +%s.%N)" -v s="$note" 'BEGIN { printf "%-14s %7.1f s%s\n", n, b - a, s }' >> "$file"
 }
-# two lanes at once, each on half the cores (the small models here use a second core for only ~20% more speed, so two
-# one-thread processes get ~1.6x the work done): lanes 1 2 runs functions lane1 and lane2, fails as soon as either fails
+# two lanes at once, each with half the threads (OMP_NUM_THREADS, else the cores): the small models here run only ~20%
+# faster on a second core, so two one-thread processes get ~1.6x the work done. lanes 1 2 runs the functions lane1 and
+# lane2 and fails as soon as either fails
 lanes() {
-  local n start=$(date +%s.%N) threads=${OMP_NUM_THREADS:-$(( $(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2) / 2 ))}
+  local n start=$(date +%s.%N) threads=$(( ${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)} / 2 ))
   [ "$threads" -ge 1 ] || threads=1
   for n in "$@"; do
     lane_file=$(mktemp) lane_times="$lane_times $lane_file"
