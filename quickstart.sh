@@ -29,13 +29,12 @@ epochs="--epochs $n_epochs --resume"  # --resume: an interrupted run continues w
 
 stage_times=$(mktemp) lane_times="" lane_pids=""
 stage() {  # stage NAME COMMAND...: run it and note its wall time for the table at the end (in a lane: its output to $work/logs/NAME.log)
-  local name=$1 start=$(date +%s.%N) file=$stage_times note=""; shift
+  local name=$1 start=$(date +%s.%N) file=$stage_times note="" log; shift
   if [ -n "${lane:-}" ]; then
-    file=$lane_file note="  (lane $lane)"
+    file=$lane_file note="  (lane $lane)" log="$work/logs/${name%% *}.log"  # "sio 0,1,2" -> logs/sio.log
     mkdir -p "$work/logs"
-    echo "lane $lane: $name (output in $work/logs/${name%% *}.log)"
-    "$@" > "$work/logs/${name%% *}.log" 2>&1 || { echo "quickstart: $name failed (lane $lane); the end of $work/logs/${name%% *}.log:" >&2
-                                                   tail -n 15 "$work/logs/${name%% *}.log" >&2; exit 1; }
+    echo "lane $lane: $name (output in $log)"
+    "$@" > "$log" 2>&1 || { echo "quickstart: $name failed (lane $lane); the end of $log:" >&2; tail -n 15 "$log" >&2; exit 1; }
   else
     "$@"
   fi
