@@ -1512,6 +1512,9 @@ def release_folder_locks():
         for handle in getattr(module, 'HELD_LOCKS', {}).values():
             handle.close()
         getattr(module, 'HELD_LOCKS', {}).clear()
+        for lock, _ in getattr(module, 'CLAIMED', {}).values():
+            lock.close()
+        getattr(module, 'CLAIMED', {}).clear()
 
 
 def killed_after_write(n, main, argv):
@@ -1574,7 +1577,7 @@ def test_trainers_finish_identically_after_a_kill_at_any_write(runs, oal_outlier
             state = torch.load(out / 'last.pt', weights_only=False)
             assert all(torch.equal(straight['model'][k], state['model'][k]) for k in state['model']), points
             assert [json.loads(l)['val_acc'] for l in (out / 'log.jsonl').read_text().splitlines()] == straight_log, points
-            assert sorted(p.name for p in out.iterdir()) == ['.lock', 'best.pt', 'last.pt', 'log.jsonl'], points
+            assert sorted(p.name for p in out.iterdir()) == ['.lock', 'best.pt', 'last.pt', 'log.jsonl', 'manifest.json'], points
         assert points == len(writes) >= 5, writes  # every write of the uninterrupted run: best (when it improves), last, log per epoch
         import shutil
         shutil.rmtree(tmp_path / 'straight')
