@@ -1925,6 +1925,15 @@ BAD_INPUTS = [
 ]
 
 
+BAD_INPUTS_GENERATE = [  # generate.py: more kinds of bad input
+]
+BAD_INPUTS_EVALUATE = [  # evaluate.py: more kinds of bad input
+]
+BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad input
+]
+BAD_INPUTS += BAD_INPUTS_GENERATE + BAD_INPUTS_EVALUATE + BAD_INPUTS_TRAINERS
+
+
 def snapshot(path):
     """Every file under path (or path itself) -> its bytes, to show nothing there changed (the lock file aside)."""
     path = Path(path)
