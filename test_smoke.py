@@ -1151,7 +1151,7 @@ def test_oal_with_a_transformers_teacher_end_to_end(tiny_pipeline, vit_teacher, 
     assert meta['teacher']['kind'] == 'transformers' and meta['teacher']['val_acc'] > 0.8 and meta['inject'] == 'published'
     assert np.load(out / 'knn_outliers.npy').shape == (6, 20, 64)  # the ViT's 64-d [CLS] feature
     capsys.readouterr()
-    train_oal.main(oal_args(runs, out, tmp_path / 'oal', '--epochs', '2', '--teacher', vit_teacher))
+    train_oal.main(oal_args(runs, out, tmp_path / 'oal', '--epochs', '2', '--teacher', vit_teacher, '--teacher-norm', 'own'))
     printed = capsys.readouterr().out
     assert 'val top-1' in printed and 'inputs 8px, mean [0.5, 0.5, 0.5]' in printed
     ckpt = torch.load(tmp_path / 'oal' / 'best.pt', weights_only=False)
@@ -1206,6 +1206,108 @@ def test_published_injection_leaves_cifar10_prompts_unchanged(tmp_path):
     # CIFAR-100 with the authors' prompt words: their token is in the prompt, so it is replaced
     ids = tokenizer(generate.OAL_PROMPT.format(generate.OAL_CIFAR100_NAMES[0]), return_tensors='pt').input_ids
     assert generate.injected_tokens(tokenizer, generate.OAL_CIFAR100_NAMES, 0, 'published')[0] in ids[0].tolist()
+
+
+# timm teachers (the authors' kind): a tiny ViT with random weights, as the hub holds them (config.json + weights,
+# a fake hub cache offline) and as OpenOOD saves them (a bare state_dict)
+
+def tiny_timm_vit(num_classes=6, seed=0):
+    """A timm VisionTransformer of 8x8 inputs, 4x4 patches, 64 dims in one head (the 64-dim heads of every standard
+    ViT, which a bare state_dict's architecture is inferred with), two blocks."""
+    import timm
+    torch.manual_seed(seed)
+    return timm.create_model('vit_tiny_patch16_224', img_size=8, patch_size=4, embed_dim=64, depth=2, num_heads=1,
+                             num_classes=num_classes).eval()
+
+
+def save_timm(model, folder, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), weights='pytorch_model.bin'):
+    """The hub layout of the authors' CIFAR-10 teacher: config.json whose architecture carries the org and tag (which
+    timm's own hf-hub loader refuses), model_args, pretrained_cfg with the statistics, and the weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(architecture='timm/vit_tiny_patch16_224.augreg_in21k', num_classes=model.num_classes, num_features=64,
+                  global_pool='token', model_args=dict(img_size=8, patch_size=4, embed_dim=64, depth=2, num_heads=1),
+                  pretrained_cfg=dict(input_size=[3, 8, 8], mean=list(mean), std=list(std), num_classes=1000))
+    (folder / 'config.json').write_text(json.dumps(config))
+    if weights.endswith('.safetensors'):
+        from safetensors.torch import save_file
+        save_file(model.state_dict(), folder / weights)
+    else:
+        torch.save(model.state_dict(), folder / weights)
+    return folder
+
+
+def timm_forward(model, x, mean, std, size):
+    """timm's own forward on the teacher's input: uint8 -> [0, 1] -> resized -> normalised."""
+    pixels = F.interpolate(x.float() / 255, size=(size, size), mode='bilinear', align_corners=False) if x.shape[-1] != size \
+        else x.float() / 255
+    pixels = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model(pixels), model.forward_head(model.forward_features(pixels), pre_logits=True)
+
+
+def test_timm_teachers_from_a_folder_a_hub_cache_and_a_bare_state_dict(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+    cpu, x = torch.device('cpu'), torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    model = tiny_timm_vit()
+    folder = save_timm(model, tmp_path / 'folder')
+    snapshot = tmp_path / 'hub' / 'models--someone--tiny-vit' / 'snapshots' / ('0' * 40)  # the hub cache, offline
+    save_timm(model, snapshot, weights='model.safetensors')
+    (tmp_path / 'hub' / 'models--someone--tiny-vit' / 'refs').mkdir()
+    (tmp_path / 'hub' / 'models--someone--tiny-vit' / 'refs' / 'main').write_text('0' * 40)
+    monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
+    torch.save(model.state_dict(), tmp_path / 'best.ckpt')  # OpenOOD's: the bare state_dict
+    digits_stats = train_oal.load_dataset('digits')
+    for spec, stats, expected in ((folder, None, (0.5,) * 3), ('someone/tiny-vit', None, (0.5,) * 3),
+                                  (tmp_path / 'best.ckpt', (digits_stats['mean'], digits_stats['std']), digits_stats['mean']),
+                                  (folder, (digits_stats['mean'], digits_stats['std']), digits_stats['mean'])):
+        forward, info = train_oal.load_teacher(str(spec), cpu, DIGITS6, stats=stats)
+        assert info['kind'] == 'timm' and info['feature_dim'] == 64 and info['image_size'] == 8, spec
+        assert info['class_order'] == 'as the dataset' and tuple(info['mean']) == tuple(expected), spec
+        std = stats[1] if stats else (0.5,) * 3
+        logits, features = timm_forward(model, x, expected, std, 8)
+        with torch.no_grad():
+            got_logits, got_features = forward(x)
+        torch.testing.assert_close(got_logits, logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got_features, features, atol=1e-6, rtol=0)
+    assert generate.load_teacher(str(folder), cpu, DIGITS6)[1]['name'] == str(folder)  # the same loader in generate.py
+
+
+def test_timm_teacher_mismatches_are_one_line(tmp_path, capsys):
+    cpu = torch.device('cpu')
+    save_timm(tiny_timm_vit(num_classes=100), tmp_path / 'hundred')
+    with pytest.raises(SystemExit):
+        train_oal.load_teacher(str(tmp_path / 'hundred'), cpu, [str(i) for i in range(10)])
+    assert 'has 100 classes but the dataset has 10' in capsys.readouterr().err
+    torch.save(tiny_timm_vit().state_dict(), tmp_path / 'bare.ckpt')
+    with pytest.raises(SystemExit):  # a bare state_dict has no statistics of its own
+        train_oal.load_teacher(str(tmp_path / 'bare.ckpt'), cpu, DIGITS6)
+    assert '--teacher-norm published' in capsys.readouterr().err
+    state = tiny_timm_vit().state_dict()
+    state['head.weight'] = state['head.weight'][:, :32]  # a head that does not fit: refused, never loaded loosely
+    torch.save(state, tmp_path / 'broken.ckpt')
+    with pytest.raises(SystemExit):
+        train_oal.load_teacher(str(tmp_path / 'broken.ckpt'), cpu, DIGITS6, stats=((0.5,) * 3, (0.5,) * 3))
+    err = capsys.readouterr().err
+    assert 'loads strictly' in err and 'head.weight' in err and len(err.strip().splitlines()) == 1
+
+
+def test_teacher_norm_published_feeds_the_dataset_statistics_and_says_what_own_would_give(runs, tmp_path, capsys):
+    folder = save_timm(tiny_timm_vit(seed=1), tmp_path / 'vit')  # random weights: --teacher-min-acc 0
+    (tmp_path / 'outliers').mkdir()  # outliers in the ViT's 64-d feature space
+    np.save(tmp_path / 'outliers' / 'knn_outliers.npy', np.random.RandomState(0).randn(6, 4, 64).astype(np.float32))
+    np.save(tmp_path / 'outliers' / 'diffusion_outliers.npy', np.random.RandomState(1).randn(4, 8).astype(np.float32))
+    digits_mean = [round(m, 4) for m in train_oal.load_dataset('digits')['mean']]
+    for norm, mean, note in (('published', digits_mean, True), ('own', [0.5] * 3, False)):
+        capsys.readouterr()
+        train_oal.main(oal_args(runs, tmp_path / 'outliers', tmp_path / norm, '--teacher', folder, '--teacher-norm', norm,
+                                '--teacher-min-acc', '0', '--epochs', '1'))
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith('teacher '))
+        assert f'inputs 8px, mean {mean}' in line and ('with its own statistics (--teacher-norm own)' in line) == note, line
+        assert torch.load(tmp_path / norm / 'last.pt', weights_only=False)['run']['teacher_norm'] == norm
+    assert '--teacher-norm' in main_error(capsys, train_oal.main, *oal_args(  # a run is resumed only with its input
+        runs, tmp_path / 'outliers', tmp_path / 'own', '--teacher', folder, '--teacher-min-acc', '0', '--epochs', '1',
+        '--resume'))
 
 
 def test_oal_draws_distinct_outliers_and_sizes_club_from_d():

@@ -358,7 +358,7 @@ def train_epoch(args, data, net, optimizer, scheduler, seed, epoch, out, device,
         with autocast:
             logits = net(normalize(x, data['ds']['mean'], data['ds']['std'], args.image_size))
             loss = method_loss(args.method, logits.float(), y, args.tau, args.oe_weight, mix_labels, lam)
-        check_finite(loss, epoch, step, out, world, 'lower --lr, or check the data')
+        check_finite(loss, epoch, step, out, world, lambda: 'lower --lr, or check the data')
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -375,13 +375,13 @@ def train_epoch(args, data, net, optimizer, scheduler, seed, epoch, out, device,
                 synthetic_seen=sum(len(s) for _, s in plan), images_per_s=stats[2].item() / seconds)
 
 def check_finite(loss, epoch, step, out, world, fix):
-    """A NaN/inf loss stops every rank at once, in one line naming the step and the fix."""
+    """A NaN/inf loss stops every rank at once, in one line naming the step and fix() (made only then)."""
     finite = torch.isfinite(loss).float()
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite:
         kept = f'{out}/last.pt holds epoch {epoch}, the last good one' if epoch else 'nothing was saved'
-        fail(f'loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; {kept} ({fix})')
+        fail(f'loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; {kept} ({fix()})')
 
 def end_epoch(args, data, model, optimizer, scheduler, state, stats, val_acc, seed, epoch, out):
     """The epoch's log row; best.pt when validation accuracy improved, last.pt (all a resume needs), log."""
@@ -598,6 +598,19 @@ def load_npy(file, mmap_mode=None):
         return np.load(file, mmap_mode=mmap_mode)  # allow_pickle=False: an object array is refused, not unpickled
     except (ValueError, OSError, EOFError) as e:
         fail(f'{file} cannot be read as a numeric .npy ({e}): write it again (the generate.py command that made it)')
+
+def check_memory(nbytes, what, fix, device_name):
+    """Refuse up front what cannot fit: nbytes against the free memory (the GPU's on a CUDA device)."""
+    if torch.device(device_name).type == 'cuda':
+        free = torch.cuda.mem_get_info(torch.device(device_name))[0]
+    else:  # Linux's estimate; elsewhere not checked
+        meminfo = Path('/proc/meminfo').read_text() if Path('/proc/meminfo').exists() else 'MemAvailable: inf'
+        free = float(re.search(r'MemAvailable:\s+(\S+)', meminfo).group(1)) * 1024
+    if nbytes > free:
+        fail(f'{what} needs {nbytes / 2 ** 30:.1f} GiB and {device_name} has {free / 2 ** 30:.1f} GiB free: {fix}')
+
+def ignore_interrupts(worker_id):  # DataLoader workers: Ctrl-C is the main process's to report
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 def check_set(path, flag, dataset, classes, command):
     """A folder from generate.py checked before use: finished (its manifest, else its meta.json, says so),
@@ -851,6 +864,17 @@ def seeds(text):
                                          f'(0,1,2), got {text!r}')
     return [int(p) for p in parts]
 
+def template(flag, text, allowed):
+    """The {fields} of a template, each one of allowed ('' is {}), else one line; {{ and }} are braces."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text)]
+    except ValueError as e:
+        fields = [(str(e), None, None)]
+    if any(name is not None and (name not in allowed or spec or conversion) for name, spec, conversion in fields):
+        fail(f'{flag} {text!r} may hold only {" ".join("{" + a + "}" for a in allowed)} as fields: write a literal '
+             f'brace as {{{{ or }}}}')
+    return [name for name, _, _ in fields if name is not None]
+
 def get_args(argv=None):
     p = Parser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
@@ -975,27 +999,6 @@ def device(name):
                                          + (f'cuda:0 .. cuda:{count - 1}' if count else '--device cpu'))
     return name
 
-def template(flag, text, allowed):
-    """The {fields} of a template, each one of allowed ('' is {}), else one line; {{ and }} are braces."""
-    try:
-        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text)]
-    except ValueError as e:
-        fields = [(str(e), None, None)]
-    if any(name is not None and (name not in allowed or spec or conversion) for name, spec, conversion in fields):
-        fail(f'{flag} {text!r} may hold only {" ".join("{" + a + "}" for a in allowed)} as fields: write a literal '
-             f'brace as {{{{ or }}}}')
-    return [name for name, _, _ in fields if name is not None]
-
-def check_memory(nbytes, what, fix, device_name):
-    """Refuse up front what cannot fit: nbytes against the free memory (the GPU's on a CUDA device)."""
-    if torch.device(device_name).type == 'cuda':
-        free = torch.cuda.mem_get_info(torch.device(device_name))[0]
-    else:  # Linux's estimate; elsewhere not checked
-        meminfo = Path('/proc/meminfo').read_text() if Path('/proc/meminfo').exists() else 'MemAvailable: inf'
-        free = float(re.search(r'MemAvailable:\s+(\S+)', meminfo).group(1)) * 1024
-    if nbytes > free:
-        fail(f'{what} needs {nbytes / 2 ** 30:.1f} GiB and {device_name} has {free / 2 ** 30:.1f} GiB free: {fix}')
-
 def read_json(path, fix):
     """A JSON object from a file, or one line saying it is damaged and what to do."""
     try:
@@ -1030,7 +1033,8 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
     out, key = Path(out), Path(out).resolve()
     for name, path in [(name, Path(path).resolve()) for name, path in inputs if path and Path(path).exists()]:
         if key == path or path in key.parents or path.parent == key:
-            fail(f'{flag} {out} would write over or into {name} {path}: pass another {flag}')
+            fail(f"{flag} {out} {'is' if key == path else 'lies in' if path in key.parents else 'holds'} the {name} "
+                 f'{path}: pass another {flag}')
     if out.exists() and not out.is_dir():
         fail(f'{flag} {out} is a file, not a folder: pass a folder')
     lock = CLAIMED.get(key, [None])[0]
@@ -1126,9 +1130,6 @@ def write_atomic(path, write):
     if entry and entry in CLAIMED[out][1]['stale']:
         save_manifest(out, stale=[e for e in CLAIMED[out][1]['stale'] if e != entry])
 
-def ignore_interrupts(worker_id):  # DataLoader workers: Ctrl-C is the main process's to report
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
 @contextmanager
 def user_errors(argv, add=(), drop=()):
     """Ctrl-C and SIGTERM end in one line saying what is kept and the command that continues (exit 130); a
@@ -1170,7 +1171,7 @@ def main(argv=None):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         data = prepare(args, device, rank)
         outs = {seed: Path(args.out.format(seed=seed)) for seed in args.seed}
-        inputs = [('--synthetic', args.synthetic), ('--oe-data', args.oe_data), ('--mixing-set', args.mixing_set),
+        inputs = [('--synthetic set', args.synthetic), ('--oe-data', args.oe_data), ('--mixing-set', args.mixing_set),
                   ('--openood-root', args.openood_root)]
 
         def claim_runs():  # every seed's folder before the first step: none is refused half-way
