@@ -1742,6 +1742,51 @@ def test_a_killed_process_releases_its_folder(tmp_path, capsys):
     assert rows == list(range(1, len(rows) + 1)) and len(rows) >= 2
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_replaces_it_at_any_kill(tmp_path, one_thread):
+    """--overwrite killed after any write: every file of the old run is still there (old or new bytes, never gone), a
+    --resume never takes the old run's last.pt, and it ends with the weights of an uninterrupted run and nothing old."""
+    import shutil
+    new = ['--dataset', 'digits', '--epochs', '2', '--seed', '5', '--lr', '0.02']
+    train_sio.main(new + ['--out', str(tmp_path / 'straight')])
+    straight = torch.load(tmp_path / 'straight' / 'last.pt', weights_only=False)['model']
+    train_sio.main(['--dataset', 'digits', '--epochs', '3', '--seed', '5', '--out', str(tmp_path / 'old')])  # other settings
+    old_files = {p.name for p in (tmp_path / 'old').iterdir()}
+    points = 0
+    while True:
+        shutil.rmtree(tmp_path / 'run', ignore_errors=True)
+        shutil.copytree(tmp_path / 'old', tmp_path / 'run')
+        if not killed_after_write(points + 1, train_sio.main, new + ['--overwrite', '--out', str(tmp_path / 'run')]):
+            break
+        points += 1
+        assert old_files <= {p.name for p in (tmp_path / 'run').iterdir()}, points
+        train_sio.main(new + ['--resume', '--out', str(tmp_path / 'run')])
+        state = torch.load(tmp_path / 'run' / 'last.pt', weights_only=False)
+        assert state['epoch'] == 2 and all(torch.equal(straight[k], state['model'][k]) for k in straight), points
+        manifest = json.loads((tmp_path / 'run' / 'manifest.json').read_text())
+        assert manifest['complete'] and manifest['stale'] == [] and manifest['settings']['--lr'] == 0.02, points
+    assert points >= 6  # the manifest, best, last and log of each epoch, the un-staling, the completion record
+
+
+def test_interrupts_are_one_line_with_the_command_that_continues(tmp_path):
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / f'run{int(sig)}'
+        proc = subprocess.Popen([sys.executable, str(REPO / 'train_sio.py'), '--dataset', 'digits', '--epochs', '200',
+                                 '--out', str(out)], env=OFFLINE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while not (out / 'log.jsonl').exists():
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1]
+        lines = [l for l in err.replace('\r', '\n').splitlines() if l.startswith(('interrupted', 'error', 'Traceback'))]
+        assert proc.returncode == 130 and len(lines) == 1 and 'Traceback' not in err, err[-2000:]
+        kept, command = lines[0].split('; continue with: ')
+        epoch = int(kept.split('holds epoch ')[1].split()[0])
+        assert kept.startswith(f'interrupted: {out}/last.pt holds epoch') and command.startswith('python train_sio.py ')
+        train_sio.main(command.split()[2:] + ['--stop-after', '1'])  # the printed command continues where it stopped
+        assert json.loads((out / 'log.jsonl').read_text().splitlines()[-1])['epoch'] in (epoch + 1, epoch + 2)
+
+
 def test_overwrite_replaces_only_this_scripts_files(runs, tiny_pipeline, sio_samples, tmp_path, capsys):
     import shutil
     shutil.copytree(runs / 'ce_s0', tmp_path / 'run')
