@@ -2076,7 +2076,89 @@ BAD_INPUTS_GENERATE = [  # generate.py: more kinds of bad input
 ]
 BAD_INPUTS_EVALUATE = [  # evaluate.py: more kinds of bad input
 ]
+T = '{bad}/t'  # the trainers' further bad inputs (fixture bad_trainer_inputs)
 BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad input
+    ('train_sio', SIO + ' --epochs 1.5', '--epochs'),
+    ('train_sio', SIO + ' --batch-size -4', '--batch-size'),
+    ('train_sio', SIO + ' --lr 1e400', '--lr'),
+    ('train_sio', SIO + ' --weight-decay nan', '--weight-decay'),
+    ('train_sio', SIO + ' --synthetic {runs}/syn --alpha nan', '--alpha'),
+    ('train_sio', SIO + ' --method logitnorm --tau inf', '--tau'),
+    ('train_sio', SIO + ' --method pixmix --mixing-set {bad}/no_images --pixmix-k 1.5', '--pixmix-k'),
+    ('train_sio', SIO + ' --method pixmix --mixing-set {bad}/no_images --aug-severity 0', '--aug-severity'),
+    ('train_sio', SIO + ' --image-size x', '--image-size'),
+    ('train_sio', SIO + ' --seed 2147483648', '--seed'),
+    ('train_sio', SIO + ' --seed 1,,2', '--seed'),
+    ('train_sio', SIO + ' --workers x', '--workers'),
+    ('train_sio', SIO + ' --device cuda', '--device'),
+    ('train_sio', SIO + ' --method mixup', '--method'),
+    ('train_sio', SIO.replace('{out}', '{out}/{{x}}'), 'may hold only {seed}'),  # a template holds only the fields it is filled with
+    ('train_sio', SIO.replace('{out}', '{out}/{{seed'), 'may hold only {seed}'),
+    ('train_sio', SIO.replace('{out}', '{out}/{{seed!r}}'), 'may hold only {seed}'),
+    ('train_sio', SIO.replace('{out}', T + '/user_log'), 'did not write'),  # the user's log.jsonl is no run of ours
+    ('train_sio', SIO.replace('{out}', T + '/user_best') + ' --overwrite', 'did not write'),  # nor the user's best.pt
+    ('train_sio', SIO.replace('{out}', T + '/user_manifest'), 'holds a non-synth-ood folder'),
+    ('train_sio', SIO.replace('{out}', T + '/broken_manifest') + ' --overwrite', 'manifest.json is unreadable'),
+    ('train_sio', SIO.replace('{out}', T + '/set_folder') + ' --overwrite', 'not a train_sio.py one'),  # another script's
+    ('train_sio', SIO.replace('{out}', T + '/file_link'), 'is a file'),
+    ('train_sio', SIO.replace('{out}', T + '/syn_set') + ' --synthetic ' + T + '/syn_set', 'is the --synthetic set'),
+    ('train_sio', SIO.replace('{out}', T + '/syn_set/run') + ' --synthetic ' + T + '/syn_set', 'lies in the --synthetic set'),
+    ('train_sio', SIO.replace('{out}', '{run:ce_s0}') + ' --overwrite --synthetic {bad}/none', 'does not exist'),  # untouched
+    ('train_sio', SIO.replace('{out}', '{run:ce_s0}') + ' --overwrite --epochs 0', '--epochs'),
+    ('train_sio', SIO + ' --synthetic {bad}/syn_truncated/images.npy', 'takes the folder that holds images.npy'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_unfinished', 'unfinished'),  # no completion record in its manifest
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_meta_list', 'not a JSON object'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_meta_classes', 'generated for classes'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_meta_counts', 'unfinished'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_float_tiff', 'floating-point'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_huge_png', 'too large to decode'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_no_labels', 'labels.npy'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_short_labels', 'one label per image'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_2d_labels', 'one label per image'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_float_images', 'uint8 (N, H, W, 3)'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_named_classes', 'holds no synthetic set'),
+    ('train_sio', SIO + ' --method oe --oe-data ' + T + '/oe_object.npy', 'numeric .npy'),
+    ('train_sio', SIO + ' --method oe --oe-data ' + T + '/oe_float.npy', 'uint8 (N, H, W, 3)'),
+    ('train_sio', SIO + ' --method oe --oe-data ' + T + '/oe_empty.npy', 'uint8 (N, H, W, 3)'),
+    ('train_sio', SIO + ' --method pixmix --mixing-set ' + T + '/mix_corrupt', 'cannot read image'),
+    ('train_sio', SIO + ' --method pixmix --mixing-set ' + T + '/oe_float.npy', 'no images found'),
+    ('train_sio', SIO.replace('digits', 'folder:' + T + '/folder_test_extra'), 'which train/ lacks'),
+    ('train_sio', SIO.replace('digits', 'folder:' + T + '/folder_no_val'), 'val'),
+    ('train_sio', SIO.replace('{out}', T + '/eval_folder') + ' --resume', 'not a train_sio.py one'),
+    ('train_oal', OAL + ' --w-knn inf', '--w-knn'),
+    ('train_oal', OAL + ' --w-diff -0.1', '--w-diff'),
+    ('train_oal', OAL + ' --lr-dt 0', '--lr-dt'),
+    ('train_oal', OAL + ' --lr-q nan', '--lr-q'),
+    ('train_oal', OAL + ' --weight-decay -1', '--weight-decay'),
+    ('train_oal', OAL + ' --epochs x', '--epochs'),
+    ('train_oal', OAL + ' --teacher-norm other', '--teacher-norm'),
+    ('train_oal', OAL + ' --club other', '--club'),
+    ('train_oal', OAL + ' --teacher-min-acc nan', '--teacher-min-acc'),
+    ('train_oal', OAL + ' --dataset folder:{bad}/wnid_dataset', 'folder datasets'),
+    ('train_oal', OAL + ' --init {runs}/{{x}}', 'may hold only {seed}'),
+    ('train_oal', OAL.replace('{out}', '{out}/{{seed}}{{x}}'), 'may hold only {seed}'),
+    ('train_oal', OAL.replace('{out}', '{runs}/ce_s0'), 'is the --teacher run'),
+    ('train_oal', OAL.replace('{out}', '{runs}/ce_s0/oal'), 'lies in the --teacher run'),
+    ('train_oal', OAL.replace('{out}', '{bad}/out_ok'), 'is the --outliers set'),
+    ('train_oal', OAL.replace('{out}', T + '/user_log'), 'did not write'),
+    ('train_oal', OAL.replace('{out}', T + '/set_folder') + ' --overwrite', 'not a train_oal.py one'),
+    ('train_oal', OAL + ' --teacher ' + T + '/timm_no_weights', 'no model.safetensors or pytorch_model.bin'),
+    ('train_oal', OAL + ' --teacher ' + T + '/not_a_vit.ckpt', 'not a timm ViT that loads strictly'),
+    ('train_oal', OAL + ' --teacher ' + T + '/bare_vit.ckpt --teacher-norm own', '--teacher-norm published'),
+    ('train_oal', OAL + ' --teacher ' + T + '/timm_ten', 'has 10 classes but the dataset has 6'),
+    ('train_oal', OAL + ' --teacher ' + T + '/config_list', 'not a JSON object'),
+    ('train_oal', OAL + ' --teacher ' + T + '/config_broken', 'unreadable'),
+    ('train_oal', OAL + ' --init {bad}/tensor.pt', 'not a synth-ood checkpoint'),
+    ('train_oal', OAL + ' --init {bad}/teacher_last_only', 'not found'),
+    ('train_oal', OAL + ' --arch resnet18', 'not --arch resnet18'),
+    ('train_oal', OAL + ' --outliers ' + T + '/out_unfinished', 'unfinished'),
+    ('train_oal', OAL + ' --outliers {bad}/out_ok/knn_outliers.npy', 'takes the folder'),
+    ('train_oal', OAL + ' --outliers ' + T + '/out_meta_broken', 'unreadable'),
+    ('train_oal', OAL + ' --outliers ' + T + '/out_int', 'finite floats'),
+    ('train_oal', OAL + ' --outliers ' + T + '/out_2d', 'expected (6, M >= 1, d)'),
+    ('train_oal', OAL + ' --outliers ' + T + '/out_inf', 'finite'),
+    ('train_oal', OAL + ' --outliers ' + T + '/out_diff_3d', 'pooled latents'),
+    ('train_oal', OAL.replace('{out}', T + '/eval_folder') + ' --resume', 'not a train_oal.py one'),
 ]
 BAD_INPUTS += BAD_INPUTS_GENERATE + BAD_INPUTS_EVALUATE + BAD_INPUTS_TRAINERS
 
@@ -2089,8 +2171,96 @@ def snapshot(path):
     return {f: f.read_bytes() for f in sorted(path.rglob('*')) if f.is_file() and not f.name.startswith('.lock')} if path.exists() else {}
 
 
+@pytest.fixture(scope='session')
+def bad_trainer_inputs(bad, runs):
+    """More broken inputs for the trainers, in bad/t (so the snapshot of bad covers them)."""
+    import shutil
+    from PIL import Image
+    root = bad / 't'
+    images, labels = digits_train_set()
+    for name, files in (('user_log', {'log.jsonl': '{"epoch": 1}\n'}), ('user_best', {'best.pt': 'mine'}),
+                        ('user_manifest', {'manifest.json': '{"title": "my notes"}'}), ('broken_manifest', {'manifest.json': '{'}),
+                        ('set_folder', {'manifest.json': json.dumps(dict(script='generate.py sio', settings={}, files=[],
+                                                                         stale=[], done=[], complete=True))}),
+                        ('eval_folder', {'manifest.json': json.dumps(dict(script='evaluate.py', settings={}, files=[],
+                                                                          stale=[], done=[], complete=True))})):
+        (root / name).mkdir(parents=True)
+        for file, text in files.items():
+            (root / name / file).write_text(text)
+    (root / 'a_file').write_text('x')
+    (root / 'file_link').symlink_to(root / 'a_file')
+    meta = dict(dataset='digits', classes=train_sio.DIGIT_NAMES[:6], counts=[2] * 6, complete=True)
+
+    def synthetic(name, meta=None, manifest=None, files=2):
+        for c in range(6):
+            (root / name / f'{c:03d}').mkdir(parents=True)
+            for n, i in enumerate(np.flatnonzero(labels == c)[:files]):
+                Image.fromarray(images[i]).save(root / name / f'{c:03d}' / f'{n}.png')
+        for file, content in (('meta.json', meta), ('manifest.json', manifest)):
+            if content is not None:
+                (root / name / file).write_text(content if isinstance(content, str) else json.dumps(content))
+        return root / name
+    synthetic('syn_set', meta)
+    synthetic('syn_unfinished', meta, dict(script='generate.py sio', settings={}, files=['000/'], stale=[], done=[],
+                                           complete=False))
+    synthetic('syn_meta_list', '[1, 2]')
+    synthetic('syn_meta_classes', dict(meta, classes=6))
+    synthetic('syn_meta_counts', dict(meta, counts='many', complete=False))
+    Image.fromarray(np.zeros((8, 8), np.float32), mode='F').save(synthetic('syn_float_tiff') / '003' / '9.tiff')
+    import struct
+    import zlib
+    chunk = lambda kind, data: struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    (synthetic('syn_huge_png') / '004' / '9.png').write_bytes(  # a header of 2e8 pixels, over twice PIL's limit
+        b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 20000, 10000, 8, 0, 0, 0, 0)) + chunk(b'IEND', b''))
+    (root / 'syn_no_labels').mkdir()
+    np.save(root / 'syn_no_labels' / 'images.npy', images)
+    for name, image_array, label_array in (('syn_short_labels', images, labels[:10]), ('syn_2d_labels', images, labels[:, None]),
+                                           ('syn_float_images', images.astype(np.float32), labels)):
+        (root / name).mkdir()
+        np.save(root / name / 'images.npy', image_array)
+        np.save(root / name / 'labels.npy', label_array)
+    (root / 'syn_named_classes' / 'cats').mkdir(parents=True)
+    np.save(root / 'oe_object.npy', np.array([[1], 'x'], dtype=object), allow_pickle=True)
+    np.save(root / 'oe_float.npy', np.zeros((4, 8, 8, 3), np.float32))
+    np.save(root / 'oe_empty.npy', np.zeros((0, 8, 8, 3), np.uint8))
+    (root / 'mix_corrupt').mkdir()
+    (root / 'mix_corrupt' / 'a.png').write_bytes(b'\x89PNG\r\n\x1a\n cut short')
+    for split, names in (('train', ['a', 'b']), ('val', ['a', 'b']), ('test', ['a', 'b', 'c'])):
+        for name in names:
+            (root / 'folder_test_extra' / split / name).mkdir(parents=True)
+            Image.fromarray(images[0]).save(root / 'folder_test_extra' / split / name / '0.png')
+    (root / 'folder_no_val' / 'train' / 'a').mkdir(parents=True)
+    Image.fromarray(images[0]).save(root / 'folder_no_val' / 'train' / 'a' / '0.png')
+    vit = tiny_timm_vit()
+    save_timm(vit, root / 'timm_no_weights')
+    (root / 'timm_no_weights' / 'pytorch_model.bin').unlink()
+    save_timm(tiny_timm_vit(num_classes=10), root / 'timm_ten')
+    torch.save(vit.state_dict(), root / 'bare_vit.ckpt')
+    torch.save(torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)['model'], root / 'not_a_vit.ckpt')
+    for name, text in (('config_list', '[1]'), ('config_broken', '{"architecture": ')):
+        (root / name).mkdir()
+        (root / name / 'config.json').write_text(text)
+
+    def outliers(name, knn, diff, files=None):
+        (root / name).mkdir()
+        np.save(root / name / 'knn_outliers.npy', knn)
+        np.save(root / name / 'diffusion_outliers.npy', diff)
+        for file, text in (files or {}).items():
+            (root / name / file).write_text(text)
+    knn, diff = np.ones((6, 4, 128), np.float32), np.ones((4, 8), np.float32)
+    outliers('out_unfinished', knn, diff, {'manifest.json': json.dumps(dict(
+        script='generate.py oal', settings={}, files=[], stale=[], done=[], complete=False))})
+    outliers('out_meta_broken', knn, diff, {'meta.json': '{"complete": tr'})
+    outliers('out_int', knn.astype(np.int64), diff)
+    outliers('out_2d', knn[0], diff)
+    outliers('out_inf', np.full_like(knn, np.inf), diff)
+    outliers('out_diff_3d', knn, diff[None])
+    return root
+
+
 @pytest.mark.parametrize('script,argv,word', BAD_INPUTS, ids=[f'{i:03d}-{s}' for i, (s, _, _) in enumerate(BAD_INPUTS)])
-def test_bad_input_is_refused_in_one_line(script, argv, word, runs, bad, tiny_pipeline, tmp_path, capsys):
+def test_bad_input_is_refused_in_one_line(script, argv, word, runs, bad, bad_trainer_inputs, tiny_pipeline, tmp_path,
+                                          capsys):
     import shutil
     out, user = tmp_path / 'out', tmp_path / 'user'  # an empty folder, and one holding the user's own file
     out.mkdir()
@@ -2115,16 +2285,36 @@ def test_bad_input_is_refused_in_one_line(script, argv, word, runs, bad, tiny_pi
     assert (snapshot(target), snapshot(bad)) == before
 
 
-def test_shared_blocks_are_worded_the_same_in_every_script():
-    """The scripts share no code by design; the pieces they repeat must stay identical so readers see they are the same."""
-    start, end = '# Data. Same loader in every script', "ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}"
-    texts = {name: (REPO / name).read_text() for name in ('train_sio.py', 'train_oal.py', 'evaluate.py', 'generate.py')}
-    blocks = {name: t[t.index(start):t.index(end)] for name, t in texts.items()}
-    assert len(set(blocks.values())) == 1, 'the data + model block differs between scripts'
-    for fn in ('def normalize(', 'def augment(', 'def load_teacher(', 'def fail(', 'def check_ranges(', 'def check_device(', 'def check_out(',
-               'def read_checkpoint(', 'def save_atomic(', 'def write_log(', 'def check_resume(', 'def read_meta(', 'def load_npy(',
-               'def lock_folder(', 'def claim_out(', 'def temporary(', 'def is_temporary(', 'def write_atomic(', 'def claim_run_folder(',
-               'def check_set_meta(', 'def teacher_class_order(', 'def teacher_accuracy(', 'def offline_if_unreachable(', 'def parse_seeds('):
-        bodies = {t[t.index(fn):t.index('\n\n\n', t.index(fn))] for t in texts.values() if fn in t}
-        assert len(bodies) == 1, fn
+SCRIPTS = ('train_sio.py', 'train_oal.py', 'evaluate.py', 'generate.py')
+PER_SCRIPT = {'main', 'get_args', 'prepare', 'start', 'train', 'train_epoch', 'end_epoch', 'RECIPES', 'RUN_FLAGS', 'MIN_LR'}
 
+
+def top_level_definitions(path):
+    """{name: source text} of a script's top-level functions, classes and assignments (with their comments)."""
+    import ast
+    text = (REPO / path).read_text()
+    lines, definitions = text.splitlines(), {}
+    for node in ast.parse(text).body:
+        names = [node.name] if hasattr(node, 'name') else [t.id for t in getattr(node, 'targets', []) if hasattr(t, 'id')]
+        start = min([node.lineno] + [d.lineno for d in getattr(node, 'decorator_list', [])])
+        for name in names:
+            definitions[name] = '\n'.join(lines[start - 1:node.end_lineno])
+    return definitions
+
+
+def test_shared_blocks_are_worded_the_same_in_every_script():
+    """The scripts share no code by design; what they repeat must stay word for word the same, so readers see it is the
+    same and skip it: the data, model and plumbing blocks are in all four, and every function, class or constant
+    defined in more than one script (augment, the teachers, ...) is identical wherever it appears."""
+    definitions = {path: top_level_definitions(path) for path in SCRIPTS}
+    blocks = {path: (REPO / path).read_text() for path in SCRIPTS}
+    for title in ('# Data, the same in every script', '# Model, the same in every script',
+                  '# Plumbing, identical in every script'):
+        assert all(title in text for text in blocks.values()), title
+    shared = {'fail', 'claim', 'record', 'finish', 'write_atomic', 'user_errors', 'setup_distributed', 'on_rank0', 'Parser',
+              'number', 'read_json', 'load_dataset', 'read_image', 'Net', 'normalize', 'read_checkpoint', 'CIFAR_STATS'}
+    assert all(shared <= set(d) for d in definitions.values()), {p: shared - set(d) for p, d in definitions.items()}
+    names = {name for d in definitions.values() for name in d} - PER_SCRIPT
+    for name in sorted(names):
+        texts = {d[name] for d in definitions.values() if name in d}
+        assert len(texts) == 1, f'{name} is worded differently in ' + ', '.join(p for p, d in definitions.items() if name in d)

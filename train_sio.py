@@ -1055,8 +1055,8 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
     if not blank.keys() <= manifest.keys() or manifest['script'] != script:
-        fail(f'{flag} {out} holds a {manifest.get("script", "foreign")} folder, not a {script} one: pass another '
-             f'{flag}')
+        fail(f'{flag} {out} holds a {manifest.get("script", "non-synth-ood")} folder, not a {script} one: pass '
+             f'another {flag}')
     others = sorted(e.name for e in out.iterdir() if e.name != '.lock' and not any(fnmatch.fnmatchcase(
         re.sub(r'\.\d+\.tmp$', '', e.name), entry.rstrip('/')) for entry in manifest['files'] + [MANIFEST]))
     if others:
