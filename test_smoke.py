@@ -405,6 +405,57 @@ def test_synthetic_class_folders_are_read_with_padded_labels(tmp_path, capsys):
     assert 'not images and are skipped' in capsys.readouterr().err
 
 
+def test_images_are_read_as_loaders_read_them_or_refused(tmp_path):
+    """16-bit grey by its high byte (PIL's convert('RGB') would clip 86% of this ramp to white), as PIL reads 16-bit
+    colour; palette and alpha as torchvision's loader (convert); floating-point pixels and huge images refused."""
+    import struct
+    import zlib
+    from PIL import Image
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / 'grey16.png')
+    assert (np.asarray(Image.open(tmp_path / 'grey16.png').convert('RGB'))[..., 0] == 255).mean() > 0.8  # the trap
+    read = train_sio.read_image(tmp_path / 'grey16.png')
+    assert read.dtype == np.uint8 and read.shape == (64, 64, 3) and np.array_equal(read[..., 1], (ramp >> 8).astype(np.uint8))
+
+    def png16(path, array):  # a 16-bit RGB PNG written by hand: PIL keeps each value's high byte
+        chunk = lambda kind, data: struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+        rows = b''.join(b'\x00' + row.astype('>u2').tobytes() for row in array)
+        path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 4, 4, 16, 2, 0, 0, 0))
+                         + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+    colour = np.random.RandomState(0).randint(0, 65536, (4, 4, 3)).astype(np.uint16)
+    png16(tmp_path / 'rgb16.png', colour.reshape(4, 12))
+    assert np.array_equal(train_sio.read_image(tmp_path / 'rgb16.png'), (colour >> 8).astype(np.uint8))
+    palette = Image.new('P', (4, 4))
+    palette.putpalette([200, 10, 10] + [0] * 765)
+    palette.save(tmp_path / 'palette.png', transparency=0)
+    rgba = Image.fromarray(np.dstack([np.full((4, 4, 3), 90, np.uint8), np.zeros((4, 4), np.uint8)]), 'RGBA')
+    rgba.save(tmp_path / 'alpha.png')
+    for name in ('palette.png', 'alpha.png'):
+        assert np.array_equal(train_sio.read_image(tmp_path / name), np.asarray(Image.open(tmp_path / name).convert('RGB')))
+    Image.fromarray(np.zeros((4, 4), np.float32), mode='F').save(tmp_path / 'float.tiff')
+    with pytest.raises(train_sio.BadImage, match='floating-point'):
+        train_sio.read_image(tmp_path / 'float.tiff')
+
+
+def test_a_folder_split_that_lacks_a_class_is_labelled_by_name(tmp_path):
+    """test/ without class b: its c images are class 2 (by name), not class 1 (by position among test/'s folders)."""
+    from PIL import Image
+    for split, names in (('train', 'abc'), ('val', 'abc'), ('test', 'ac')):
+        for c, name in enumerate(names):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((4, 4, 3), 80 * c, np.uint8)).save(tmp_path / split / name / '0.png')
+    ds = train_sio.load_dataset(f'folder:{tmp_path}')
+    assert ds['classes'] == ['a', 'b', 'c'] and list(ds['test'][1]) == [0, 2] and ds['test'][0][1].endswith('/c/0.png')
+
+
+def test_a_synthetic_set_that_cannot_fit_in_memory_is_refused_with_the_estimate(tmp_path, capsys):
+    images = np.lib.format.open_memmap(tmp_path / 'images.npy', mode='w+', dtype=np.uint8, shape=(200000, 256, 256, 3))
+    del images  # a sparse file: 39 GB that take no disk
+    np.save(tmp_path / 'labels.npy', np.arange(200000) % 6)
+    error = main_error(capsys, train_sio.main, '--dataset', 'digits', '--synthetic', tmp_path, '--out', tmp_path / 'run')
+    assert 'needs' in error and 'GiB' in error and 'free' in error and not (tmp_path / 'run').exists()
+
+
 def test_digits_split_is_the_spec_split():
     ds = train_sio.load_dataset('digits')
     from sklearn.datasets import load_digits
