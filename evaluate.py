@@ -302,10 +302,11 @@ def claim_outputs(args, settings, data):
     made_by = json.loads(json.dumps(dict(  # what the results depend on, as the manifest holds it
         {'--' + k.replace('_', '-'): v for k, v in vars(args).items() if k not in skip}, dataset=data['dataset'],
         runs={s: [run['source'] for run in runs] for s, runs in settings.items()})))
-    for flag, folder, script in (('--out', args.out, 'evaluate.py'), ('--plots', args.plots, 'evaluate.py plots')):
+    for flag, folder, made in (('--out', args.out, 'results'), ('--plots', args.plots, 'plots')):
         if folder:
-            claim(folder, flag, script, made_by, args.overwrite, 'unfinished', f'the {flag[2:]} of an earlier '
-                  f'evaluation', f'pass --overwrite to replace them, or another {flag}', inputs)
+            claim(folder, flag, 'evaluate.py' + ' plots' * (made == 'plots'), made_by, args.overwrite, 'unfinished',
+                  f'the {made} of an earlier evaluation', f'pass --overwrite to replace them, or another {flag}',
+                  inputs)
     if args.cache:  # entries keyed by their content: any evaluation continues it
         claim(args.cache, '--cache', 'evaluate.py cache', None, False, True, 'a cache', 'pass another --cache', inputs)
 
@@ -381,8 +382,8 @@ def forward_all(model, images, run, data, device, args, rank=0, world=1, split='
     # filled in place: at ImageNet-1K the train features alone are 1.28M x 2048 float32 (10 GB)
     logits = np.empty((len(idx), model.fc.out_features), dtype=np.float32)
     features, done = np.empty((len(idx), model.feature_dim), dtype=np.float32), 0
-    for x in tqdm(batches(images, data, idx, args), desc=f"{run['name']}/{split}", total=math.ceil(len(idx) / args.batch_size),
-                  leave=False, disable=rank != 0):
+    for x in tqdm(batches(images, data, idx, args), desc=f"{run['name']}/{split}", leave=False, disable=rank != 0,
+                  total=math.ceil(len(idx) / args.batch_size)):
         with autocast:
             z, h = model(normalize(x.to(device), run['mean'], run['std'], run['image_size']), features=True)
         logits[done:done + len(x)], features[done:done + len(x)] = z.float().cpu().numpy(), h.float().cpu().numpy()
@@ -516,9 +517,8 @@ def table_rows(heads, rows):
     lines = ['| ' + ' | '.join(heads + ['near AUROC', 'far AUROC', 'near FPR@95', 'far FPR@95', 'ACC']) + ' |',
              '|---' * (len(heads) + 5) + '|']
     for labels, table, runs in rows:
-        get = lambda g, m: cell(table[g], m, runs) if g in table else '-'
-        lines.append(f'| {" | ".join(labels)} | {get("near", "AUROC")} | {get("far", "AUROC")} | {get("near", "FPR95")} '
-                     f'| {get("far", "FPR95")} | {cell(next(iter(table.values())), "ACC", runs)} |')
+        cells = [cell(table[g], m, runs) if g in table else '-' for m in ('AUROC', 'FPR95') for g in ('near', 'far')]
+        lines.append('| ' + ' | '.join(labels + cells + [cell(next(iter(table.values())), 'ACC', runs)]) + ' |')
     return '\n'.join(lines) + '\n'
 
 def save_plot(det, scores, file):
@@ -928,7 +928,7 @@ def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_
 # Checkpoints: our runs (SPEC 1), OpenOOD v1.5's (openood:PATH) and torchvision's (torchvision:NAME),
 # all loaded strictly into Net. OpenOOD's ResNet18_32x32 has torchvision's resnet18 keys with a 3x3
 # conv1, no max-pool and `shortcut` for `downsample`; its ResNet18_224x224 and ResNet50 are torchvision's.
-TORCHVISION = {'resnet18': ('resnet18_224', 'ResNet18_Weights'), 'resnet50': ('resnet50', 'ResNet50_Weights')}
+TORCHVISION = {'resnet18': 'ResNet18_Weights', 'resnet50': 'ResNet50_Weights'}  # their IMAGENET1K_V1
 
 def load_runs(spec, args):
     """A run folder (its best.pt) or checkpoint file of ours, openood:PATH (a best.ckpt, or a folder
@@ -1006,7 +1006,7 @@ def torchvision_run(name, dataset):
     if name not in TORCHVISION:
         fail(f'torchvision:{name} is not offered: pass torchvision:resnet50 or torchvision:resnet18 (IMAGENET1K_V1)')
     import torchvision
-    weights = getattr(torchvision.models, TORCHVISION[name][1]).IMAGENET1K_V1
+    weights = getattr(torchvision.models, TORCHVISION[name]).IMAGENET1K_V1
     file = Path(torch.hub.get_dir()) / 'checkpoints' / weights.url.rsplit('/', 1)[1]
     try:
         state = weights.get_state_dict(progress=False, check_hash=True)
@@ -1070,21 +1070,17 @@ def parse_settings(specs):
 def get_args(argv=None):
     percent = number(float, 'in (0, 100)', lambda v: 0 < v < 100)
     p = Parser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('runs', nargs='+', help='run folders (their best.pt), .pt files, openood:PATH, torchvision:NAME; '
-                   'several = seeds of one setting; NAME=RUN,RUN,... per setting to compare settings in one table')
-    p.add_argument('--dataset', help="the ID set (default: the runs'): digits | cifar10 | cifar100 | imagenet200 | "
-                   'imagenet | folder:PATH')
+    p.add_argument('runs', nargs='+', help='run folders, .pt files, openood:PATH, torchvision:NAME; NAME=RUN,... each')
+    p.add_argument('--dataset', help="the ID set (default: the runs'): digits cifar10 cifar100 imagenet200 imagenet "
+                   'folder:PATH')
     p.add_argument('--data-root', default='./data', help='where torchvision datasets live or are downloaded to')
-    p.add_argument('--openood-root', help="OpenOOD v1.5's data folder (benchmark_imglist/, images_classic/, "
-                   'images_largescale/): its lists, exactly')
-    p.add_argument('--near', action='append', default=[], type=ood_folder, metavar='NAME=PATH',
-                   help='add or replace a near-OOD image folder (e.g. tin=data/tin)')
-    p.add_argument('--far', action='append', default=[], type=ood_folder, metavar='NAME=PATH',
-                   help='add or replace a far-OOD image folder')
+    p.add_argument('--openood-root', help="OpenOOD v1.5's data folder (benchmark_imglist/, images_*/): its lists")
+    for group in ('near', 'far'):
+        p.add_argument(f'--{group}', action='append', default=[], type=ood_folder, metavar='NAME=PATH',
+                       help=f'add or replace a {group}-OOD image folder (e.g. tin=data/tin)')
     p.add_argument('--no-tin', action='store_true', help='near-OOD without TinyImageNet, as the SIO paper reports')
     p.add_argument('--strict', action='store_true', help='a missing built-in OOD set is an error, not a warning')
-    p.add_argument('--detectors', type=detector_list, default='all', help='all, or a comma list of '
-                   + ','.join(DETECTORS))
+    p.add_argument('--detectors', type=detector_list, default='all', help='all, or a comma list of them')
     p.add_argument('--cache', help='keep logits/features in DIR/<run>/<split>.npz and reuse them')
     p.add_argument('--out', help='write results.json/.csv/.md and scores.npz here')
     p.add_argument('--overwrite', action='store_true', help="replace an earlier evaluation's results and plots")
@@ -1092,14 +1088,10 @@ def get_args(argv=None):
     p.add_argument('--batch-size', type=POSITIVE, default=512)
     p.add_argument('--workers', type=NATURAL, default=8, help='DataLoader workers reading image files')
     p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--bf16', action='store_true', help='bf16 autocast for the network pass: faster, but scores '
-                   'move (README); the default is float32 with TF32 off, as OpenOOD scores')
+    p.add_argument('--bf16', action='store_true', help='bf16 network pass: faster, scores move (default float32)')
     p.add_argument('--aps', choices=['sio', 'val', 'openood'],
-                   help='parameter search by AUROC against --aps-ood: sio = as the SIO code (ID test kept at the '
-                   'default setting); val = validation ID vs OOD; openood = v1.5: its grids for ebo odin knn react '
-                   'ash vim, validation ID vs OOD')
-    p.add_argument('--aps-ood', metavar='PATH', help='validation OOD images for --aps, an image folder (default '
-                   "with --openood-root: OpenOOD's val_tin / val_openimage_o list)")
+                   help="search settings by validation AUROC: as the SIO code, on val, or with v1.5's grids")
+    p.add_argument('--aps-ood', metavar='PATH', help="its OOD images (default: OpenOOD's val list, --openood-root)")
     # detector settings (OpenOOD v1.5 defaults)
     p.add_argument('--ebo-temperature', type=RATE, default=1.0, help='energy score T * logsumexp(z / T)')
     p.add_argument('--odin-temperature', type=RATE, default=1000.0)
@@ -1118,11 +1110,10 @@ def get_args(argv=None):
     if len(set(names)) < len(names):
         fail(f'--near/--far name {max(names, key=names.count)} twice: give each OOD set a NAME of its own')
     if args.dataset and args.dataset not in BENCHMARKS and not args.dataset.startswith('folder:'):
-        fail(f'unknown --dataset {args.dataset!r}: use digits, cifar10, cifar100, imagenet200, imagenet or '
-             f'folder:PATH')
+        fail(f'unknown --dataset {args.dataset!r}: use {", ".join(BENCHMARKS)} or folder:PATH')
     if args.dataset in ('imagenet200', 'imagenet') and not args.openood_root:
-        fail(f'--dataset {args.dataset} is read from OpenOOD v1.5\'s lists: pass --openood-root DIR (its '
-             f'benchmark_imglist/, images_largescale/ and images_classic/)')
+        fail(f"--dataset {args.dataset} is read from OpenOOD v1.5's lists: pass --openood-root DIR (its "
+             f"benchmark_imglist/, images_largescale/ and images_classic/)")
     folders = [(flag, Path(path).resolve()) for flag, path in (('--out', args.out), ('--plots', args.plots),
                                                               ('--cache', args.cache)) if path]
     for i, (flag, path) in enumerate(folders):
@@ -1239,8 +1230,8 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
     if not blank.keys() <= manifest.keys() or manifest['script'] != script:
-        fail(f'{flag} {out} holds a {manifest.get("script", "foreign")} folder, not a {script} one: pass another '
-             f'{flag}')
+        fail(f'{flag} {out} holds a {manifest.get("script", "non-synth-ood")} folder, not a {script} one: pass '
+             f'another {flag}')
     others = sorted(e.name for e in out.iterdir() if e.name != '.lock' and not any(fnmatch.fnmatchcase(
         re.sub(r'\.\d+\.tmp$', '', e.name), entry.rstrip('/')) for entry in manifest['files'] + [MANIFEST]))
     if others:
