@@ -8,7 +8,7 @@ penultimate features, with statistics fitted only for the detectors asked for.
 
     python evaluate.py runs/digits_ce_s0 runs/digits_ce_s1 runs/digits_ce_s2 --out results/digits_ce
     python evaluate.py baseline=runs/ce_s0,runs/ce_s1 sio=runs/sio_s0,runs/sio_s1 --detectors msp,ebo,knn
-    python evaluate.py runs/c10_sio_s0 --near tin=data/tin --no-tin --cache cache/ --plots plots/
+    python evaluate.py runs/c10_sio_s0 --near tin=data/tin --cache cache/ --plots plots/   # CIFAR-10
     python evaluate.py runs/c10_sio_s0 --aps sio --aps-ood data/c100_heldout   # the SIO code's search
     python evaluate.py openood:results/cifar10_resnet18_32x32_base_e100_lr0.1_default --dataset cifar10 \\
         --openood-root data --aps openood      # OpenOOD's released checkpoints, lists and search
@@ -295,9 +295,9 @@ def needs_train(args):
 def claim_outputs(args, settings, data):
     """--out, --plots and --cache, each taken by the one rule (none is, holds or lies in an input)."""
     inputs = [(f"run {run['name']}", run['folder']) for runs in settings.values() for run in runs] + [
-        (f'--{group} {name}', path) for group in ('near', 'far') for name, path in getattr(args, group)] + [
-        ('--aps-ood', args.aps_ood), ('--openood-root', args.openood_root),
-        ('--dataset', data['dataset'][len('folder:'):] if data['dataset'].startswith('folder:') else None)]
+        (f'--{group} {name} folder', path) for group in ('near', 'far') for name, path in getattr(args, group)] + [
+        ('--aps-ood folder', args.aps_ood), ('--openood-root folder', args.openood_root),
+        ('--dataset folder', data['dataset'][len('folder:'):] if data['dataset'].startswith('folder:') else None)]
     skip = {'runs', 'out', 'plots', 'cache', 'overwrite', 'device', 'batch_size', 'workers', 'strict'}
     made_by = json.loads(json.dumps(dict(  # what the results depend on, as the manifest holds it
         {'--' + k.replace('_', '-'): v for k, v in vars(args).items() if k not in skip}, dataset=data['dataset'],
@@ -433,25 +433,27 @@ def score_run(run, outputs, odin, odin_pick, data, args, device):
     on_device = lambda o: o and {k: torch.from_numpy(np.asarray(o[k])).to(device) for k in ('features', 'logits')} | {
         'labels': torch.from_numpy(np.asarray(o['labels'])).to(device).long()}
     W, b = (run['model'][k].to(device).double() for k in ('fc.weight', 'fc.bias'))
-    # train and val stay float32 (fit() accumulates in float64); each scored split becomes float64 in turn
+    # train and val stay float32 (fit() accumulates in float64); scored rows become float64 block by block
     stats = fit(on_device(outputs.get('train')), on_device(outputs['val']), W, b, args)
     acc = 100 * float((outputs['id']['logits'].argmax(1) == outputs['id']['labels']).mean())
-    as_tensors = lambda split: [torch.from_numpy(outputs[split][k]).to(device).double() for k in ('logits', 'features')]
+
+    def score(det, split, a):  # in blocks of rows: ImageNet-1K's 45k test features alone are 0.7 GB in float64
+        z, h = (torch.from_numpy(outputs[split][k]) for k in ('logits', 'features'))
+        return np.concatenate([SCORES[det](z[i:i + 8192].to(device).double(), h[i:i + 8192].to(device).double(), stats,
+                                           a).cpu().numpy() for i in range(0, max(len(z), 1), 8192)])
     det_args, picks = {det: args for det in args.detectors}, {'odin': odin_pick} if odin_pick else {}
-    for det in [d for d in args.detectors if args.aps and d in (APS_OPENOOD if args.aps == 'openood' else APS_GRIDS)]:
-        score = lambda split, a: SCORES[det](*as_tensors(split), stats, a).cpu().numpy()
-        if det != 'odin':
-            det_args[det], picks[det] = aps_search(det, args, lambda a: score('id' if args.aps == 'sio' else 'val', a),
-                                                   lambda a: score('aps_ood', a), len(data['splits']['train'][1]))
+    grid, id_side = APS_OPENOOD if args.aps == 'openood' else APS_GRIDS, 'id' if args.aps == 'sio' else 'val'
+    for det in [d for d in args.detectors if args.aps and d in grid and d != 'odin']:
+        det_args[det], picks[det] = aps_search(det, args, lambda a: score(det, id_side, a),
+                                               lambda a: score(det, 'aps_ood', a), len(data['splits']['train'][1]))
     if picks:
         print(f"aps ({args.aps}) {run['name']}: " + '; '.join(f'{det} ' + ', '.join(f'{k} {v}' for k, v in p.items())
                                                             for det, p in picks.items()))
     scores = {det: {} for det in args.detectors}
     for split in ['id'] + data['oods']:
-        z, h = as_tensors(split)
         for det in args.detectors:  # --aps sio: the ID side keeps the default setting, as the SIO code's evaluator
             a = args if split == 'id' and args.aps == 'sio' else det_args[det]
-            scores[det][split] = odin[split] if det == 'odin' else SCORES[det](z, h, stats, a).cpu().numpy()
+            scores[det][split] = odin[split] if det == 'odin' else score(det, split, a)
             if not np.isfinite(scores[det][split]).all():
                 fail(f"{run['name']}: detector {det} gives non-finite scores on {split} (degenerate statistics?): "
                      f"leave {det} out of --detectors")
@@ -764,13 +766,13 @@ def openood_list(root, dataset, name, required=True):
     if not required and not (Path(root) / 'benchmark_imglist' / dataset / f'{name}.txt').is_file():
         return None, f'no benchmark_imglist/{dataset}/{name}.txt (download entry benchmark_imglist)'
     files, labels = read_imglist(root, f'{dataset}/{name}.txt', images.name)
-    top = Path(files[0]).relative_to(images).parts[0] if files else '?'
-    if not (images / top).is_dir():
-        why = f'{images / top} does not exist: download OpenOOD v1.5\'s {top} entry there ({name}.txt reads it)'
-        if top == 'imagenet_1k':
-            why += "; ImageNet-1K's train images come from image-net.org"
-        return fail(why) if required else (None, why)
-    return (ImageList(files), labels), None
+    top = Path(files[0]).relative_to(images).parts[0] if files else None
+    if files and (images / top).is_dir():
+        return (ImageList(files), labels), None
+    why = (f'{images / top} does not exist: download OpenOOD v1.5\'s {top} entry there ({name}.txt reads it)'
+           + "; ImageNet-1K's train images come from image-net.org" * (top == 'imagenet_1k') if files else
+           f'benchmark_imglist/{dataset}/{name}.txt is empty: download the benchmark_imglist entry again')
+    return fail(why) if required else (None, why)
 
 def openood_dataset(root, dataset, with_train):
     """ID train / val / test from OpenOOD v1.5's lists (train only for the detectors fitted on it)."""
@@ -859,14 +861,12 @@ def load_data(args, dataset, runs):
     splits.update({name: (images, np.full(len(images), -1)) for name, (_, images) in sets.items()})
     if args.aps:  # validation OOD images for the search, never part of the table
         val_ood = BENCHMARKS.get(dataset, {}).get('val_ood', 'tin')
-        if args.aps_ood:
-            files = folder_images(f'--aps-ood {args.aps_ood}', args.aps_ood, 'validation OOD images')
-        elif not args.openood_root or not (files := openood_list(args.openood_root, dataset, f'val_{val_ood}',
-                                                                 False)[0]):
+        listed = openood_list(args.openood_root, dataset, f'val_{val_ood}', False)[0] if args.openood_root else None
+        files = folder_images(f'--aps-ood {args.aps_ood}', args.aps_ood, 'validation OOD images') if args.aps_ood \
+            else listed and listed[0]
+        if not files:
             fail(f'--aps needs validation OOD images: pass --aps-ood PATH (an image folder) or --openood-root with '
                  f'its val_{val_ood} list')
-        else:
-            files = files[0]
         splits['aps_ood'] = (files, np.full(len(files), -1))
     groups = {name: group for name, (group, _) in sets.items()}
     if not groups:
@@ -949,9 +949,16 @@ def load_runs(spec, args):
              f'torchvision:NAME)')
     ckpt = read_checkpoint(file, 'run', 'pass a best.pt written by train_sio.py or train_oal.py (openood:PATH for '
                                         "OpenOOD's)")
-    missing = [k for k in ('classes', 'image_size', 'mean', 'std') if k not in ckpt]
-    if missing or ckpt['arch'] not in ARCH_SIZE or not weights_fit(ckpt['model'], ckpt['arch'], ckpt['num_classes']):
-        why = f'has no {missing[0]}' if missing else f"holds no {ckpt['arch']} with {ckpt['num_classes']} classes"
+    try:  # every field a run needs, of the right kind
+        mean, std = (np.asarray(ckpt[k], dtype=np.float64) for k in ('mean', 'std'))
+        usable = (ckpt['arch'] in ARCH_SIZE and isinstance(ckpt['dataset'], str) and isinstance(ckpt['classes'], list)
+                  and type(ckpt['image_size']) is int and ckpt['image_size'] >= ARCH_MIN_SIZE[ckpt['arch']]
+                  and mean.shape == std.shape == (3,) and np.isfinite(mean).all() and (std > 0).all())
+    except (KeyError, TypeError, ValueError):
+        usable = False
+    if not usable or not weights_fit(ckpt['model'], ckpt['arch'], ckpt['num_classes']):
+        why = f"holds no {ckpt['arch']} with {ckpt['num_classes']} classes" if usable else 'lacks a usable arch, ' \
+            'dataset, classes, image_size, mean or std'
         fail(f'run {file} {why}: pass a best.pt written by train_sio.py or train_oal.py')
     return [dict(ckpt, name=path.name if path.is_dir() else path.stem, digest=file_digest(file), folder=file.parent,
                  source=str(path.resolve()))]
@@ -1070,17 +1077,18 @@ def parse_settings(specs):
 def get_args(argv=None):
     percent = number(float, 'in (0, 100)', lambda v: 0 < v < 100)
     p = Parser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('runs', nargs='+', help='run folders, .pt files, openood:PATH, torchvision:NAME; NAME=RUN,... each')
+    p.add_argument('runs', nargs='+', help='run folders or .pt files, openood:PATH, torchvision:NAME (several: seeds); '
+                   'NAME=RUN,RUN,... per setting to compare settings')
     p.add_argument('--dataset', help="the ID set (default: the runs'): digits cifar10 cifar100 imagenet200 imagenet "
                    'folder:PATH')
     p.add_argument('--data-root', default='./data', help='where torchvision datasets live or are downloaded to')
     p.add_argument('--openood-root', help="OpenOOD v1.5's data folder (benchmark_imglist/, images_*/): its lists")
-    for group in ('near', 'far'):
+    for group, example in (('near', 'tin'), ('far', 'dtd')):
         p.add_argument(f'--{group}', action='append', default=[], type=ood_folder, metavar='NAME=PATH',
-                       help=f'add or replace a {group}-OOD image folder (e.g. tin=data/tin)')
+                       help=f'add or replace a {group}-OOD image folder, e.g. {example}=PATH')
     p.add_argument('--no-tin', action='store_true', help='near-OOD without TinyImageNet, as the SIO paper reports')
     p.add_argument('--strict', action='store_true', help='a missing built-in OOD set is an error, not a warning')
-    p.add_argument('--detectors', type=detector_list, default='all', help='all, or a comma list of them')
+    p.add_argument('--detectors', type=detector_list, default='all', help='all, or some: ' + ','.join(DETECTORS))
     p.add_argument('--cache', help='keep logits/features in DIR/<run>/<split>.npz and reuse them')
     p.add_argument('--out', help='write results.json/.csv/.md and scores.npz here')
     p.add_argument('--overwrite', action='store_true', help="replace an earlier evaluation's results and plots")

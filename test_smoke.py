@@ -881,6 +881,24 @@ def test_openood_trees_score_two_seeds_on_its_lists(tmp_path, capsys):
     assert 'images_largescale/imagenet_1k' not in capsys.readouterr().err  # ImageNet's train list is not needed by msp / ebo
 
 
+def test_odd_image_files_in_an_ood_folder_are_read(runs, tmp_path):
+    """Palette, alpha, 16-bit grey, CMYK, 1x1 and 1x500 images beside a text file: read as torchvision's loader
+    reads them, resized and cropped like any other image."""
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    (tmp_path / 'odd').mkdir()
+    Image.fromarray(rng.randint(0, 256, (20, 30, 3), dtype=np.uint8)).convert('P').save(tmp_path / 'odd' / 'palette.png')
+    Image.fromarray(rng.randint(0, 256, (20, 30, 4), dtype=np.uint8), 'RGBA').save(tmp_path / 'odd' / 'alpha.png')
+    Image.fromarray(rng.randint(0, 65535, (20, 30)).astype(np.uint16)).save(tmp_path / 'odd' / 'grey16.png')
+    Image.fromarray(rng.randint(0, 256, (20, 30, 3), dtype=np.uint8)).convert('CMYK').save(tmp_path / 'odd' / 'cmyk.jpg')
+    Image.fromarray(rng.randint(0, 256, (1, 1, 3), dtype=np.uint8)).save(tmp_path / 'odd' / 'one.png')
+    Image.fromarray(rng.randint(0, 256, (1, 500, 3), dtype=np.uint8)).save(tmp_path / 'odd' / 'line.png')
+    (tmp_path / 'odd' / 'notes.txt').write_text('not an image')
+    evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--far', f'odd={tmp_path / "odd"}', '--out', str(tmp_path / 'res')])
+    with np.load(tmp_path / 'res' / 'scores.npz') as scores:
+        assert len(scores['ce_s0/msp/odd']) == 6 and np.isfinite(scores['ce_s0/msp/odd']).all()
+    assert evaluate.read_batch([(str(tmp_path / 'odd' / 'line.png'), 8, 8)]).shape == (1, 3, 8, 8)
+
 def test_pil_resize_and_crop_match_torchvision_on_odd_sizes():
     import torchvision.transforms as T
     from PIL import Image
@@ -2037,6 +2055,7 @@ def bad(runs, tmp_path_factory):
     ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
     torch.save(dict(ckpt, model=dict(ckpt['model'], **{'fc.bias': torch.full((6,), float('nan'))})), root / 'nan.pt')
     torch.save(dict(ckpt, arch='resnet18'), root / 'wrong_arch.pt')
+    torch.save(dict(ckpt, std=(0.0, 0.0, 0.0)), root / 'zero_std.pt')
     torch.save(ckpt['model'], root / 'foreign.ckpt')  # a state_dict, as OpenOOD saves them, of no ResNet
     (root / 'openood_lists_only' / 'benchmark_imglist' / 'imagenet').mkdir(parents=True)
     for split in ('val', 'test'):
@@ -2227,6 +2246,7 @@ BAD_INPUTS_EVALUATE = [  # evaluate.py: more kinds of bad input
     ('evaluate', '{bad}/truncated.pt --out {out}', 'cannot be read'),
     ('evaluate', '{bad}/tensor.pt --out {out}', 'not a synth-ood checkpoint'),
     ('evaluate', '{bad}/wrong_arch.pt --out {out}', 'holds no resnet18'),
+    ('evaluate', '{bad}/zero_std.pt --out {out}', 'usable arch, dataset, classes, image_size, mean or std'),
     ('evaluate', 'openood:{bad}/foreign.ckpt --out {out}', '--dataset'),
     ('evaluate', 'openood:{bad}/foreign.ckpt --dataset cifar10 --out {out}', 'fits none'),
     ('evaluate', 'openood:{bad}/no_images --dataset cifar10 --out {out}', 's<seed>/best.ckpt'),
@@ -2240,8 +2260,8 @@ BAD_INPUTS_EVALUATE = [  # evaluate.py: more kinds of bad input
     ('evaluate', EVAL_MSP + ' --aps val --aps-ood {bad}/a_file', 'is a file'),
     ('evaluate', EVAL_MSP + ' --plots {out}', 'distinct'),
     ('evaluate', EVAL_MSP + ' --cache {out}/cache', 'neither inside the other'),
-    ('evaluate', EVAL_MSP.replace('{out}', '{bad}/run_ce/results'), 'would write over or into run run_ce'),
-    ('evaluate', EVAL_MSP.replace('{out}', '{bad}/syn_missing_class/000') + ' --far mine={bad}/syn_missing_class', 'into --far mine'),
+    ('evaluate', '{bad}/run_ce --detectors msp --out {bad}/run_ce/results', 'lies in the run run_ce'),
+    ('evaluate', EVAL_MSP.replace('{out}', '{bad}/syn_missing_class/000') + ' --far mine={bad}/syn_missing_class', 'lies in the --far mine folder'),
     ('evaluate', EVAL_MSP + ' --workers -1', '--workers'),
 ]
 BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad input
