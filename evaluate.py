@@ -275,8 +275,10 @@ def prepare(args, device, rank):
         if 'vim' in args.detectors and args.vim_dim is not None and not 1 <= args.vim_dim < d:
             fail(f"--vim-dim {args.vim_dim} must be between 1 and {d - 1} (the feature size of {run['name']} is {d})")
     rows = {split: len(labels) for split, (_, labels) in data['splits'].items()}
-    if 'knn' in args.detectors and args.knn_k > rows['train']:
-        fail(f"--knn-k {args.knn_k} is larger than the {rows['train']} ID train features: pass a smaller --knn-k")
+    k = max(args.knn_k, 50 if args.aps else 0)  # every --aps grid starts at K 50
+    if 'knn' in args.detectors and k > rows['train']:
+        fail(f"knn needs {k} neighbours (--knn-k {args.knn_k}{', --aps' * (k > args.knn_k)}) but there are "
+             f"{rows['train']} ID train features: pass a smaller --knn-k, or leave knn out of --detectors")
     held = sum(rows.values()) - rows['train'] * (not needs_train(args))
     width = 4 * max(sum(run['model']['fc.weight'].shape) for run in runs)  # float32 logits + features
     fix = 'score fewer detectors (dice, mds, rmds, knn and vim hold the train outputs), or use a bigger machine'
@@ -404,6 +406,10 @@ def gather(array, world):
 def odin_all(run, model, data, args, device, rank, world):
     """ODIN (Liang et al. 2018), max softmax(f(x')/T), x' = x - eps * sign(grad_x CE(f(x)/T, argmax)), on
     the ID test and OOD sets after its --aps search, every rank taking part -> ({split: scores}, record)."""
+    if 'odin' not in args.detectors:
+        return {}, None
+    model, odin, pick, setting = model or build_model(run, device), {}, None, args
+
     def run_odin(split, a):
         scores, images = [], data['splits'][split][0]
         for x in tqdm(batches(images, data, np.arange(rank, len(images), world), args), desc='odin', leave=False,
@@ -416,9 +422,6 @@ def odin_all(run, model, data, args, device, rank, world):
             with torch.no_grad():
                 scores.append(F.softmax(model(x - a.odin_eps * step) / a.odin_temperature, 1).max(1).values.cpu())
         return gather(torch.cat(scores).numpy() if scores else np.zeros(0, np.float32), world)
-    if 'odin' not in args.detectors:
-        return {}, None
-    model, odin, pick, setting = model or build_model(run, device), {}, None, args
     if args.aps == 'sio':  # the ID test side stays at the default setting, for the search and the table
         odin['id'] = run_odin('id', args)
     if args.aps:
