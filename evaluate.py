@@ -1,33 +1,25 @@
 """Score checkpoints on the OpenOOD v1.5 benchmark with 14 post-hoc OOD detectors.
 
-Protocol: OpenOOD v1.5 (Zhang et al. 2023). ID test vs near-OOD and far-OOD sets, OOD = positive
-class, FPR@95 / AUROC / AUPR-In / AUPR-Out / ACC in %, `near` and `far` = unweighted means.
-The network runs once per dataset, in float32 as OpenOOD does (--bf16 for speed); every detector
-except ODIN (which needs input gradients) is scored from the cached logits and penultimate features,
-with statistics fitted only for the detectors asked for, in memory that does not grow past the outputs
-themselves at ImageNet-1K scale. Several runs = seeds: mean +- std.
+Protocol: OpenOOD v1.5 (Zhang et al., arXiv 2306.09301): the ID test set against near-OOD and far-OOD
+sets, OOD = positive class, FPR@95 / AUROC / AUPR-In / AUPR-Out / ACC in %, `near` and `far` = unweighted
+means, several runs (seeds) = mean +- std. The network runs once per set, in float32 as OpenOOD does
+(--bf16 for speed); every detector but ODIN (input gradients) is scored from the cached logits and
+penultimate features, with statistics fitted only for the detectors asked for.
 
     python evaluate.py runs/digits_ce_s0 runs/digits_ce_s1 runs/digits_ce_s2 --out results/digits_ce
-    python evaluate.py runs/c10_sio_s*/ --dataset cifar10 --near tin=data/tin --no-tin --cache cache/
-    python evaluate.py runs/c10_oal_s0 --openood-root data/openood --detectors ebo,msp,knn --plots plots/
-    python evaluate.py baseline=runs/ce_s0,runs/ce_s1 sio=runs/sio_s0,runs/sio_s1 --detectors msp,ebo,knn   # one comparison table
+    python evaluate.py baseline=runs/ce_s0,runs/ce_s1 sio=runs/sio_s0,runs/sio_s1 --detectors msp,ebo,knn
+    python evaluate.py runs/c10_sio_s0 --near tin=data/tin --cache cache/ --plots plots/   # CIFAR-10
+    python evaluate.py runs/c10_sio_s0 --aps sio --aps-ood data/c100_heldout   # the SIO code's search
+    python evaluate.py openood:results/cifar10_resnet18_32x32_base_e100_lr0.1_default --dataset cifar10 \\
+        --openood-root data --aps openood      # OpenOOD's released checkpoints, lists and search
+    python evaluate.py torchvision:resnet50 --dataset imagenet --openood-root data --aps openood
     torchrun --nproc_per_node=4 evaluate.py runs/c100_sio_s0    # rank-sharded network passes
-    python evaluate.py --bench-features 200000,2048,1000        # time + memory of each detector on synthetic features
-    python evaluate.py runs/c10_sio_s0 --aps sio --aps-ood data/c100_heldout   # EBO/ODIN/KNN settings searched as the SIO code did
 
 Detectors: msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim (SPEC section 4).
 """
 import argparse
-import csv
-import hashlib
-import io
-import itertools
-import json
-import math
-import os
-import sys
-import time
-from contextlib import nullcontext
+import csv, fcntl, fnmatch, glob, hashlib, json, math, os, re, shlex, shutil, signal, sys, threading, time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -38,587 +30,30 @@ import torch.nn.functional as F
 from sklearn import metrics as skm
 from tqdm import tqdm
 
-RESULT_FILES = ('results.json', 'results.csv', 'results.md', 'scores.npz')  # what evaluate.py writes in --out
-DETECTORS = ['msp', 'mls', 'ebo', 'tempscale', 'odin', 'gen', 'klm', 'react', 'ash', 'dice', 'mds', 'rmds', 'knn', 'vim']
+DETECTORS = 'msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim'.split()
+TRAIN_DETECTORS = {'dice', 'mds', 'rmds', 'knn', 'vim'}  # fitted on the ID train outputs
 METRICS = ['FPR95', 'AUROC', 'AUPR_IN', 'AUPR_OUT', 'ACC', 'FPR95_ID']
-METRIC_TITLES = {'FPR95': 'FPR@95', 'AUROC': 'AUROC', 'AUPR_IN': 'AUPR-In', 'AUPR_OUT': 'AUPR-Out', 'ACC': 'ACC', 'FPR95_ID': 'FPR95(ID+)'}
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('runs', nargs='*', help='run directories (their best.pt) or .pt checkpoints; several = seeds of one setting; '
-                   'or NAME=RUN,RUN,... per setting to compare settings in one table')
-    p.add_argument('--dataset', default=None, help="override the checkpoint's dataset: digits | cifar10 | cifar100 | folder:PATH")
-    p.add_argument('--data-root', default='./data')
-    p.add_argument('--openood-root', default=None, help="OpenOOD's data dir (benchmark_imglist/, images_classic/): its exact lists")
-    p.add_argument('--near', action='append', default=[], metavar='NAME=PATH', help='add/replace a near-OOD image folder (e.g. tin=data/tin)')
-    p.add_argument('--far', action='append', default=[], metavar='NAME=PATH', help='add/replace a far-OOD image folder')
-    p.add_argument('--no-tin', action='store_true', help='near-OOD without TinyImageNet, as the SIO paper reports')
-    p.add_argument('--strict', action='store_true', help='a missing OOD set is an error, not a warning')
-    p.add_argument('--detectors', default='all', help='all, or a comma list of ' + ','.join(DETECTORS))
-    p.add_argument('--cache', default=None, help='keep logits/features in DIR/<run>/<split>.npz and reuse them')
-    p.add_argument('--out', default=None, help='write results.json/.csv/.md and scores.npz here')
-    p.add_argument('--overwrite', action='store_true', help="replace an earlier evaluation's results in --out")
-    p.add_argument('--plots', default=None, help='write score histograms and ROC curves (PNG) here')
-    p.add_argument('--batch-size', type=int, default=512)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--bf16', action='store_true', help='run the network under bf16 autocast: faster, but scores move '
-                   '(see README); the default is float32 with TF32 off, as OpenOOD scores')
-    p.add_argument('--bench-features', default=None, metavar='N,D,C[,M]', help='no checkpoints: time fit + score of each '
-                   'detector on synthetic features (N train rows, D dims, C classes, M test rows) and print peak memory')
-    p.add_argument('--aps', default=None, choices=['sio', 'val'],
-                   help="OpenOOD's automatic parameter search for ebo/odin/knn over APS_GRIDS, by AUROC against --aps-ood: "
-                        'sio = as the SIO code ran it (ID test scores kept at the default setting, for the search and the table); '
-                        'val = validation ID vs validation OOD, then every set scored with the pick (OpenOOD v1.5)')
-    p.add_argument('--aps-ood', default=None, metavar='PATH', help="validation OOD images for --aps, an image folder (the SIO code: "
-                   "held-out CIFAR-100 images for CIFAR-10; OpenOOD v1.5: TinyImageNet's val_tin list, used by default with --openood-root)")
-    # detector settings (OpenOOD v1.5 defaults)
-    p.add_argument('--ebo-temperature', type=float, default=1.0, help='energy score T * logsumexp(z / T)')
-    p.add_argument('--odin-temperature', type=float, default=1000.0)
-    p.add_argument('--odin-eps', type=float, default=0.0014, help='ODIN step in [0,1] pixel units')
-    p.add_argument('--gen-gamma', type=float, default=0.1)
-    p.add_argument('--react-percentile', type=float, default=90.0)
-    p.add_argument('--ash-percentile', type=float, default=90.0, help='ASH-B keeps the top 100-p percent')
-    p.add_argument('--dice-percentile', type=float, default=90.0, help='DICE keeps the top 100-p percent of weights')
-    p.add_argument('--knn-k', type=int, default=50)
-    p.add_argument('--vim-dim', type=int, default=None, help="ViM principal dimensions (default OpenOOD's 256; d/2 for features of 256 dims or fewer)")
-    args = p.parse_args(argv)
-    if not args.runs and not args.bench_features:
-        fail('no runs given: pass run directories (or .pt checkpoints) to score, or --bench-features N,D,C to time the detectors')
-    args.detectors = DETECTORS if args.detectors == 'all' else [d.strip() for d in args.detectors.split(',') if d.strip()]
-    unknown = [d for d in args.detectors if d not in DETECTORS]
-    if unknown:
-        fail(f"unknown detector(s) {', '.join(unknown)}: choose from {', '.join(DETECTORS)} or 'all'")
-    if args.aps_ood and not args.aps:
-        fail('--aps-ood names the validation OOD images of --aps: pass --aps sio or --aps val too, or drop --aps-ood')
-    for flag in args.near + args.far:
-        if '=' not in flag:
-            fail(f'--near/--far take NAME=PATH (e.g. --near tin=data/tin), got {flag!r}')
-    percentile = ('in (0, 100)', lambda v: 0 < v < 100)
-    check_ranges(args, [
-        ('--batch-size', 'an integer >= 1', lambda v: v >= 1),
-        ('--odin-temperature', 'a number > 0', lambda v: 0 < v < math.inf),
-        ('--ebo-temperature', 'a number > 0', lambda v: 0 < v < math.inf),
-        ('--odin-eps', 'a number >= 0', lambda v: 0 <= v < math.inf),
-        ('--gen-gamma', 'a number > 0', lambda v: 0 < v < math.inf),
-        ('--react-percentile', *percentile), ('--ash-percentile', *percentile), ('--dice-percentile', *percentile),
-        ('--knn-k', 'an integer >= 1', lambda v: v >= 1),
-        ('--vim-dim', 'an integer >= 1', lambda v: v >= 1),
-    ])
-    check_device(args.device)
-    return args
-
-
-def fail(message):
-    """One line for the user, exit code 2, no traceback (tqdm.write: on a line of its own even under a progress bar)."""
-    tqdm.write(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
-
-
-def check_ranges(args, rules):
-    """(flag, valid range in words, test) for every numeric flag: one line before anything is loaded."""
-    for flag, valid, ok in rules:
-        value = getattr(args, flag[2:].replace('-', '_'))
-        if value is not None and not ok(value):  # NaN fails every comparison, so it is refused too
-            fail(f'{flag} must be {valid}, got {value}')
-
-
-def check_device(name):
-    """--device must name a device this machine has, said now rather than deep inside a run."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f'--device {name!r} is not a device name: pass cpu, cuda or cuda:N')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        fail(f'--device {name}: this machine has no CUDA device; pass --device cpu')
-    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
-        fail(f'--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}')
-
-
-def check_out(out):
-    """--out must be a folder this process can write: one line now, not a traceback at the first save."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        fail(f'--out {out} is a file, not a folder: pass a folder')
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f'.write-test-{os.getpid()}'
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        fail(f'--out {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
-
-
-HELD_LOCKS = {}  # folder -> open lock file: this process's own locks (main() may run twice in one process)
-
-
-def lock_folder(lock_file):
-    """One process per output folder: an exclusive flock held until this process ends (the OS drops it on any exit or kill)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows has no flock: one writer per folder is then up to you
-        return None
-    lock_file = Path(lock_file).resolve()
-    held = HELD_LOCKS.get(lock_file)
-    if held is not None and lock_file.exists() and os.stat(lock_file).st_ino == os.fstat(held.fileno()).st_ino:
-        return held  # this process holds it already (and the folder was not made anew meanwhile)
-    handle = open(lock_file, 'a+')
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        fail(f'{lock_file.parent} is in use by another process (pid {handle.read().strip() or "?"}): wait for it to end, or pass another --out')
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    HELD_LOCKS[lock_file] = handle
-    return handle
-
-
-def claim_out(out, mine, held, proceed):
-    """The one rule for every --out, the same in each script: a missing or empty folder is used; a folder holding
-    only files this script writes is used when nothing finished is there or this run continues it (held None);
-    a finished result (held says what) is refused with the flags that proceed; a folder holding anything else is
-    refused. --overwrite replaces only files this script writes: nothing else is ever deleted."""
-    out = Path(out)
-    lock_file = lambda e: e.name.startswith('.') and e.name.endswith('.lock')  # ours, or generate.py fit's beside its --out
-    others = sorted(e.name for e in out.iterdir() if not lock_file(e) and not mine(e)) if out.is_dir() else []
-    if others:
-        fail(f'--out {out} holds files this script did not write ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}): '
-             f'pass a new or empty folder')
-    if held:
-        fail(f'--out {out} holds {held}: {proceed}')
-
-
-def temporary(path):
-    """A temporary name beside path, unique to this process."""
-    return Path(f'{path}.{os.getpid()}.tmp')
-
-
-def is_temporary(entry, names):
-    """A temporary file of one of names (name.PID.tmp), left by a killed process if no one holds the lock."""
-    parts = entry.name.rsplit('.', 2)
-    return len(parts) == 3 and parts[0] in names and parts[1].isdigit() and parts[2] == 'tmp'
-
-
-# ----------------------------------------------------------------------------------------------
-# Data. Same loader in every script: a dict with uint8 (N, H, W, 3) arrays (or file lists for
-# image folders), int labels, class names, native image size and normalisation.
-
-CIFAR_STATS = {'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-               'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-DIGIT_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
-
-
-def digits_images():
-    """sklearn's 1,797 8x8 digits as uint8 (N, 8, 8, 3): value * 255 / 16, grey replicated. Read from the CSV that
-    scikit-learn ships, as load_digits reads it, without importing sklearn.datasets (1.4 s at every start)."""
-    import importlib.util
-    spec = importlib.util.find_spec('sklearn')
-    csv = Path(spec.origin).parent / 'datasets' / 'data' / 'digits.csv.gz' if spec and spec.origin else None
-    if csv is not None and csv.exists():
-        data = np.loadtxt(csv, delimiter=',')
-        pixels, target = data[:, :-1].reshape(-1, 8, 8), data[:, -1]
-    else:  # a scikit-learn that keeps it elsewhere
-        from sklearn.datasets import load_digits
-        digits = load_digits()
-        pixels, target = digits.images, digits.target
-    images = np.rint(pixels * 255 / 16).astype(np.uint8)
-    return np.repeat(images[..., None], 3, axis=-1), target.astype(np.int64)
-
-
-def load_digits_splits():
-    """ID = digits 0-5; per class RandomState(0).permutation of its indices: 60% train, 10% val, 30% test."""
-    images, labels = digits_images()
-    split = {'train': [], 'val': [], 'test': []}
-    for c in range(6):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[np.random.RandomState(0).permutation(len(idx))]
-        n_train, n_val = int(0.6 * len(idx)), int(0.1 * len(idx))
-        split['train'].append(idx[:n_train])
-        split['val'].append(idx[n_train:n_train + n_val])
-        split['test'].append(idx[n_train + n_val:])
-    out = {name: (images[np.concatenate(ix)], labels[np.concatenate(ix)]) for name, ix in split.items()}
-    train = out['train'][0].astype(np.float64) / 255
-    mean, std = tuple(float(m) for m in train.mean(axis=(0, 1, 2))), tuple(float(s) for s in train.std(axis=(0, 1, 2)))
-    return dict(out, classes=DIGIT_NAMES[:6], image_size=8, mean=mean, std=std)
-
-
-def torchvision_set(cls, root, **kwargs):
-    """A torchvision dataset, downloaded if absent; None when it is absent and cannot be downloaded."""
-    try:
-        return cls(root, download=False, **kwargs)
-    except Exception:
-        pass
-    try:
-        return cls(root, download=True, **kwargs)
-    except Exception:
-        return None
-
-
-def read_imglist(openood_root, list_path):
-    """OpenOOD image list: 'relative/path.png label' per line, relative to images_classic/."""
-    root = Path(openood_root)
-    lines = (root / 'benchmark_imglist' / list_path).read_text().split('\n')
-    paths, labels = [], []
-    for line in filter(None, (l.strip() for l in lines)):
-        rel, label = line.rsplit(' ', 1)
-        paths.append(str(root / 'images_classic' / rel))
-        labels.append(int(label))
-    return paths, np.array(labels, dtype=np.int64)
-
-
-def read_images(paths, size):
-    """Decode image files to uint8 (N, size, size, 3) (resize only when the size differs)."""
-    from PIL import Image
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        try:
-            image = Image.open(path).convert('RGB')
-        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-            fail(f'cannot read image {path} ({type(e).__name__}): replace or remove that file')
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        out[i] = np.asarray(image)
-    return out
-
-
-def image_folder(path):
-    """ImageFolder layout: class = sorted sub-folder names, files sorted within each."""
-    path = Path(path)
-    if not path.is_dir():
-        fail(f'{path} does not exist: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        for f in sorted((path / name).rglob('*')):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(str(f))
-                labels.append(c)
-    return files, np.array(labels, dtype=np.int64), classes
-
-
-# ImageNet subsets of the SIO code (imagenet_train_subclasses.py, SUB_CLASSES): positions in the 1,000 sorted
-# ImageNet-1K class folders. imagenet-10 = n01644373 n01744401 n01833805 n02099601 n02123045 n02690373 n03417042
-# n04037443 n04273569 n07745940 (the wnids of its train_imagenet_10.txt); imagenet-dogs = the 100 dogs 151..250.
-IMAGENET_SUBSETS = {'imagenet-10': [404, 751, 94, 281, 62, 207, 31, 949, 814, 569], 'imagenet-dogs': list(range(151, 251))}
-
-
-def subset_classes(spec, classes):
-    """--classes: imagenet-10 / imagenet-dogs, or a file of class folder names (one per line, first word, so
-    LOC_synset_mapping.txt lines work). Returns the chosen names, sorted (labels follow that order, as in the SIO code)."""
-    if spec in IMAGENET_SUBSETS:
-        if len(classes) != 1000:
-            fail(f'--classes {spec} takes ImageNet-1K classes by position, but the folder has {len(classes)} classes: '
-                 f'point --dataset folder:PATH at an ImageNet-1K layout (1,000 class folders), or pass a file of class names')
-        return sorted(classes[i] for i in IMAGENET_SUBSETS[spec])
-    try:
-        names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a text file of class folder names')
-    if len(names) < 2:
-        fail(f'--classes {spec}: {len(names)} class named, a classifier needs 2 or more: fix the list')
-    return names  # load_dataset checks that each has a folder
-
-
-def load_dataset(name, data_root='./data', openood_root=None, classes=None):
-    """classes (folder datasets): --classes' spec or a list of class folder names; the other classes' test images
-    then come back as other_classes (the SIO code's OOD set for ImageNet subsets)."""
-    if name == 'digits':
-        return load_digits_splits()
-    if name in ('cifar10', 'cifar100'):
-        import torchvision  # imported where it is used: it adds 1.6 s to every start, and digits needs none of it
-        cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
-        train, test = torchvision_set(cls, data_root, train=True), torchvision_set(cls, data_root, train=False)
-        if train is None or test is None:
-            fail(f'{cls.__name__} is not under {os.path.abspath(data_root)} and could not be downloaded (offline?); '
-                 f'put it there or point --data-root at the folder that holds it')
-        test_x, test_y = test.data, np.array(test.targets, dtype=np.int64)
-        if openood_root:  # OpenOOD v1.5's own split of the official test set, exactly
-            val_paths, val_y = read_imglist(openood_root, f'{name}/val_{name}.txt')
-            test_paths, test_y = read_imglist(openood_root, f'{name}/test_{name}.txt')
-            val, test = (read_images(val_paths, 32), val_y), (read_images(test_paths, 32), test_y)
-        else:  # OpenOOD v1.5: 1,000 test images are validation, the other 9,000 the ID test set
-            perm = np.random.RandomState(0).permutation(len(test_x))
-            val, test = (test_x[perm[:1000]], test_y[perm[:1000]]), (test_x[perm[1000:]], test_y[perm[1000:]])
-        mean, std = CIFAR_STATS[name]
-        return dict(train=(train.data, np.array(train.targets, dtype=np.int64)), val=val, test=test,
-                    classes=list(train.classes), image_size=32, mean=mean, std=std)
-    if name.startswith('folder:'):
-        root = Path(name[len('folder:'):])
-        train_files, train_y, all_classes = image_folder(root / 'train')
-        val_files, val_y, val_classes = image_folder(root / 'val')
-        if val_classes != all_classes:
-            fail(f'{root}/val has classes {val_classes[:5]}... but {root}/train has {all_classes[:5]}...: they must match')
-        test = image_folder(root / 'test')[:2] if (root / 'test').is_dir() else (val_files, val_y)
-        classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
-        missing = [c for c in classes if c not in all_classes]
-        if missing:
-            fail(f'{root} has no class folder {missing[0]} ({len(missing)} of the {len(classes)} classes asked for): '
-                 f'fix the class list, or pass the dataset it comes from')
-
-        def select(split, names):  # the images of these classes, labelled by their position in names
-            position = {all_classes.index(n): i for i, n in enumerate(names)}
-            keep = [j for j, y in enumerate(split[1]) if y in position]
-            return [split[0][j] for j in keep], np.array([position[split[1][j]] for j in keep], dtype=np.int64)
-        other = [c for c in all_classes if c not in classes]
-        mean, std = IMAGENET_STATS
-        return dict(train=select((train_files, train_y), classes), val=select((val_files, val_y), classes), test=select(test, classes),
-                    classes=classes, other_classes=select(test, other)[0] if other else [], image_size=224, mean=mean, std=std)
-    fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
-
-
-# ----------------------------------------------------------------------------------------------
-# Model. Same builder in every script: torchvision ResNets with a two-line CIFAR stem change, a
-# small CNN for 8x8 digits; forward(x, features=True) also returns the penultimate feature h.
-
-class Net(nn.Module):
-    def __init__(self, arch, num_classes):
-        super().__init__()
-        if arch == 'cnn':
-            def block(c_in, c_out):
-                return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            self.body = nn.Sequential(*block(3, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
-            dim = 128
-        elif arch in ('resnet18', 'resnet18_224', 'resnet50'):
-            import torchvision
-            self.body = getattr(torchvision.models, arch.replace('_224', ''))()
-            if arch == 'resnet18':  # CIFAR stem: 3x3 stride-1 conv, no max-pool (32x32 input)
-                self.body.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-                self.body.maxpool = nn.Identity()
-            dim = self.body.fc.in_features
-            self.body.fc = nn.Identity()
-        else:
-            fail(f'unknown --arch {arch!r}: use resnet18, resnet18_224, resnet50 or cnn')
-        self.fc = nn.Linear(dim, num_classes)
-        self.feature_dim = dim
-
-    def forward(self, x, features=False):
-        h = self.body(x)
-        z = self.fc(h)
-        return (z, h) if features else z
-
-
-ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}
-
-# ----------------------------------------------------------------------------------------------
-# Benchmarks: ID test + near/far OOD sets as uint8 (N, S, S, 3) at the ID set's native size S
-# (OpenOOD's test transform: RGB, resize shorter side, centre crop; normalisation comes later).
-
-def image_files(path):
-    """Every image file under a folder, searched recursively, in sorted order ([] when it is no folder)."""
-    return [str(f) for f in sorted(Path(path).rglob('*')) if f.suffix.lower() in IMAGE_EXTENSIONS] if Path(path).is_dir() else []
-
-
-def resize_crop(images, size):
-    """uint8 (N, H, W, 3) or (N, H, W) -> uint8 (N, size, size, 3): shorter side to size, centre crop."""
-    x = torch.from_numpy(np.asarray(images))
-    x = x[..., None].expand(*x.shape, 3) if x.ndim == 3 else x
-    x = x.permute(0, 3, 1, 2).float()
-    h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = torch.cat([F.interpolate(x[i:i + 512], size=(nh, nw), mode='bilinear', antialias=True, align_corners=False)
-                       for i in range(0, len(x), 512)])
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[..., top:top + size, left:left + size]
-    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def read_files(files, size):
-    """Image files -> uint8 (N, size, size, 3) through the same resize + centre crop as every other set."""
-    from PIL import Image
-    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
-    for i, f in enumerate(files):
-        out[i] = resize_crop(np.array(Image.open(f).convert('RGB'))[None], size)[0]
-    return out
-
-
-def sample_image_patches(index):
-    """Far-OOD for digits: a scikit-learn sample photo, grey, 16x16 grid crops, area-downscaled to 8x8, stretched."""
-    from sklearn.datasets import load_sample_images
-    image = load_sample_images().images[index].astype(np.float64)
-    grey = image @ np.array([0.299, 0.587, 0.114])
-    rows, cols = grey.shape[0] // 16, grey.shape[1] // 16
-    patches = grey[:rows * 16, :cols * 16].reshape(rows, 16, cols, 16).transpose(0, 2, 1, 3).reshape(-1, 16, 16)
-    small = patches.reshape(-1, 8, 2, 8, 2).mean(axis=(2, 4))
-    low, high = small.min(axis=(1, 2), keepdims=True), small.max(axis=(1, 2), keepdims=True)
-    stretched = np.rint((small - low) / np.maximum(high - low, 1e-8) * 255).astype(np.uint8)
-    return np.repeat(stretched[..., None], 3, axis=-1)
-
-
-def digits_ood(name):
-    if name == 'digits6-9':
-        images, labels = digits_images()
-        return images[labels >= 6]
-    return sample_image_patches(['china', 'flower'].index(name))
-
-
-def torchvision_ood(name, root, size):
-    """CIFAR-10/100, MNIST, SVHN, Textures (DTD, all 5,640 images) and Places365 (val) from torchvision."""
-    import torchvision
-    tv = torchvision.datasets
-    if name in ('cifar10', 'cifar100'):
-        ds = torchvision_set(tv.CIFAR10 if name == 'cifar10' else tv.CIFAR100, root, train=False)
-        return None if ds is None else resize_crop(ds.data, size)
-    if name == 'mnist':
-        ds = torchvision_set(tv.MNIST, root, train=False)
-        return None if ds is None else resize_crop(ds.data.numpy(), size)
-    if name == 'svhn':
-        ds = torchvision_set(tv.SVHN, root, split='test')
-        return None if ds is None else resize_crop(ds.data.transpose(0, 2, 3, 1), size)
-    if name == 'texture':
-        parts = [torchvision_set(tv.DTD, root, split=s) for s in ('train', 'val', 'test')]
-        return None if None in parts else read_files([f for part in parts for f in part._image_files], size)
-    if name == 'places365':
-        ds = torchvision_set(tv.Places365, root, split='val', small=True)
-        return None if ds is None else read_files([f for f, _ in ds.imgs], size)
-    return None
-
-
-BENCHMARKS = {  # OpenOOD v1.5 (SPEC section 4); OpenOOD image-list names
-    'digits': dict(near=['digits6-9'], far=['china', 'flower']),
-    'cifar10': dict(near=['cifar100', 'tin'], far=['mnist', 'svhn', 'texture', 'places365']),
-    'cifar100': dict(near=['cifar10', 'tin'], far=['mnist', 'svhn', 'texture', 'places365']),
-}
-
-
-def ood_sets(dataset, size, args, other_classes=None):
-    """{name: (group, uint8 images)} for the benchmark; missing sets are skipped with a warning (or --strict error).
-    other_classes: test images of the folder's classes a subset run left out, near-OOD as in the SIO code
-    (ImageNet-10 vs the other 990 classes, ImageNet-Dogs vs non-dogs)."""
-    plan = {name: ('near', None) for name in BENCHMARKS.get(dataset, {}).get('near', [])}
-    plan.update({name: ('far', None) for name in BENCHMARKS.get(dataset, {}).get('far', [])})
-    if args.no_tin:
-        plan.pop('tin', None)
-    for group, flags in (('near', args.near), ('far', args.far)):
-        for flag in flags:
-            name, path = flag.split('=', 1)
-            plan[name] = (group, path)
-    sets = {}
-    for name, (group, path) in plan.items():
-        images = None
-        if path is not None:
-            files = image_files(path)
-            images = read_files(files, size) if files else None
-        elif dataset == 'digits':
-            images = digits_ood(name)
-        elif args.openood_root and (Path(args.openood_root) / 'benchmark_imglist' / dataset / f'test_{name}.txt').exists():
-            images = read_files(read_imglist(args.openood_root, f'{dataset}/test_{name}.txt')[0], size)
-        elif name != 'tin':
-            images = torchvision_ood(name, args.data_root, size)
-        if images is None or len(images) == 0:
-            how = (f'pass --{group} {name}=PATH (an image folder)' if name == 'tin' or path
-                   else f'put it under {os.path.abspath(args.data_root)} (torchvision format), pass --{group} {name}=PATH, or --openood-root')
-            if args.strict:
-                fail(f'OOD set {name} is missing: {how}')
-            print(f'warning: skipping OOD set {name} ({group}): not found; {how}', file=sys.stderr)
-            continue
-        sets[name] = (group, images)
-    if other_classes:
-        sets = {'other-classes': ('near', read_files(other_classes, size)), **sets}
-    return sets
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and the network pass
-
-def load_checkpoint(path):
-    """A run directory (its best.pt) or a .pt of SPEC section 1 -> (checkpoint dict, run name)."""
-    path = Path(path)
-    file = path / 'best.pt' if path.is_dir() else path
-    if not file.is_file():
-        fail(f'{path} is neither a run directory with best.pt nor a checkpoint file')
-    try:
-        ckpt = torch.load(file, map_location='cpu', weights_only=False)
-    except Exception as e:
-        fail(f'{file} is not a readable torch checkpoint ({type(e).__name__}); pass a best.pt written by train_sio.py or train_oal.py')
-    needed = ['model', 'arch', 'num_classes', 'classes', 'dataset', 'image_size', 'mean', 'std']
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
-        fail(f'{file} is not a synth-ood checkpoint (needs keys {", ".join(needed)}); pass a best.pt written by train_sio.py or train_oal.py')
-    return ckpt, (path.name if path.is_dir() else path.stem), file
-
-
-def build_model(ckpt, device):
-    model = Net(ckpt['arch'], ckpt['num_classes'])
-    model.load_state_dict(ckpt['model'])
-    return model.to(device).to(memory_format=torch.channels_last).eval()
-
-
-def shard(n, rank, world):
-    return np.arange(rank, n, world)
-
-
-def gather(array, world):
-    """Re-interleave rank-sharded rows (rank r holds rows r, r+world, ...) into the full array."""
-    if world == 1:
-        return array
-    parts = [None] * world
-    dist.all_gather_object(parts, array)
-    out = np.empty((sum(len(p) for p in parts),) + array.shape[1:], dtype=array.dtype)
-    for r, part in enumerate(parts):
-        out[r::world] = part
-    return out
-
-
-@torch.no_grad()
-def forward_all(model, images, ckpt, device, batch_size, bf16, rank=0, world=1, desc=''):
-    """One pass over uint8 images -> (logits, features) as float32 numpy, sharded across ranks.
-    float32 by default, as OpenOOD scores: bf16 moves AUROC and FPR@95 (README); --bf16 opts in for speed."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    idx = shard(len(images), rank, world)
-    # filled in place: at ImageNet-1K the train features alone are 1.28M x 2048 float32 (10 GB)
-    logits = np.empty((len(idx), model.fc.out_features), dtype=np.float32)
-    feats = np.empty((len(idx), model.feature_dim), dtype=np.float32)
-    for i in tqdm(range(0, len(idx), batch_size), desc=desc, leave=False, disable=rank != 0):
-        x = torch.from_numpy(images[idx[i:i + batch_size]]).to(device).permute(0, 3, 1, 2)
-        with autocast:
-            z, h = model(normalize(x, ckpt['mean'], ckpt['std'], ckpt['image_size']), features=True)
-        logits[i:i + len(x)], feats[i:i + len(x)] = z.float().cpu().numpy(), h.float().cpu().numpy()
-    return gather(logits, world), gather(feats, world)
-
-
-def normalize(x, mean, std, size):
-    """uint8 images (or float ones on the same 0..255 scale, e.g. PixMix's) -> normalised float at size, channels_last."""
-    x = x.float().div_(255)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
-    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def odin_scores(model, images, ckpt, device, batch_size, temperature, eps, rank=0, world=1):
-    """ODIN (Liang et al. 2018): max softmax(f(x')/T), x' = x - eps * sign(grad_x CE(f(x)/T, argmax))."""
-    std = torch.tensor(ckpt['std'], device=device).view(1, 3, 1, 1)
-    idx = shard(len(images), rank, world)
-    scores = []
-    for i in tqdm(range(0, len(idx), batch_size), desc='odin', leave=False, disable=rank != 0):
-        x = normalize(torch.from_numpy(images[idx[i:i + batch_size]]).to(device).permute(0, 3, 1, 2), ckpt['mean'], ckpt['std'], ckpt['image_size'])
-        x.requires_grad_(True)
-        logits = model(x)
-        F.cross_entropy(logits / temperature, logits.argmax(1)).backward()
-        # OpenOOD: sign with 0 -> +1, and the step in pixel units becomes eps/std in normalised units
-        step = torch.where(x.grad >= 0, 1.0, -1.0) / std
-        with torch.no_grad():
-            scores.append(F.softmax(model(x - eps * step) / temperature, dim=1).max(1).values.cpu())
-    return gather(torch.cat(scores).numpy() if scores else np.zeros(0, np.float32), world)
-
-
-# ----------------------------------------------------------------------------------------------
-# Detectors: fit statistics once from ID train / val outputs, then score = f(logits, features);
-# higher = more in-distribution. (z logits, p softmax, h penultimate feature, W/b last layer.)
+METRIC_TITLES = dict(FPR95='FPR@95', AUROC='AUROC', AUPR_IN='AUPR-In', AUPR_OUT='AUPR-Out', ACC='ACC',
+                     FPR95_ID='FPR95(ID+)')
+# OpenOOD v1.5's benchmarks (SPEC 4): OOD sets named as their lists test_<name>.txt, the ID classes and
+# the validation OOD list val_<name>.txt of its parameter search
+CIFAR_FAR = ['mnist', 'svhn', 'texture', 'places365']
+IMAGENET_OOD = dict(near=['ssb_hard', 'ninco'], far=['inaturalist', 'textures', 'openimage_o'], val_ood='openimage_o')
+BENCHMARKS = {'digits': dict(near=['digits6-9'], far=['china', 'flower']),
+              'cifar10': dict(near=['cifar100', 'tin'], far=CIFAR_FAR, classes=10, val_ood='tin'),
+              'cifar100': dict(near=['cifar10', 'tin'], far=CIFAR_FAR, classes=100, val_ood='tin'),
+              'imagenet200': dict(IMAGENET_OOD, classes=200), 'imagenet': dict(IMAGENET_OOD, classes=1000)}
+RESERVED = ('id', 'train', 'val', 'aps_ood', 'near', 'far', 'other-classes')  # names of splits and rows
+
+
+# ------------------------------------------------------------------------------------------------
+# The method: detectors fitted once from ID train / val outputs, then score = f(logits z, features h),
+# higher = more in-distribution (p softmax, W/b the last layer); OpenOOD's parameter search; metrics.
 
 def energy(z):
     return torch.logsumexp(z, dim=1)
 
-
 CHUNK_VALUES = 2 ** 24  # float64 values per chunk when streaming over train features (128 MB)
-
 
 def train_moments(h, y, num_classes, with_scatter=True, rows=None):
     """One chunked pass over float32 train features -> float64 (mean, class means, class counts, scatter),
@@ -639,13 +74,10 @@ def train_moments(h, y, num_classes, with_scatter=True, rows=None):
     scatter = gram - len(h) * torch.outer(mean_shifted, mean_shifted) if with_scatter else None
     return mean_shifted + shift, sums / counts[:, None] + shift, counts, scatter
 
-
 def fit(train, val, W, b, args):
-    """The statistics the requested detectors need (and only those), from ID train and val outputs.
-    Train features stay float32 (ImageNet-1K: 10 GB); sums and covariances are float64."""
-    detectors = set(args.detectors)
-    h_tr, z_tr, y_tr = train['features'], train['logits'], train['labels']
-    h_val, z_val, y_val = val['features'], val['logits'].double(), val['labels']
+    """The statistics the requested detectors need (and only those), from ID train (None when none needs
+    it) and val outputs. Train features stay float32 (ImageNet-1K: 10 GB); sums and covariances float64."""
+    detectors, z_val, y_val = set(args.detectors), val['logits'].double(), val['labels']
     C, d = W.shape
     stats = dict(W=W, b=b)
     if 'tempscale' in detectors:
@@ -662,26 +94,28 @@ def fit(train, val, W, b, args):
             return loss
         opt.step(nll)
         stats['temperature'] = temperature.item()
-    if 'klm' in detectors:  # mean softmax of the val samples predicted as each class (classes never predicted are left out)
+    if 'klm' in detectors:  # mean softmax of the val samples predicted as each class (never predicted: left out)
         p_val, pred_val = F.softmax(z_val, 1), z_val.argmax(1)
         stats['klm_means'] = torch.stack([p_val[pred_val == c].mean(0) for c in range(C) if (pred_val == c).any()])
-    if 'react' in detectors:  # clip at the 90th percentile of all ID val activations (np.percentile, as OpenOOD)
-        stats['react_clip'] = float(np.percentile(h_val.float().cpu().numpy(), args.react_percentile))
+    if 'react' in detectors:  # its clip, a percentile of all ID val activations, is taken when scoring (--aps)
+        stats['react_activations'] = val['features'].float().cpu().numpy()
+    h_tr, z_tr, y_tr = (train['features'], train['logits'], train['labels']) if train else (None,) * 3
     if detectors & {'dice', 'mds', 'rmds', 'vim'}:
-        mean, class_means, counts, scatter = train_moments(h_tr, y_tr, C, with_scatter=bool(detectors & {'mds', 'rmds', 'vim'}))
+        mean, class_means, counts, scatter = train_moments(h_tr, y_tr, C, bool(detectors & {'mds', 'rmds', 'vim'}))
     if 'dice' in detectors:  # keep the weights whose contribution (mean train h * W) is in the top 10%
         contrib = mean[None, :] * W
         stats['dice_W'] = W * (contrib > float(np.percentile(contrib.cpu().numpy(), args.dice_percentile)))
     if detectors & {'mds', 'rmds'}:  # class means and the tied covariance = total minus between-class scatter
         between = (class_means - mean).T @ ((class_means - mean) * counts[:, None])
-        stats['mds_means'], stats['mds_prec'] = class_means, torch.linalg.pinv((scatter - between) / len(h_tr), hermitian=True)
+        stats['mds_means'] = class_means
+        stats['mds_prec'] = torch.linalg.pinv((scatter - between) / len(h_tr), hermitian=True)
     if 'rmds' in detectors:  # the class-agnostic Gaussian
         stats['rmds_mean'], stats['rmds_prec'] = mean, torch.linalg.pinv(scatter / len(h_tr), hermitian=True)
     if 'knn' in detectors:  # the bank is the train features themselves, normalised block by block when scoring
-        stats['knn_bank'] = h_tr  # --knn-k <= the train size: checked before any network pass (main, --bench-features)
+        stats['knn_bank'] = h_tr  # --knn-k <= the train size: checked before any network pass
     if 'vim' in detectors:
-        # origin u = -pinv(W) b; covariance of h - u around 0 (OpenOOD: EmpiricalCovariance(assume_centered=True));
-        # residual space = eigenvectors outside the top-D principal subspace
+        # origin u = -pinv(W) b; covariance of h - u around 0 (OpenOOD: EmpiricalCovariance(assume_centered=
+        # True)); residual space = eigenvectors outside the top-D principal subspace
         D = args.vim_dim or (256 if d > 256 else d // 2)
         if not 0 < D < d:
             fail(f'--vim-dim {D} must be between 1 and {d - 1} (the feature size is {d})')
@@ -689,11 +123,11 @@ def fit(train, val, W, b, args):
         eigvals, eigvecs = torch.linalg.eigh(scatter / len(h_tr) + torch.outer(mean - u, mean - u))
         residual_space = eigvecs[:, torch.argsort(eigvals, descending=True)[D:]]
         rows = max(1, CHUNK_VALUES // d)
-        residual_norm = sum(torch.linalg.norm((h_tr[i:i + rows].double() - u) @ residual_space, dim=1).sum() for i in range(0, len(h_tr), rows))
+        residual_norm = sum(torch.linalg.norm((h_tr[i:i + rows].double() - u) @ residual_space, dim=1).sum()
+                            for i in range(0, len(h_tr), rows))
         max_logit = sum(z_tr[i:i + rows].double().max(1).values.sum() for i in range(0, len(z_tr), rows))
         stats.update(vim_u=u, vim_ns=residual_space, vim_alpha=(max_logit / residual_norm).item())
     return stats
-
 
 def mahalanobis(h, means, prec):
     """(N, C) squared Mahalanobis distances to each mean under one precision matrix, as matrix
@@ -701,11 +135,9 @@ def mahalanobis(h, means, prec):
     hp = h @ prec
     return (hp * h).sum(1, keepdim=True) - 2 * hp @ means.T + ((means @ prec) * means).sum(1)[None, :]
 
-
 def klm_score(p, class_means):
     """-min_c KL(p || m_c) = -(sum p log p - max_c p . log m_c), without an (N, C, C) tensor."""
     return -((p * p.clamp_min(1e-30).log()).sum(1) - (p @ class_means.clamp_min(1e-30).log().T).max(1).values)
-
 
 def knn_score(h, bank, k, block=2 ** 25):
     """-distance to the k-th nearest L2-normalised train feature. Queries x bank in blocks of at most
@@ -725,56 +157,66 @@ def knn_score(h, bank, k, block=2 ** 25):
     kth_sim = torch.cat(kth) if kth else q.new_zeros(0)
     return -(2 - 2 * kth_sim.double()).clamp_min(0).sqrt()  # |a - b|^2 = 2 - 2 a.b for unit vectors
 
-
 def ash_b(h, percentile):
     """ASH-B: keep the top (100-p)% activations of each sample, all set to sum(h)/k; the rest 0."""
     k = h.shape[1] - int(round(h.shape[1] * percentile / 100))
     top = h.topk(k, dim=1).indices
     return torch.zeros_like(h).scatter_(1, top, (h.sum(1, keepdim=True) / k).expand(-1, k))
 
+def gen_score(p, gamma):
+    """GEN: -sum over the top-M classes of p^g (1-p)^g, M = min(100, C)."""
+    p = p.sort(1).values[:, -min(100, p.shape[1]):]
+    return -(p ** gamma * (1 - p) ** gamma).sum(1)
 
 SCORES = {
     'msp': lambda z, h, s, a: F.softmax(z, 1).max(1).values,
     'mls': lambda z, h, s, a: z.max(1).values,
-    'ebo': lambda z, h, s, a: a.ebo_temperature * energy(z / a.ebo_temperature),  # T = 1 unless --ebo-temperature / --aps
+    'ebo': lambda z, h, s, a: a.ebo_temperature * energy(z / a.ebo_temperature),  # T = 1 unless set or searched
     'tempscale': lambda z, h, s, a: F.softmax(z / s['temperature'], 1).max(1).values,
-    'gen': lambda z, h, s, a: -(lambda p: (p ** a.gen_gamma * (1 - p) ** a.gen_gamma).sum(1))(F.softmax(z, 1).sort(1).values[:, -min(100, z.shape[1]):]),
+    'gen': lambda z, h, s, a: gen_score(F.softmax(z, 1), a.gen_gamma),
     'klm': lambda z, h, s, a: klm_score(F.softmax(z, 1), s['klm_means']),
-    'react': lambda z, h, s, a: energy(h.clamp(max=s['react_clip']) @ s['W'].T + s['b']),
+    'react': lambda z, h, s, a: energy(  # the clip: that percentile of ID val activations (np.percentile, as OpenOOD)
+        h.clamp(max=float(np.percentile(s['react_activations'], a.react_percentile))) @ s['W'].T + s['b']),
     'ash': lambda z, h, s, a: energy(ash_b(h, a.ash_percentile) @ s['W'].T + s['b']),
     'dice': lambda z, h, s, a: energy(h @ s['dice_W'].T + s['b']),
     'mds': lambda z, h, s, a: -mahalanobis(h, s['mds_means'], s['mds_prec']).min(1).values,
-    'rmds': lambda z, h, s, a: (-mahalanobis(h, s['mds_means'], s['mds_prec']) + mahalanobis(h, s['rmds_mean'][None], s['rmds_prec'])).max(1).values,
+    'rmds': lambda z, h, s, a: (-mahalanobis(h, s['mds_means'], s['mds_prec'])
+                                + mahalanobis(h, s['rmds_mean'][None], s['rmds_prec'])).max(1).values,
     'knn': lambda z, h, s, a: knn_score(h, s['knn_bank'], a.knn_k),
     'vim': lambda z, h, s, a: energy(z) - s['vim_alpha'] * torch.linalg.norm((h - s['vim_u']) @ s['vim_ns'], dim=1),
 }
 
-
-# Automatic parameter search (--aps): the SIO code's postprocessor_sweep lists, which are OpenOOD's (knn: K 50 only).
+# --aps sio / val: the SIO code's postprocessor_sweep lists (knn: K 50 only); openood: v1.5's sweeps
+# (configs/postprocessors/*.yml at tag v1.5). Faithful to v1.5, ViM's dim sweep changes nothing: v1.5
+# fitted the residual space once at the default dim and set_hyperparam changed a number no score reads
+# (fixed upstream in 2025), so every candidate ties and the first, 256, is kept; here the residual space
+# is fitted once at --vim-dim too (the fixed sweep: --vim-dim 1000 by hand).
 APS_GRIDS = {'ebo': {'ebo_temperature': [1.0, 10.0, 100.0, 1000.0]},
              'odin': {'odin_temperature': [1.0, 10.0, 100.0, 1000.0], 'odin_eps': [0.0014, 0.0028]},
              'knn': {'knn_k': [50]}}
+APS_OPENOOD = dict(APS_GRIDS, knn={'knn_k': [50, 100, 200, 500, 1000]}, vim={'vim_dim': [256, 1000]},
+                   react={'react_percentile': [85, 90, 95, 99]}, ash={'ash_percentile': [65, 70, 75, 80, 85, 90, 95]})
 
-
-def aps_search(det, args, id_scores, ood_scores):
-    """Every setting of APS_GRIDS[det]; keeps the one with the highest AUROC of validation ID vs validation OOD scores
-    (the last of equals, as OpenOOD). id_scores(a) / ood_scores(a) score them under settings a. --aps sio scores the ID
-    side once under the flags' own setting, as the SIO code's evaluator (OpenOOD v1.0) did. -> (settings, record)"""
-    fixed_id = id_scores(args) if args.aps == 'sio' else None
-    best = None
-    for values in itertools.product(*APS_GRIDS[det].values()):
-        setting = dict(zip(APS_GRIDS[det], values))
-        a = argparse.Namespace(**{**vars(args), **setting})
+def aps_search(det, args, id_scores, ood_scores, train_rows):
+    """Every setting of det's grid; keeps the one with the highest AUROC of validation ID vs validation
+    OOD scores, id_scores(a) / ood_scores(a) under settings a. --aps sio scores the ID side once under
+    the flags' own setting, as the SIO code's evaluator (OpenOOD v1.0) did. -> (settings, record)"""
+    grid = (APS_OPENOOD if args.aps == 'openood' else APS_GRIDS)[det]
+    combos = [{}]
+    for name in list(grid)[::-1] if args.aps == 'openood' else grid:  # v1.5's generator: the last key outermost
+        combos = [dict(combo, **{name: value}) for combo in combos for value in grid[name]]
+    fixed_id, best = id_scores(args) if args.aps == 'sio' else None, None
+    for setting in [{name: c[name] for name in grid} for c in combos if c.get('knn_k', 0) <= train_rows]:
+        a = argparse.Namespace(**{**vars(args), **setting})  # K above the train size: faiss finds no K-th
         auroc = ood_metrics(fixed_id if fixed_id is not None else id_scores(a), ood_scores(a))['AUROC']
-        if best is None or auroc >= best[0]:
+        # ties: the last setting for sio / val (OpenOOD's main.py pipeline, which the SIO code ran), the
+        # first for openood (v1.5's Evaluator takes a setting only when it beats the best so far)
+        if best is None or auroc > best[0] or auroc == best[0] and args.aps != 'openood':
             best = (auroc, a, setting)
     return best[1], dict(best[2], val_auroc=round(best[0], 4))
 
-
-# ----------------------------------------------------------------------------------------------
-# Metrics (OpenOOD v1.5): OOD is the positive class, scores are "higher = more ID".
-
 def ood_metrics(id_scores, ood_scores):
+    """OpenOOD v1.5's metrics in %: OOD is the positive class, scores are "higher = more ID"."""
     is_ood = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
     s = np.r_[id_scores, ood_scores].astype(np.float64)
     fpr, tpr, _ = skm.roc_curve(is_ood, -s)
@@ -785,7 +227,6 @@ def ood_metrics(id_scores, ood_scores):
                 AUPR_IN=100 * skm.auc(recall_in, precision_in), AUPR_OUT=100 * skm.auc(recall_out, precision_out),
                 FPR95_ID=100 * fpr_id[np.argmax(tpr_id >= 0.95)])
 
-
 def run_table(scores, groups, acc):
     """{dataset | near | far: {metric: value}} for one run and one detector."""
     table = {name: dict(ood_metrics(scores['id'], scores[name]), ACC=acc) for name in groups}
@@ -795,93 +236,800 @@ def run_table(scores, groups, acc):
             table[group] = {m: float(np.mean([table[n][m] for n in names])) for m in METRICS}
     return table
 
-
 def aggregate(tables):
     """Mean and std over runs of {dataset: {metric: value}} -> {dataset: {metric, metric_std}}."""
-    out = {}
-    for row in tables[0]:
-        out[row] = {}
-        for m in METRICS:
-            values = [t[row][m] for t in tables]
-            out[row][m], out[row][f'{m}_std'] = float(np.mean(values)), float(np.std(values))
-    return out
+    return {row: {m + suffix: float(f([t[row][m] for t in tables])) for m in METRICS
+                  for suffix, f in (('', np.mean), ('_std', np.std))} for row in tables[0]}
 
 
-def cell(row, metric, runs):
-    return f'{row[metric]:.2f}' + (f' ± {row[metric + "_std"]:.2f}' if runs > 1 else '')
+# ------------------------------------------------------------------------------------------------
+# Scoring, in named steps: prepare (every input, once), claim_outputs, network_outputs (one cached
+# pass per split), odin_all (ODIN's own passes), score_run (fit, search, score), report.
 
+def prepare(args, device, rank):
+    """Every input read and checked once, before any output folder is touched: the runs and their
+    weights, the ID splits and OOD sets, and whether the network outputs fit in memory."""
+    settings = {name: [run for spec in specs for run in load_runs(spec, args)] for name, specs in args.runs.items()}
+    runs = [run for group in settings.values() for run in group]
+    names = [run['name'] for run in runs]
+    if len(set(names)) != len(names):
+        fail(f'two runs share the name {max(names, key=names.count)!r}: runs are named by their folder or file '
+             f'stem, rename one')
+    dataset = args.dataset or runs[0]['dataset']
+    for run in runs:
+        if args.dataset is None and run['dataset'] != dataset:
+            fail(f"runs mix datasets ({run['dataset']} in {run['name']}, {dataset} in {names[0]}): evaluate one "
+                 f"dataset at a time")
+        if dataset.startswith('folder:') and run.get('classes') != runs[0].get('classes'):
+            fail(f"runs were trained on different classes ({run['name']} vs {names[0]}): evaluate one class set at "
+                 f"a time")
+        if not all(torch.isfinite(v).all() for v in run['model'].values() if v.is_floating_point()):
+            fail(f"{run['name']} holds NaN or infinite weights (a diverged run?): pass a checkpoint with finite ones")
+    data = load_data(args, dataset, runs)
+    for run in runs:
+        run.update(mean=run['mean'] or data['mean'], std=run['std'] or data['std'])  # foreign runs: the set's
+        if run['num_classes'] != len(data['classes']):
+            fail(f"{run['name']} has {run['num_classes']} classes but --dataset {dataset} has "
+                 f"{len(data['classes'])}: evaluate it on the dataset it was trained on")
+        d = run['model']['fc.weight'].shape[1]
+        if 'vim' in args.detectors and args.vim_dim is not None and not 1 <= args.vim_dim < d:
+            fail(f"--vim-dim {args.vim_dim} must be between 1 and {d - 1} (the feature size of {run['name']} is {d})")
+    rows = {split: len(labels) for split, (_, labels) in data['splits'].items()}
+    k = max(args.knn_k, 50 if args.aps else 0)  # every --aps grid starts at K 50
+    if 'knn' in args.detectors and k > rows['train']:
+        fail(f"knn needs {k} neighbours (--knn-k {args.knn_k}{', --aps' * (k > args.knn_k)}) but there are "
+             f"{rows['train']} ID train features: pass a smaller --knn-k, or leave knn out of --detectors")
+    held = sum(rows.values()) - rows['train'] * (not needs_train(args))
+    width = 4 * max(sum(run['model']['fc.weight'].shape) for run in runs)  # float32 logits + features
+    fix = 'score fewer detectors (dice, mds, rmds, knn and vim hold the train outputs), or use a bigger machine'
+    check_memory(held * width, f'holding the logits and features of {held:,} images', fix, 'cpu')
+    if device.type == 'cuda':  # where the detectors are fitted
+        check_memory((rows['train'] * needs_train(args) + rows['val']) * width, 'the ID train and val outputs', fix,
+                     str(device))
+    if rank == 0:
+        print(f"{dataset}: ID test {rows['id']:,}, " + ', '.join(f'{n} ({g}) {rows[n]:,}'
+                                                                 for n, g in data['groups'].items()))
+    return settings, data
 
-def format_tables(results, groups, runs):
-    """Markdown: one OpenOOD table per detector, then the summary (SIO paper's shape)."""
-    lines = []
-    covers = {g: ', '.join(n for n, gg in groups.items() if gg == g) or 'none' for g in ('near', 'far')}
-    for det, table in results.items():
-        lines += [f'### {det}', '', '| dataset | ' + ' | '.join(METRIC_TITLES[m] for m in METRICS) + ' |', '|---' * (len(METRICS) + 1) + '|']
-        for row in table:
-            label = f'**{row}** ({covers[row]})' if row in ('near', 'far') else row
-            lines.append(f'| {label} | ' + ' | '.join(cell(table[row], m, runs) for m in METRICS) + ' |')
-        lines.append('')
-    lines += [f'### summary ({runs} run{"s" if runs > 1 else ""}; near = {covers["near"]}; far = {covers["far"]})', '',
-              '| detector | near AUROC | far AUROC | near FPR@95 | far FPR@95 | ACC |', '|---|---|---|---|---|---|']
-    for det, table in results.items():
-        get = lambda g, m: cell(table[g], m, runs) if g in table else '-'
-        lines.append(f'| {det} | {get("near", "AUROC")} | {get("far", "AUROC")} | {get("near", "FPR95")} | {get("far", "FPR95")} | '
-                     f'{cell(next(iter(table.values())), "ACC", runs)} |')
-    return '\n'.join(lines) + '\n'
+def needs_train(args):
+    return bool(TRAIN_DETECTORS & set(args.detectors))
 
+def claim_outputs(args, settings, data):
+    """--out, --plots and --cache, each taken by the one rule (none is, holds or lies in an input)."""
+    inputs = [(f"run {run['name']}", run['folder']) for runs in settings.values() for run in runs] + [
+        (f'--{group} {name} folder', path) for group in ('near', 'far') for name, path in getattr(args, group)] + [
+        ('--aps-ood folder', args.aps_ood), ('--openood-root folder', args.openood_root),
+        ('--dataset folder', data['dataset'][len('folder:'):] if data['dataset'].startswith('folder:') else None)]
+    skip = {'runs', 'out', 'plots', 'cache', 'overwrite', 'device', 'batch_size', 'workers', 'strict'}
+    made_by = json.loads(json.dumps(dict(  # what the results depend on, as the manifest holds it
+        {'--' + k.replace('_', '-'): v for k, v in vars(args).items() if k not in skip}, dataset=data['dataset'],
+        runs={s: [run['source'] for run in runs] for s, runs in settings.items()})))
+    for flag, folder, made in (('--out', args.out, 'results'), ('--plots', args.plots, 'plots')):
+        if folder:
+            claim(folder, flag, 'evaluate.py' + ' plots' * (made == 'plots'), made_by, args.overwrite, 'unfinished',
+                  f'the {made} of an earlier evaluation', f'pass --overwrite to replace them, or another {flag}',
+                  inputs)
+    if args.cache:  # entries keyed by their content: any evaluation continues it
+        claim(args.cache, '--cache', 'evaluate.py cache', None, False, True, 'a cache', 'pass another --cache', inputs)
 
-def save_plots(scores, groups, detectors, out_dir):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for det in detectors:
-        fig, axes = plt.subplots(1, len(groups) + 1, figsize=(4 * (len(groups) + 1), 3.2))
-        for ax, name in zip(axes, groups):
-            ax.hist(scores[det]['id'], bins=50, alpha=0.6, density=True, label='ID', histtype='stepfilled')  # one polygon instead of 50 bars
-            ax.hist(scores[det][name], bins=50, alpha=0.6, density=True, label=name, histtype='stepfilled')
-            ax.set_title(f'{det}: ID vs {name}')
-            ax.legend()
-        for name in groups:
-            is_ood = np.r_[np.zeros(len(scores[det]['id'])), np.ones(len(scores[det][name]))]
-            fpr, tpr, _ = skm.roc_curve(is_ood, -np.r_[scores[det]['id'], scores[det][name]])
-            axes[-1].plot(fpr, tpr, label=name)
-        axes[-1].plot([0, 1], [0, 1], 'k:')
-        axes[-1].set(title=f'{det}: ROC (OOD positive)', xlabel='FPR', ylabel='TPR')
-        axes[-1].legend()
-        fig.subplots_adjust(left=0.04, right=0.99, bottom=0.16, top=0.9, wspace=0.25)  # fixed margins: tight_layout took a third of the time
-        fig.savefig(out_dir / f'{det}.png', dpi=80)
-        plt.close(fig)
+def network_outputs(run, data, args, device, rank, world):
+    """Logits and features of every split the detectors need, from the cache where its key (weights,
+    the split's content and transform, precision) matches, else computed -> (outputs, model or None)."""
+    outputs, model = {}, None
+    for split, (images, labels) in data['splits'].items():
+        if split == 'train' and not needs_train(args):
+            continue
+        file = Path(args.cache) / run['name'] / f'{split}.npz' if args.cache else None
+        key = file and (f"{run['digest']}:{content_key(data, split)}:{data['pre_size']}/{data['size']}:{run['mean']}"
+                        f"{run['std']}{run['image_size']}:{'bf16' if args.bf16 else 'fp32'}")
+        outputs[split] = read_cache(file, key, len(labels)) if file else None
+        if outputs[split] is None:
+            model = model or build_model(run, device)
+            logits, features = forward_all(model, images, run, data, device, args, rank, world, split)
+            if not (np.isfinite(logits).all() and np.isfinite(features).all()):
+                fail(f"{run['name']} gives non-finite logits or features on {split} (NaN or overflowing weights?): "
+                     f"pass a checkpoint whose outputs are finite")
+            outputs[split] = dict(logits=logits, features=features, labels=np.asarray(labels))
+        if file and rank == 0 and 'source' not in outputs[split]:
+            file.parent.mkdir(exist_ok=True)
+            write_atomic(file, lambda tmp: save_npz(tmp, source=key, **outputs[split]))
+            STATUS['kept'] = f'{args.cache} keeps the network outputs computed so far'
+    return outputs, model
 
+def content_key(data, split):
+    """What a split's outputs depend on besides the weights, once per split: its pixels (arrays), its
+    files' bytes, or for OpenOOD's lists (ImageNet-1K train: 1.28M files) the list itself."""
+    if split not in data['keys']:
+        images, labels = data['splits'][split]
+        digest = hashlib.sha256(np.ascontiguousarray(labels).tobytes())
+        if isinstance(images, np.ndarray):
+            digest.update(f'{images.dtype}{images.shape}'.encode() + memoryview(np.ascontiguousarray(images)).cast('B'))
+        for file in images if isinstance(images, list) else []:
+            digest.update(file.encode() if isinstance(images, ImageList) else Path(file).read_bytes())
+        data['keys'][split] = digest.hexdigest()[:16]
+    return data['keys'][split]
 
-def parse_settings(specs):
-    """Positional RUN arguments, or NAME=RUN,RUN,... groups (one group per setting) -> {setting: [runs]}."""
-    if not any('=' in spec for spec in specs):
-        return {'': list(specs)}
-    if not all('=' in spec for spec in specs):
-        fail('mix of plain runs and NAME=RUN,... settings: give every argument as NAME=RUN[,RUN...] or none')
-    settings = {}
-    for spec in specs:
-        name, runs = spec.split('=', 1)
-        settings[name] = [r for r in runs.split(',') if r]
-    return settings
-
-
-def write_atomic(path, write):
-    """write(tmp) then rename over path: a crash or a full disk never leaves half a file under the final name."""
-    tmp = temporary(path)
+def read_cache(file, key, rows):
+    """A split's outputs from the cache when they were made under key, else None (computed again)."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        fail(f'could not write {path} ({e}); the previous {Path(path).name}, if any, is intact: free some space or pass another --out')
-
+        with np.load(file) as cached:
+            if str(cached['source']) == key and len(cached['labels']) == rows:
+                return dict(source=key, **{k: cached[k] for k in ('logits', 'features', 'labels')})
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # damaged outside this script (BadZipFile, a missing key...): computed again
+        print(f'note: cache {file} is unreadable ({type(e).__name__}); computing it again', file=sys.stderr)
 
 def save_npz(path, **arrays):
     with open(path, 'wb') as f:  # a file object: np.savez would add .npz to a temporary name
         np.savez(f, **arrays)
 
+def batches(images, data, idx, args):
+    """uint8 (n, 3, S, S) batches of images[idx]: from an array in memory, or image files read through
+    OpenOOD's test transform by a DataLoader's workers (none for sets under a batch per worker)."""
+    if isinstance(images, list):
+        items = [(images[i], data['pre_size'], data['size']) for i in idx]
+        workers = min(args.workers, len(idx) // args.batch_size)
+        yield from torch.utils.data.DataLoader(items, args.batch_size, collate_fn=read_batch, num_workers=workers,
+                                               worker_init_fn=ignore_interrupts)
+    for i in range(0, len(idx), args.batch_size) if isinstance(images, np.ndarray) else []:
+        yield torch.from_numpy(images[idx[i:i + args.batch_size]]).permute(0, 3, 1, 2)
+
+@torch.no_grad()
+def forward_all(model, images, run, data, device, args, rank=0, world=1, split=''):
+    """One pass over a split -> (logits, features) as float32 numpy, sharded across ranks. float32 by
+    default, as OpenOOD scores: bf16 moves AUROC and FPR@95 (README); --bf16 opts in for speed."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    idx = np.arange(rank, len(images), world)
+    # filled in place: at ImageNet-1K the train features alone are 1.28M x 2048 float32 (10 GB)
+    logits = np.empty((len(idx), model.fc.out_features), dtype=np.float32)
+    features, done = np.empty((len(idx), model.feature_dim), dtype=np.float32), 0
+    for x in tqdm(batches(images, data, idx, args), desc=f"{run['name']}/{split}", leave=False, disable=rank != 0,
+                  total=math.ceil(len(idx) / args.batch_size)):
+        with autocast:
+            z, h = model(normalize(x.to(device), run['mean'], run['std'], run['image_size']), features=True)
+        logits[done:done + len(x)], features[done:done + len(x)] = z.float().cpu().numpy(), h.float().cpu().numpy()
+        done += len(x)
+    return gather(logits, world), gather(features, world)
+
+def gather(array, world):
+    """Re-interleave rank-sharded rows (rank r holds rows r, r+world, ...) into the full array."""
+    if world == 1:
+        return array
+    parts = [None] * world
+    dist.all_gather_object(parts, array)
+    out = np.empty((sum(len(p) for p in parts),) + array.shape[1:], dtype=array.dtype)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+def odin_all(run, model, data, args, device, rank, world):
+    """ODIN (Liang et al. 2018), max softmax(f(x')/T), x' = x - eps * sign(grad_x CE(f(x)/T, argmax)), on
+    the ID test and OOD sets after its --aps search, every rank taking part -> ({split: scores}, record)."""
+    if 'odin' not in args.detectors:
+        return {}, None
+    model, odin, pick, setting = model or build_model(run, device), {}, None, args
+
+    def run_odin(split, a):
+        scores, images = [], data['splits'][split][0]
+        for x in tqdm(batches(images, data, np.arange(rank, len(images), world), args), desc='odin', leave=False,
+                      disable=rank != 0):
+            x = normalize(x.to(device), run['mean'], run['std'], run['image_size']).requires_grad_(True)
+            logits = model(x)
+            F.cross_entropy(logits / a.odin_temperature, logits.argmax(1)).backward()
+            # OpenOOD: sign with 0 -> +1, and the step in pixel units becomes eps/std in normalised units
+            step = torch.where(x.grad >= 0, 1.0, -1.0) / torch.tensor(run['std'], device=device).view(1, 3, 1, 1)
+            with torch.no_grad():
+                scores.append(F.softmax(model(x - a.odin_eps * step) / a.odin_temperature, 1).max(1).values.cpu())
+        return gather(torch.cat(scores).numpy() if scores else np.zeros(0, np.float32), world)
+    if args.aps == 'sio':  # the ID test side stays at the default setting, for the search and the table
+        odin['id'] = run_odin('id', args)
+    if args.aps:
+        setting, pick = aps_search('odin', args, lambda a: odin['id'] if args.aps == 'sio' else run_odin('val', a),
+                                   lambda a: run_odin('aps_ood', a), math.inf)
+    odin.update({split: run_odin(split, setting) for split in ['id'] + data['oods'] if split not in odin})
+    return odin, pick
+
+def score_run(run, outputs, odin, odin_pick, data, args, device):
+    """Fit the detectors, run their --aps search, score the ID test and OOD sets -> ({detector: {split:
+    scores}}, ID accuracy, the search's records)."""
+    on_device = lambda o: o and {k: torch.from_numpy(np.asarray(o[k])).to(device) for k in ('features', 'logits')} | {
+        'labels': torch.from_numpy(np.asarray(o['labels'])).to(device).long()}
+    W, b = (run['model'][k].to(device).double() for k in ('fc.weight', 'fc.bias'))
+    # train and val stay float32 (fit() accumulates in float64); scored rows become float64 block by block
+    stats = fit(on_device(outputs.get('train')), on_device(outputs['val']), W, b, args)
+    acc = 100 * float((outputs['id']['logits'].argmax(1) == outputs['id']['labels']).mean())
+
+    def score(det, split, a):  # in blocks of rows: ImageNet-1K's 45k test features alone are 0.7 GB in float64
+        z, h = (torch.from_numpy(outputs[split][k]) for k in ('logits', 'features'))
+        return np.concatenate([SCORES[det](z[i:i + 8192].to(device).double(), h[i:i + 8192].to(device).double(), stats,
+                                           a).cpu().numpy() for i in range(0, max(len(z), 1), 8192)])
+    det_args, picks = {det: args for det in args.detectors}, {'odin': odin_pick} if odin_pick else {}
+    grid, id_side = APS_OPENOOD if args.aps == 'openood' else APS_GRIDS, 'id' if args.aps == 'sio' else 'val'
+    for det in [d for d in args.detectors if args.aps and d in grid and d != 'odin']:
+        det_args[det], picks[det] = aps_search(det, args, lambda a: score(det, id_side, a),
+                                               lambda a: score(det, 'aps_ood', a), len(data['splits']['train'][1]))
+    if picks:
+        print(f"aps ({args.aps}) {run['name']}: " + '; '.join(f'{det} ' + ', '.join(f'{k} {v}' for k, v in p.items())
+                                                            for det, p in picks.items()))
+    scores = {det: {} for det in args.detectors}
+    for split in ['id'] + data['oods']:
+        for det in args.detectors:  # --aps sio: the ID side keeps the default setting, as the SIO code's evaluator
+            a = args if split == 'id' and args.aps == 'sio' else det_args[det]
+            scores[det][split] = odin[split] if det == 'odin' else score(det, split, a)
+            if not np.isfinite(scores[det][split]).all():
+                fail(f"{run['name']}: detector {det} gives non-finite scores on {split} (degenerate statistics?): "
+                     f"leave {det} out of --detectors")
+    return scores, acc, picks
+
+def report(args, settings, data, tables, all_scores, aps_picks, timing):
+    """The tables (printed, results.md), results.json / .csv, scores.npz and the plots of the first run."""
+    groups = data['groups']
+    covers = {g: ', '.join(n for n, gg in groups.items() if gg == g) for g in ('near', 'far')}
+    results = {s: {det: aggregate(tables[s][det]) for det in args.detectors} for s in settings}
+    text = '\n'.join((f'## {s}\n\n' if s else '') + format_tables(results[s], covers, len(runs))
+                     for s, runs in settings.items())
+    if len(settings) > 1:
+        text += f'\n## comparison (near = {covers["near"]}; far = {covers["far"]}; mean ± std over runs)\n\n' + \
+            table_rows(['detector', 'setting'], [([det, s], by_det[det], len(settings[s])) for det in args.detectors
+                                                 for s, by_det in results.items()])
+    print(text + '\n' + timing)
+    if args.out:
+        meta = dict(runs={s: [run['name'] for run in runs] for s, runs in settings.items()}, dataset=data['dataset'],
+                    **{g: [n for n, gg in groups.items() if gg == g] for g in ('near', 'far')})
+        if args.aps:  # what the search chose, per run and detector, with its validation AUROC
+            meta['aps'] = dict(mode=args.aps, ood=args.aps_ood or f"val_{BENCHMARKS[data['dataset']]['val_ood']} "
+                               '(OpenOOD list)', picks=aps_picks)
+        rows = [['setting', 'detector', 'dataset'] + [m + s for m in METRICS for s in ('', '_std')]] + [
+            [setting, det, row] + [f'{values[m + s]:.4f}' for m in METRICS for s in ('', '_std')]
+            for setting, by_det in results.items() for det, table in by_det.items() for row, values in table.items()]
+        as_json = dict(results[''] if '' in results else results, _meta=meta)  # several settings: setting first
+        write_atomic(Path(args.out) / 'results.json', lambda tmp: Path(tmp).write_text(json.dumps(as_json, indent=1)))
+        write_atomic(Path(args.out) / 'results.md', lambda tmp: Path(tmp).write_text(text))
+        write_atomic(Path(args.out) / 'results.csv', lambda tmp: write_csv(tmp, rows))
+        write_atomic(Path(args.out) / 'scores.npz', lambda tmp: save_npz(tmp, **all_scores))
+        finish(args.out)
+        print(f'wrote {args.out}/results.json, results.csv, results.md, scores.npz')
+    if args.plots:
+        first = next(iter(settings.values()))[0]['name']
+        for det in args.detectors:
+            save_plot(det, {split: all_scores[f'{first}/{det}/{split}'] for split in ['id'] + list(groups)},
+                      Path(args.plots) / f'{det}.png')
+        finish(args.plots)
+        print(f'wrote {len(args.detectors)} plots ({first}) to {args.plots}')
+
+def write_csv(path, rows):
+    with open(path, 'w', newline='') as f:
+        csv.writer(f).writerows(rows)
+
+def cell(row, metric, runs):
+    return f'{row[metric]:.2f}' + (f' ± {row[metric + "_std"]:.2f}' if runs > 1 else '')
+
+def format_tables(results, covers, runs):
+    """Markdown: one OpenOOD table per detector, then the summary (SIO paper's shape)."""
+    covers = {g: c or 'none' for g, c in covers.items()}
+    lines = []
+    for det, table in results.items():
+        lines += [f'### {det}', '', '| dataset | ' + ' | '.join(METRIC_TITLES[m] for m in METRICS) + ' |',
+                  '|---' * (len(METRICS) + 1) + '|']
+        lines += [f"| {f'**{row}** ({covers[row]})' if row in covers else row} | "
+                  + ' | '.join(cell(table[row], m, runs) for m in METRICS) + ' |' for row in table] + ['']
+    lines += [f'### summary ({runs} run{"s" if runs > 1 else ""}; near = {covers["near"]}; far = {covers["far"]})', '']
+    return '\n'.join(lines) + '\n' + table_rows(['detector'], [([det], table, runs) for det, table in results.items()])
+
+def table_rows(heads, rows):
+    """The summary table: heads, then near / far AUROC and FPR@95 and ACC, for each (labels, table, runs)."""
+    lines = ['| ' + ' | '.join(heads + ['near AUROC', 'far AUROC', 'near FPR@95', 'far FPR@95', 'ACC']) + ' |',
+             '|---' * (len(heads) + 5) + '|']
+    for labels, table, runs in rows:
+        cells = [cell(table[g], m, runs) if g in table else '-' for m in ('AUROC', 'FPR95') for g in ('near', 'far')]
+        lines.append('| ' + ' | '.join(labels + cells + [cell(next(iter(table.values())), 'ACC', runs)]) + ' |')
+    return '\n'.join(lines) + '\n'
+
+def save_plot(det, scores, file):
+    """Score histograms, ID against each OOD set, and their ROC curves, in one PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3.2))
+    for ax, name in zip(axes, list(scores)[1:]):  # stepfilled: one polygon instead of 50 bars
+        for label, values in (('ID', scores['id']), (name, scores[name])):
+            ax.hist(values, bins=50, alpha=0.6, density=True, label=label, histtype='stepfilled')
+        ax.set_title(f'{det}: ID vs {name}')
+        ax.legend()
+        fpr, tpr, _ = skm.roc_curve(np.r_[np.zeros(len(scores['id'])), np.ones(len(scores[name]))],
+                                    -np.r_[scores['id'], scores[name]])
+        axes[-1].plot(fpr, tpr, label=name)
+    axes[-1].plot([0, 1], [0, 1], 'k:')
+    axes[-1].set(title=f'{det}: ROC (OOD positive)', xlabel='FPR', ylabel='TPR')
+    axes[-1].legend()
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.16, top=0.9, wspace=0.25)  # tight_layout: a third of the time
+    write_atomic(file, lambda tmp: fig.savefig(tmp, dpi=80, format='png'))
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data, the same in every script: dict(train=(images, labels), val=..., test=..., classes, image_size,
+# mean, std) with uint8 (N, H, W, 3) images, or file lists for image folders.
+
+CIFAR_STATS = {'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # OpenOOD v1.5's
+               'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DIGIT_NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
+# The SIO code's ImageNet subsets (imagenet_train_subclasses.py): positions among the 1,000 sorted
+# ImageNet-1K class folders (imagenet-10 = the wnids of its train_imagenet_10.txt; dogs = 151..250).
+IMAGENET_SUBSETS = {'imagenet-10': [404, 751, 94, 281, 62, 207, 31, 949, 814, 569],
+                    'imagenet-dogs': list(range(151, 251))}
+
+def digits_images():
+    """sklearn's 1,797 8x8 digits as uint8 (N, 8, 8, 3): value * 255 / 16, grey on 3 channels, read from
+    the CSV scikit-learn ships, as load_digits does, without importing sklearn.datasets (1.4 s)."""
+    import importlib.util
+    csv = Path(importlib.util.find_spec('sklearn').origin).parent / 'datasets' / 'data' / 'digits.csv.gz'
+    data = np.loadtxt(csv, delimiter=',')
+    images = np.rint(data[:, :-1].reshape(-1, 8, 8, 1) * 255 / 16).astype(np.uint8)
+    return np.repeat(images, 3, axis=-1), data[:, -1].astype(np.int64)
+
+def load_digits_splits():
+    """ID = digits 0-5; per class RandomState(0).permutation of its indices: 60% train, 10% val, 30% test."""
+    (images, labels), split = digits_images(), {'train': [], 'val': [], 'test': []}
+    for c in range(6):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.random.RandomState(0).permutation(len(idx))]
+        n_train, n_val = int(0.6 * len(idx)), int(0.1 * len(idx))
+        for name, part in zip(split, (idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:])):
+            split[name].append(part)
+    out = {name: (images[np.concatenate(ix)], labels[np.concatenate(ix)]) for name, ix in split.items()}
+    train = out['train'][0].astype(np.float64) / 255
+    mean, std = tuple(map(float, train.mean(axis=(0, 1, 2)))), tuple(map(float, train.std(axis=(0, 1, 2))))
+    return dict(out, classes=DIGIT_NAMES[:6], image_size=8, mean=mean, std=std)
+
+def torchvision_set(cls, root, **kwargs):
+    """A torchvision dataset, downloaded if absent; None when absent and it cannot be downloaded."""
+    for download in (False, True):
+        try:
+            return cls(root, download=download, **kwargs)
+        except Exception:
+            pass
+
+def read_imglist(root, list_name, images='images_classic'):
+    """OpenOOD's benchmark_imglist/LIST: 'relative/path label' per line -> (paths, labels)."""
+    path = Path(root) / 'benchmark_imglist' / list_name
+    if not path.is_file():
+        fail(f'{path} does not exist: --openood-root takes the folder of OpenOOD v1.5 downloads holding '
+             f'benchmark_imglist/ (download entry benchmark_imglist) and {images}/')
+    rows = [line.rsplit(' ', 1) for line in path.read_text().splitlines() if line.strip()]
+    if not all(len(row) == 2 and row[1].lstrip('-').isdigit() for row in rows):
+        fail(f'{path} has a line that is not "relative/path label": download it again')
+    return [str(Path(root) / images / r) for r, _ in rows], np.array([int(y) for _, y in rows], np.int64)
+
+def read_image(path):
+    """An image file as uint8 RGB (H, W, 3), as torchvision's loader reads it (palette and alpha through
+    PIL's convert), but 16-bit grey, which convert clips, by its high byte as PIL reads 16-bit colour."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            if image.mode.startswith('I'):
+                grey = np.asarray(image).astype(np.int64)
+                if grey.min() < 0 or grey.max() > 65535:
+                    raise BadImage(f'{path} holds 32-bit values outside 0..65535: save it as an 8-bit image')
+                return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+            if image.mode == 'F':
+                raise BadImage(f'{path} holds floating-point pixels: save it as an 8-bit image')
+            return np.asarray(image.convert('RGB'))
+    except Image.DecompressionBombError as e:
+        raise BadImage(f'{path} is too large to decode safely ({e}): shrink it or remove it')
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for damaged and unknown files
+        raise e if isinstance(e, BadImage) else BadImage(f'cannot read image {path} ({type(e).__name__}): replace '
+                                                         f'or remove that file')
+
+def read_images(paths, size):
+    """Image files -> uint8 (N, size, size, 3) (bilinear resize only where the size differs)."""
+    from PIL import Image
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        image = read_image(path)
+        out[i] = image if image.shape[:2] == (size, size) else np.asarray(Image.fromarray(image).resize((size, size)))
+    return out
+
+def image_folder(path, classes=None):
+    """ImageFolder layout: classes = sorted sub-folders (or given ones, matched by name), files sorted."""
+    if not Path(path).is_dir():
+        fail(f'{path} does not exist: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
+    found = sorted(d.name for d in Path(path).iterdir() if d.is_dir())
+    if classes is not None and set(found) - set(classes):
+        fail(f'{path} has class folder {sorted(set(found) - set(classes))[0]}, which train/ lacks: add it there or '
+             f'remove it')
+    classes = found if classes is None else classes
+    files = [(str(f), classes.index(c)) for c in found for f in sorted((Path(path) / c).rglob('*'))
+             if f.suffix.lower() in IMAGE_EXTENSIONS]
+    return [f for f, _ in files], np.array([y for _, y in files], dtype=np.int64), classes
+
+def subset_classes(spec, classes):
+    """--classes imagenet-10 / imagenet-dogs, or a file of class folder names (first word of each line, so
+    LOC_synset_mapping.txt works), sorted: labels follow that order, as in the SIO code."""
+    if spec in IMAGENET_SUBSETS:
+        if len(classes) != 1000:
+            fail(f'--classes {spec} takes ImageNet-1K classes by position, but the folder has {len(classes)} classes: '
+                 f'point --dataset folder:PATH at 1,000 class folders, or pass a file of class names')
+        return sorted(classes[i] for i in IMAGENET_SUBSETS[spec])
+    try:
+        names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a text '
+             f'file of class folder names')
+    if len(names) < 2:
+        fail(f'--classes {spec}: {len(names)} class named, a classifier needs 2 or more: fix the list')
+    return names
+
+def load_dataset(name, data_root='./data', openood_root=None, classes=None):
+    """classes (folder datasets): --classes' spec or a list of class folder names; the other classes'
+    test images come back as other_classes (the SIO code's OOD set for ImageNet subsets)."""
+    if name == 'digits':
+        return load_digits_splits()
+    if name in ('cifar10', 'cifar100'):
+        import torchvision  # imported where it is used: 1.6 s at every start, and digits needs none of it
+        cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
+        train, test = torchvision_set(cls, data_root, train=True), torchvision_set(cls, data_root, train=False)
+        if train is None or test is None:
+            fail(f'{cls.__name__} is not under {os.path.abspath(data_root)} and could not be downloaded (offline?): '
+                 f'put it there or point --data-root at the folder that holds it')
+        test_x, test_y = test.data, np.array(test.targets, dtype=np.int64)
+        if openood_root:  # OpenOOD v1.5's own split of the official test set, exactly
+            val, test = (read_imglist(openood_root, f'{name}/{split}_{name}.txt') for split in ('val', 'test'))
+            val, test = (read_images(val[0], 32), val[1]), (read_images(test[0], 32), test[1])
+        else:  # OpenOOD v1.5: 1,000 test images are validation, the other 9,000 the ID test set
+            perm = np.random.RandomState(0).permutation(len(test_x))
+            val, test = (test_x[perm[:1000]], test_y[perm[:1000]]), (test_x[perm[1000:]], test_y[perm[1000:]])
+        return dict(train=(train.data, np.array(train.targets, dtype=np.int64)), val=val, test=test, image_size=32,
+                    classes=list(train.classes), mean=CIFAR_STATS[name][0], std=CIFAR_STATS[name][1])
+    if not name.startswith('folder:'):
+        fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
+    root = Path(name[len('folder:'):])
+    train_files, train_y, all_classes = image_folder(root / 'train')
+    val = image_folder(root / 'val', all_classes)  # labels by class name: a split may lack a class
+    test = image_folder(root / 'test', all_classes) if (root / 'test').is_dir() else val
+    classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
+    if set(classes) - set(all_classes):
+        fail(f'{root} has no class folder {sorted(set(classes) - set(all_classes))[0]}: fix the class list, or pass '
+             f'the dataset it comes from')
+
+    def select(files, labels, names):  # the images of these classes, labelled by their position in names
+        position = {all_classes.index(n): i for i, n in enumerate(names)}
+        keep = [j for j, y in enumerate(labels) if y in position]
+        return [files[j] for j in keep], np.array([position[labels[j]] for j in keep], dtype=np.int64)
+    other = [c for c in all_classes if c not in classes]
+    return dict(train=select(train_files, train_y, classes), val=select(*val[:2], classes), classes=classes,
+                test=select(*test[:2], classes), other_classes=select(*test[:2], other)[0] if other else [],
+                image_size=224, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1])
+
+
+# Benchmarks: every split is a uint8 (N, S, S, 3) array at the ID size S or a list of image files, both
+# through OpenOOD's test transform (RGB, Resize(pre_size), CenterCrop(S); normalised in the network pass).
+
+class ImageList(list):
+    """Image files named by one of OpenOOD's lists: the cache keys them by the list, not their bytes."""
+
+def resize_crop(image, pre_size, size):
+    """OpenOOD's test transform on one uint8 (H, W, 3) image, as torchvision runs it on a PIL image:
+    Resize(pre_size), bilinear, the shorter side to pre_size and the longer one truncated, then
+    CenterCrop(size) at the rounded offset (Python's round: half to even)."""
+    from PIL import Image
+    h, w = image.shape[:2]
+    new_h, new_w = (pre_size, int(pre_size * w / h)) if h <= w else (int(pre_size * h / w), pre_size)
+    if (new_h, new_w) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.array(image[top:top + size, left:left + size])  # a copy: writable and contiguous
+
+def resize_all(images, pre_size, size):
+    """uint8 (N, H, W) grey or (N, H, W, 3) -> (N, size, size, 3) through the same transform."""
+    images = np.repeat(images[..., None], 3, axis=-1) if images.ndim == 3 else images
+    return images if images.shape[1:3] == (size, size) and pre_size == size else np.stack(
+        [resize_crop(image, pre_size, size) for image in images])
+
+def check_memory(nbytes, what, fix, device_name):
+    """Refuse up front what cannot fit: nbytes against the free memory (the GPU's on a CUDA device)."""
+    if torch.device(device_name).type == 'cuda':
+        free = torch.cuda.mem_get_info(torch.device(device_name))[0]
+    else:  # Linux's estimate; elsewhere not checked
+        meminfo = Path('/proc/meminfo').read_text() if Path('/proc/meminfo').exists() else 'MemAvailable: inf'
+        free = float(re.search(r'MemAvailable:\s+(\S+)', meminfo).group(1)) * 1024
+    if nbytes > free:
+        fail(f'{what} needs {nbytes / 2 ** 30:.1f} GiB and {device_name} has {free / 2 ** 30:.1f} GiB free: {fix}')
+
+def ignore_interrupts(worker_id):  # DataLoader workers: Ctrl-C is the main process's to report
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+def read_batch(items):
+    """[(file, pre_size, size)] -> uint8 (n, 3, size, size), in a DataLoader worker."""
+    images = [resize_crop(read_image(file), pre_size, size) for file, pre_size, size in items]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+def image_files(path):
+    """Every image file under a folder, searched recursively, as sorted strings ([] when it is no folder)."""
+    files = Path(path).rglob('*') if Path(path).is_dir() else []
+    return sorted(str(f) for f in files if f.suffix.lower() in IMAGE_EXTENSIONS)
+
+def folder_images(flag, path, what='images'):
+    """A folder named on the command line (flag: '--far NAME=PATH', '--aps-ood PATH'): its image files."""
+    files = image_files(path)
+    if not files:
+        why = 'is a file' if Path(path).is_file() else 'holds no images' if Path(path).is_dir() else 'does not exist'
+        fail(f'{flag} {why}: pass a folder of {what} ({", ".join(IMAGE_EXTENSIONS)})')
+    return files
+
+def openood_list(root, dataset, name, required=True):
+    """OpenOOD v1.5's benchmark_imglist/<dataset>/<name>.txt -> ((files, labels), None), its image folder
+    checked: a missing list or folder is one line naming the download entry, or (None, why) when not
+    required. Images live in images_classic/ (CIFAR's, Textures everywhere) or images_largescale/."""
+    images = Path(root) / ('images_classic' if dataset.startswith('cifar') or name == 'test_textures' else
+                           'images_largescale')
+    if not required and not (Path(root) / 'benchmark_imglist' / dataset / f'{name}.txt').is_file():
+        return None, f'no benchmark_imglist/{dataset}/{name}.txt (download entry benchmark_imglist)'
+    files, labels = read_imglist(root, f'{dataset}/{name}.txt', images.name)
+    top = Path(files[0]).relative_to(images).parts[0] if files else None
+    if files and (images / top).is_dir():
+        return (ImageList(files), labels), None
+    why = (f'{images / top} does not exist: download OpenOOD v1.5\'s {top} entry there ({name}.txt reads it)'
+           + "; ImageNet-1K's train images come from image-net.org" * (top == 'imagenet_1k') if files else
+           f'benchmark_imglist/{dataset}/{name}.txt is empty: download the benchmark_imglist entry again')
+    return fail(why) if required else (None, why)
+
+def openood_dataset(root, dataset, with_train):
+    """ID train / val / test from OpenOOD v1.5's lists (train only for the detectors fitted on it)."""
+    num_classes, cifar = BENCHMARKS[dataset]['classes'], dataset.startswith('cifar')
+    mean, std = CIFAR_STATS[dataset] if cifar else IMAGENET_STATS
+    ds = dict(classes=[str(c) for c in range(num_classes)], image_size=32 if cifar else 224, mean=mean, std=std,
+              train=(ImageList(), np.zeros(0, np.int64)))
+    for split in ('train', 'val', 'test')[0 if with_train else 1:]:
+        ds[split] = openood_list(root, dataset, f'{split}_{dataset}')[0]
+        if not 0 <= ds[split][1].min() <= ds[split][1].max() < num_classes:
+            fail(f'{root}/benchmark_imglist/{dataset}/{split}_{dataset}.txt has labels outside 0..{num_classes - 1}: '
+                 f'download the benchmark_imglist entry again')
+    return ds
+
+def sample_image_patches(index):
+    """Far-OOD for digits: a scikit-learn sample photo, grey, 16x16 grid crops, area-downscaled to 8x8, stretched."""
+    from sklearn.datasets import load_sample_images
+    image = load_sample_images().images[index].astype(np.float64)
+    grey = image @ np.array([0.299, 0.587, 0.114])
+    rows, cols = grey.shape[0] // 16, grey.shape[1] // 16
+    patches = grey[:rows * 16, :cols * 16].reshape(rows, 16, cols, 16).transpose(0, 2, 1, 3).reshape(-1, 16, 16)
+    small = patches.reshape(-1, 8, 2, 8, 2).mean(axis=(2, 4))
+    low, high = small.min(axis=(1, 2), keepdims=True), small.max(axis=(1, 2), keepdims=True)
+    stretched = np.rint((small - low) / np.maximum(high - low, 1e-8) * 255).astype(np.uint8)
+    return np.repeat(stretched[..., None], 3, axis=-1)
+
+def builtin_ood(name, args, dataset):
+    """A set of the benchmark: digits' own, OpenOOD's list (--openood-root), else torchvision's (CIFAR-10/100,
+    MNIST, SVHN; Textures = all 5,640 DTD images, Places365 = val) -> (images or None, why not)."""
+    if dataset == 'digits':
+        images, labels = digits_images()
+        return images[labels >= 6] if name == 'digits6-9' else sample_image_patches(['china', 'flower'].index(name)), ''
+    listed, why = openood_list(args.openood_root, dataset, f'test_{name}', False) if args.openood_root else (None, '')
+    if listed or dataset.startswith('imagenet') or name == 'tin':
+        return (listed[0] if listed else None), why or 'not found'
+    import torchvision
+    tv = torchvision.datasets
+    if name == 'texture':
+        parts = [torchvision_set(tv.DTD, args.data_root, split=s) for s in ('train', 'val', 'test')]
+        return (None if None in parts else [str(f) for part in parts for f in part._image_files]), 'not found'
+    cls, kwargs = dict(cifar10=(tv.CIFAR10, dict(train=False)), cifar100=(tv.CIFAR100, dict(train=False)),
+                       mnist=(tv.MNIST, dict(train=False)), svhn=(tv.SVHN, dict(split='test')),
+                       places365=(tv.Places365, dict(split='val', small=True)))[name]
+    ds = torchvision_set(cls, args.data_root, **kwargs)
+    if ds is None:
+        return None, 'not found'
+    images = [f for f, _ in ds.imgs] if name == 'places365' else np.asarray(ds.data)
+    return (images.transpose(0, 2, 3, 1) if name == 'svhn' else images), ''
+
+def ood_sets(args, dataset, pre_size, size, other_classes=None):
+    """{name: (group, images)}: the benchmark's sets (a missing one is skipped with a warning, an error
+    with --strict), then --near / --far NAME=PATH folders, which must hold images. other_classes: test
+    images of the classes a folder run left out, near-OOD as in the SIO code (ImageNet-10 vs the other
+    990 classes, ImageNet-Dogs vs non-dogs)."""
+    plan = {name: (group, None) for group in ('near', 'far') for name in BENCHMARKS.get(dataset, {}).get(group, [])}
+    if args.no_tin:
+        plan.pop('tin', None)
+    plan.update({name: (group, path) for group in ('near', 'far') for name, path in getattr(args, group)})
+    sets = {'other-classes': ('near', other_classes)} if other_classes else {}
+    for name, (group, path) in plan.items():
+        images, why = builtin_ood(name, args, dataset) if path is None else (
+            folder_images(f'--{group} {name}={path}', path), '')
+        if images is None:
+            how = (f'pass --{group} {name}=PATH (an image folder) or --openood-root' if name == 'tin' or
+                   dataset.startswith('imagenet') else f'put it under {os.path.abspath(args.data_root)} (torchvision '
+                   f'format), pass --{group} {name}=PATH, or --openood-root')
+            if args.strict:
+                fail(f'OOD set {name} is missing ({why}): {how}')
+            print(f'warning: skipping OOD set {name} ({group}): {why}; {how}', file=sys.stderr)
+            continue
+        sets[name] = (group, images if isinstance(images, list) else resize_all(images, pre_size, size))
+    return sets
+
+def load_data(args, dataset, runs):
+    """The ID splits and OOD sets, {split: (images, labels)} with labels -1 for OOD, and how to read them."""
+    folder = dataset.startswith('folder:')
+    if args.openood_root and dataset in BENCHMARKS and dataset != 'digits':  # OpenOOD v1.5's lists, exactly
+        ds = openood_dataset(args.openood_root, dataset, needs_train(args))
+    else:
+        ds = load_dataset(dataset, args.data_root, None, runs[0].get('classes') if folder else None)
+    size = runs[0]['image_size'] if folder else ds['image_size']
+    # OpenOOD: Resize(32) for CIFAR (a no-op at 32x32), Resize(256) + CenterCrop(224) for ImageNet
+    pre_size = size if dataset in ('digits', 'cifar10', 'cifar100') else int(size * 256 / 224)
+    sets = ood_sets(args, dataset, pre_size, size, ds.get('other_classes'))
+    splits = {'train': ds['train'], 'val': ds['val'], 'id': ds['test']}
+    splits.update({name: (images, np.full(len(images), -1)) for name, (_, images) in sets.items()})
+    if args.aps:  # validation OOD images for the search, never part of the table
+        val_ood = BENCHMARKS.get(dataset, {}).get('val_ood', 'tin')
+        listed = openood_list(args.openood_root, dataset, f'val_{val_ood}', False)[0] if args.openood_root else None
+        files = folder_images(f'--aps-ood {args.aps_ood}', args.aps_ood, 'validation OOD images') if args.aps_ood \
+            else listed and listed[0]
+        if not files:
+            fail(f'--aps needs validation OOD images: pass --aps-ood PATH (an image folder) or --openood-root with '
+                 f'its val_{val_ood} list')
+        splits['aps_ood'] = (files, np.full(len(files), -1))
+    groups = {name: group for name, (group, _) in sets.items()}
+    if not groups:
+        fail(f'no OOD set available for {dataset}: pass --near NAME=PATH / --far NAME=PATH')
+    return dict(splits=splits, groups=groups, oods=list(groups), dataset=dataset, classes=ds['classes'],
+                mean=ds['mean'], std=ds['std'], size=size, pre_size=pre_size, keys={})
+
+
+# ------------------------------------------------------------------------------------------------
+# Model, the same in every script: torchvision ResNets with the two-line CIFAR stem change, a small
+# CNN for 8x8 digits; forward(x, features=True) also returns the penultimate feature h.
+
+ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}  # native input sizes
+ARCH_MIN_SIZE = {'cnn': 8, 'resnet18': 8, 'resnet18_224': 32, 'resnet50': 32}  # below: nothing left to pool
+
+class Net(nn.Module):
+    def __init__(self, arch, num_classes):
+        super().__init__()
+        if arch == 'cnn':
+            def block(c_in, c_out):
+                return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            self.body = nn.Sequential(*block(3, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            dim = 128
+        else:
+            import torchvision
+            self.body = getattr(torchvision.models, arch.replace('_224', ''))()
+            if arch == 'resnet18':  # CIFAR stem: 3x3 stride-1 conv, no max-pool (32x32 input)
+                self.body.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+                self.body.maxpool = nn.Identity()
+            dim, self.body.fc = self.body.fc.in_features, nn.Identity()
+        self.fc = nn.Linear(dim, num_classes)
+        self.feature_dim = dim
+
+    def forward(self, x, features=False):
+        h = self.body(x)
+        z = self.fc(h)
+        return (z, h) if features else z
+
+def normalize(x, mean, std, size):
+    """uint8 images (or floats on the same 0..255 scale) -> normalised float at size, channels_last."""
+    x = x.float().div_(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_sio.py or train_oal.py'):
+    """torch.load with one line for a file that is cut short, not a checkpoint, or not one of ours."""
+    try:
+        ckpt = torch.load(file, map_location='cpu', weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, empty file...
+        ckpt = f'cannot be read ({type(e).__name__}; cut short?)'
+    if not isinstance(ckpt, dict) or not {'model', 'arch', 'num_classes', 'dataset'} <= ckpt.keys():
+        fail(f'{what} {file} {ckpt if isinstance(ckpt, str) else "is not a synth-ood checkpoint"}: {fix}')
+    return ckpt
+
+
+# Checkpoints: our runs (SPEC 1), OpenOOD v1.5's (openood:PATH) and torchvision's (torchvision:NAME),
+# all loaded strictly into Net. OpenOOD's ResNet18_32x32 has torchvision's resnet18 keys with a 3x3
+# conv1, no max-pool and `shortcut` for `downsample`; its ResNet18_224x224 and ResNet50 are torchvision's.
+TORCHVISION = {'resnet18': 'ResNet18_Weights', 'resnet50': 'ResNet50_Weights'}  # their IMAGENET1K_V1
+
+def load_runs(spec, args):
+    """A run folder (its best.pt) or checkpoint file of ours, openood:PATH (a best.ckpt, or a folder
+    whose s*/best.ckpt are its seeds) or torchvision:NAME -> [run], a checkpoint dict plus its name,
+    the file its cache key hashes (digest) and the folder that no output may touch."""
+    if spec.startswith('openood:'):
+        return openood_runs(Path(spec[len('openood:'):]), args.dataset)
+    if spec.startswith('torchvision:'):
+        return [torchvision_run(spec[len('torchvision:'):], args.dataset)]
+    path = Path(spec)
+    file = path / 'best.pt' if path.is_dir() else path
+    manifest = read_json(path / MANIFEST, f'pass {file} to score it as it is') if (path / MANIFEST).is_file() else {}
+    if manifest.get('complete', True) is not True:
+        fail(f'{path} is unfinished (its trainer is still writing it, or was stopped): let it finish, or pass {file} '
+             f'to score it as it is')
+    if not file.is_file():
+        fail(f'{path} is neither a run directory with best.pt nor a checkpoint file: pass one (or openood:PATH, '
+             f'torchvision:NAME)')
+    ckpt = read_checkpoint(file, 'run', 'pass a best.pt written by train_sio.py or train_oal.py (openood:PATH for '
+                                        "OpenOOD's)")
+    try:  # every field a run needs, of the right kind
+        mean, std = (np.asarray(ckpt[k], dtype=np.float64) for k in ('mean', 'std'))
+        usable = (ckpt['arch'] in ARCH_SIZE and isinstance(ckpt['dataset'], str) and isinstance(ckpt['classes'], list)
+                  and type(ckpt['image_size']) is int and ckpt['image_size'] >= ARCH_MIN_SIZE[ckpt['arch']]
+                  and mean.shape == std.shape == (3,) and np.isfinite(mean).all() and (std > 0).all())
+    except (KeyError, TypeError, ValueError):
+        usable = False
+    if not usable or not weights_fit(ckpt['model'], ckpt['arch'], ckpt['num_classes']):
+        why = f"holds no {ckpt['arch']} with {ckpt['num_classes']} classes" if usable else 'lacks a usable arch, ' \
+            'dataset, classes, image_size, mean or std'
+        fail(f'run {file} {why}: pass a best.pt written by train_sio.py or train_oal.py')
+    return [dict(ckpt, name=path.name if path.is_dir() else path.stem, digest=file_digest(file), folder=file.parent,
+                 source=str(path.resolve()))]
+
+def weights_fit(state, arch, num_classes):
+    """Whether state has exactly the keys and shapes of Net(arch, num_classes)'s state_dict."""
+    expected = Net(arch, num_classes).state_dict() if isinstance(num_classes, int) and num_classes > 0 else {}
+    return isinstance(state, dict) and state.keys() == expected.keys() and all(
+        isinstance(state[k], torch.Tensor) and state[k].shape == v.shape for k, v in expected.items())
+
+def foreign_run(state, file, name, dataset):
+    """An OpenOOD or torchvision ResNet state_dict as one of our runs: the architecture recognised from
+    its keys and shapes, classes from its head; size from the arch, normalisation from the dataset."""
+    head = state.get('fc.weight') if isinstance(state, dict) else None
+    mapped = {(k if k.startswith('fc.') else 'body.' + k.replace('.shortcut.', '.downsample.')): v
+              for k, v in (state.items() if head is not None else [])}
+    num_classes = head.shape[0] if isinstance(head, torch.Tensor) and head.ndim == 2 else None
+    arch = next((a for a in ('resnet18', 'resnet18_224', 'resnet50') if weights_fit(mapped, a, num_classes)), None)
+    if arch is None:
+        found = ', '.join(list(state)[:3]) if isinstance(state, dict) and state else type(state).__name__
+        fail(f'{file} fits none of ResNet18_32x32, ResNet18_224x224, ResNet50 (found {found}, ...; head '
+             f'{tuple(head.shape) if isinstance(head, torch.Tensor) else "none"}): pass an OpenOOD v1.5 best.ckpt')
+    return dict(model=mapped, arch=arch, num_classes=num_classes, dataset=dataset, image_size=ARCH_SIZE[arch],
+                mean=None, std=None, name=name, digest=file_digest(file))
+
+def openood_runs(path, dataset):
+    """OpenOOD v1.5's checkpoints (bare state_dicts, as its recorder saves them): a best.ckpt, or every
+    s<seed>/best.ckpt of a folder, each a run named <folder>_s<seed>."""
+    if not dataset:
+        fail(f'openood:{path} needs --dataset (cifar10, cifar100, imagenet200 or imagenet): OpenOOD checkpoints do '
+             f'not name their data')
+    seeds = sorted(path.glob('s*/best.ckpt'), key=lambda f: (len(f.parent.name), f.parent.name))
+    files = [path] if path.is_file() else [f for f in seeds if re.fullmatch(r's\d+', f.parent.name)]
+    if not files:
+        fail(f'openood:{path} is no best.ckpt and holds no s<seed>/best.ckpt: pass a best.ckpt or the folder of '
+             f'its seeds')
+    runs = []
+    for file in files:
+        try:
+            state = torch.load(file, map_location='cpu', weights_only=True)
+        except Exception as e:  # truncated zip, pickle garbage, an empty file...
+            fail(f'openood:{file} cannot be read ({type(e).__name__}; cut short?): pass an OpenOOD v1.5 best.ckpt')
+        name = (f'{file.parent.parent.name}_{file.parent.name}' if re.fullmatch(r's\d+', file.parent.name) else
+                file.parent.name if file.stem == 'best' else file.stem)
+        runs.append(dict(foreign_run(state, file, name, dataset), source=f'openood:{file.resolve()}',
+                         folder=path if path.is_dir() else file.parent))
+    return runs
+
+def torchvision_run(name, dataset):
+    """torchvision's IMAGENET1K_V1 weights, through torchvision's own loading (its hub cache, else the
+    download), as OpenOOD's ImageNet-1K leaderboard rows use them."""
+    if name not in TORCHVISION:
+        fail(f'torchvision:{name} is not offered: pass torchvision:resnet50 or torchvision:resnet18 (IMAGENET1K_V1)')
+    import torchvision
+    weights = getattr(torchvision.models, TORCHVISION[name]).IMAGENET1K_V1
+    file = Path(torch.hub.get_dir()) / 'checkpoints' / weights.url.rsplit('/', 1)[1]
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # offline: URLError; a damaged download: RuntimeError
+        fail(f'torchvision:{name} needs its IMAGENET1K_V1 weights, which could not be fetched ({type(e).__name__}): '
+             f'download {weights.url} to {file} (torch\'s hub cache) and run again')
+    return dict(foreign_run(state, file, f'torchvision_{name}', dataset or 'imagenet'), source=f'torchvision:{name}',
+                folder=None)
+
+def build_model(ckpt, device):
+    model = Net(ckpt['arch'], ckpt['num_classes'])
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).to(memory_format=torch.channels_last).eval()
 
 def file_digest(path):
     """sha256 of a file's bytes (first 16 hex digits)."""
@@ -892,273 +1040,345 @@ def file_digest(path):
     return digest.hexdigest()[:16]
 
 
-def array_digest(*arrays):
-    """sha256 of arrays' dtypes, shapes and bytes (first 16 hex digits), without copying them."""
-    digest = hashlib.sha256()
-    for array in map(np.ascontiguousarray, arrays):
-        digest.update(f'{array.dtype}{array.shape}'.encode())
-        digest.update(memoryview(array).cast('B'))
-    return digest.hexdigest()[:16]
+# ------------------------------------------------------------------------------------------------
+# Arguments
+
+def detector_list(text):
+    """--detectors: all, or a comma list of DETECTORS."""
+    names = DETECTORS if text == 'all' else [d.strip() for d in text.split(',') if d.strip()]
+    unknown = [d for d in names if d not in DETECTORS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown detector(s) {', '.join(unknown) or text!r}: choose from "
+                                         f"{', '.join(DETECTORS)} or 'all'")
+    return names
+
+def ood_folder(text):
+    """--near / --far NAME=PATH, NAME not one of the split or row names."""
+    name, _, path = text.partition('=')
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f'takes NAME=PATH (e.g. tin=data/tin), got {text!r}')
+    if name in RESERVED:
+        raise argparse.ArgumentTypeError(f'{name} is reserved (it names a split or a row: {", ".join(RESERVED)}): '
+                                         f'pick another NAME')
+    return name, path
+
+def parse_settings(specs):
+    """Positional RUN arguments, or NAME=RUN,RUN,... groups (one group per setting) -> {setting: [runs]}."""
+    if not any('=' in spec for spec in specs):
+        return {'': list(specs)}
+    if not all('=' in spec for spec in specs):
+        fail('mix of plain runs and NAME=RUN,... settings: give every argument as NAME=RUN[,RUN...] or none')
+    settings = {}
+    for spec in specs:
+        name, runs = spec.split('=', 1)
+        if not name or name in settings or not runs.strip(','):
+            why = 'has no NAME' if not name else 'names no run' if not runs.strip(',') else 'is given twice'
+            fail(f'setting {spec!r} {why}: give each setting as NAME=RUN[,RUN...] with a NAME of its own')
+        settings[name] = [r for r in runs.split(',') if r]
+    return settings
+
+def get_args(argv=None):
+    percent = number(float, 'in (0, 100)', lambda v: 0 < v < 100)
+    p = Parser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('runs', nargs='+', help='run folders or .pt files, openood:PATH, torchvision:NAME (several: seeds); '
+                   'NAME=RUN,RUN,... per setting to compare settings')
+    p.add_argument('--dataset', help="the ID set (default: the runs'): digits cifar10 cifar100 imagenet200 imagenet "
+                   'folder:PATH')
+    p.add_argument('--data-root', default='./data', help='where torchvision datasets live or are downloaded to')
+    p.add_argument('--openood-root', help="OpenOOD v1.5's data folder (benchmark_imglist/, images_*/): its lists")
+    for group, example in (('near', 'tin'), ('far', 'dtd')):
+        p.add_argument(f'--{group}', action='append', default=[], type=ood_folder, metavar='NAME=PATH',
+                       help=f'add or replace a {group}-OOD image folder, e.g. {example}=PATH')
+    p.add_argument('--no-tin', action='store_true', help='near-OOD without TinyImageNet, as the SIO paper reports')
+    p.add_argument('--strict', action='store_true', help='a missing built-in OOD set is an error, not a warning')
+    p.add_argument('--detectors', type=detector_list, default='all', help='all, or some: ' + ','.join(DETECTORS))
+    p.add_argument('--cache', help='keep logits/features in DIR/<run>/<split>.npz and reuse them')
+    p.add_argument('--out', help='write results.json/.csv/.md and scores.npz here')
+    p.add_argument('--overwrite', action='store_true', help="replace an earlier evaluation's results and plots")
+    p.add_argument('--plots', help='write score histograms and ROC curves (PNG) here')
+    p.add_argument('--batch-size', type=POSITIVE, default=512)
+    p.add_argument('--workers', type=NATURAL, default=8, help='DataLoader workers reading image files')
+    p.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--bf16', action='store_true', help='bf16 network pass: faster, scores move (default float32)')
+    p.add_argument('--aps', choices=['sio', 'val', 'openood'],
+                   help="search settings by validation AUROC: as the SIO code, on val, or with v1.5's grids")
+    p.add_argument('--aps-ood', metavar='PATH', help="its OOD images (default: OpenOOD's val list, --openood-root)")
+    # detector settings (OpenOOD v1.5 defaults)
+    p.add_argument('--ebo-temperature', type=RATE, default=1.0, help='energy score T * logsumexp(z / T)')
+    p.add_argument('--odin-temperature', type=RATE, default=1000.0)
+    p.add_argument('--odin-eps', type=WEIGHT, default=0.0014, help='ODIN step in [0,1] pixel units')
+    p.add_argument('--gen-gamma', type=RATE, default=0.1)
+    p.add_argument('--react-percentile', type=percent, default=90.0)
+    p.add_argument('--ash-percentile', type=percent, default=90.0, help='ASH-B keeps the top 100-p percent')
+    p.add_argument('--dice-percentile', type=percent, default=90.0, help='DICE keeps the top 100-p percent of W')
+    p.add_argument('--knn-k', type=POSITIVE, default=50)
+    p.add_argument('--vim-dim', type=POSITIVE, help="ViM's principal dimensions (default 256; d/2 for d <= 256)")
+    args = p.parse_args(argv)
+    args.runs = parse_settings(args.runs)
+    if args.aps_ood and not args.aps:
+        fail('--aps-ood names the validation OOD images of --aps: pass --aps sio, val or openood too, or drop it')
+    names = [name for name, _ in args.near + args.far]
+    if len(set(names)) < len(names):
+        fail(f'--near/--far name {max(names, key=names.count)} twice: give each OOD set a NAME of its own')
+    if args.dataset and args.dataset not in BENCHMARKS and not args.dataset.startswith('folder:'):
+        fail(f'unknown --dataset {args.dataset!r}: use {", ".join(BENCHMARKS)} or folder:PATH')
+    if args.dataset in ('imagenet200', 'imagenet') and not args.openood_root:
+        fail(f"--dataset {args.dataset} is read from OpenOOD v1.5's lists: pass --openood-root DIR (its "
+             f"benchmark_imglist/, images_largescale/ and images_classic/)")
+    folders = [(flag, Path(path).resolve()) for flag, path in (('--out', args.out), ('--plots', args.plots),
+                                                              ('--cache', args.cache)) if path]
+    for i, (flag, path) in enumerate(folders):
+        if path.is_file():
+            fail(f'{flag} {path} is a file, not a folder: pass a folder')
+        for other, other_path in folders[i + 1:]:
+            if path == other_path or path in other_path.parents or other_path in path.parents:
+                fail(f'{flag} and {other} must be distinct folders, neither inside the other: pass another {other}')
+    return args
 
 
-def score_runs(checkpoints, split_images, oods, groups, args, device, rank, world):
-    """Network passes (cached) and detector scores for each run -> ({detector: [table per run]}, scores, seconds)."""
-    time_net = time_det = 0.0
-    tables, scores_out, aps_picks = {d: [] for d in args.detectors}, {}, {}
-    for ckpt, run, ckpt_file in checkpoints:
-        model = build_model(ckpt, device)
-        outputs, t0 = {}, time.time()
-        splits = {'train': split_images['train'], 'val': split_images['val'], 'id': split_images['test']}
-        splits.update({name: (images, np.full(len(images), -1)) for name, (_, images) in oods.items()})
-        if args.aps:
-            splits['aps_ood'] = split_images['aps_ood']
-        weights = file_digest(ckpt_file) if args.cache else None
-        for split, (images, labels) in splits.items():
-            cache_file = Path(args.cache) / run / f'{split}.npz' if args.cache else None
-            # keyed by what determines the outputs: the checkpoint's bytes, the images and labels, the precision
-            fingerprint = f"{weights}:{array_digest(images, labels)}:{'bf16' if args.bf16 else 'fp32'}" if args.cache else None
-            if cache_file and cache_file.exists():
-                try:
-                    with np.load(cache_file) as cached:
-                        if str(cached['source']) == fingerprint and len(cached['labels']) == len(labels):
-                            outputs[split] = dict(logits=cached['logits'], features=cached['features'], labels=cached['labels'])
-                            continue
-                except Exception as e:  # damaged outside this script (BadZipFile, missing key...): computed again and rewritten
-                    print(f'note: cache {cache_file} is unreadable ({type(e).__name__}); computing it again', file=sys.stderr)
-            logits, feats = forward_all(model, images, ckpt, device, args.batch_size, args.bf16, rank, world, desc=f'{run}/{split}')
-            outputs[split] = dict(logits=logits, features=feats, labels=np.asarray(labels))
-            if cache_file and rank == 0:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(cache_file, lambda tmp: save_npz(tmp, source=fingerprint, **outputs[split]))
-        odin, det_args, picks = {}, {det: args for det in args.detectors}, {}
-        if 'odin' in args.detectors:  # every rank takes part in ODIN's passes, the search's included
-            run_odin = lambda split, a: odin_scores(model, splits[split][0], ckpt, device, args.batch_size, a.odin_temperature, a.odin_eps, rank, world)
-            if args.aps == 'sio':  # the ID test side stays at the default setting, for the search and the table: one pass
-                odin['id'] = run_odin('id', args)
-            if args.aps:
-                det_args['odin'], picks['odin'] = aps_search('odin', args, lambda a: odin['id'] if args.aps == 'sio' else run_odin('val', a),
-                                                             lambda a: run_odin('aps_ood', a))
-            for split in [s for s in ['id'] + list(oods) if s not in odin]:
-                odin[split] = run_odin(split, det_args['odin'])
-        time_net += time.time() - t0
-        if rank != 0:
-            continue
-        t0 = time.time()
-        # train and val stay float32 (fit() accumulates in float64); each scored split becomes float64 in turn
-        on_device = lambda o: dict(features=torch.from_numpy(o['features']).to(device), logits=torch.from_numpy(o['logits']).to(device),
-                                   labels=torch.from_numpy(np.asarray(o['labels'])).to(device).long())
-        W, b = (p.detach().to(device).double() for p in (model.fc.weight, model.fc.bias))
-        stats = fit(on_device(outputs['train']), on_device(outputs['val']), W, b, args)
-        acc = 100 * float((outputs['id']['logits'].argmax(1) == outputs['id']['labels']).mean())
-        scores = {det: {} for det in args.detectors}
-        as_tensors = lambda split: [torch.from_numpy(outputs[split][k]).to(device).double() for k in ('logits', 'features')]
-        for det in [d for d in args.detectors if args.aps and d in APS_GRIDS and d != 'odin']:
-            score = lambda split, a: SCORES[det](*as_tensors(split), stats, a).cpu().numpy()
-            det_args[det], picks[det] = aps_search(det, args, lambda a: score('id' if args.aps == 'sio' else 'val', a), lambda a: score('aps_ood', a))
-        if picks:
-            aps_picks[run] = picks
-            print(f'aps ({args.aps}) {run}: ' + '; '.join(f'{det} ' + ', '.join(f'{k} {v}' for k, v in p.items()) for det, p in picks.items()))
-        for split in ['id'] + list(oods):
-            z, h = as_tensors(split)
-            for det in args.detectors:  # --aps sio: the ID side keeps the default setting, as the SIO code's evaluator
-                a = args if split == 'id' and args.aps == 'sio' else det_args[det]
-                scores[det][split] = odin[split] if det == 'odin' else SCORES[det](z, h, stats, a).cpu().numpy()
-        for det in args.detectors:
-            scores_out.setdefault(det, {})[run] = scores[det]
-            tables[det].append(run_table(scores[det], groups, acc))
-        time_det += time.time() - t0
-    return tables, scores_out, time_net, time_det, aps_picks
+# ================================================================================================
+# Plumbing, identical in every script: one-line errors, flag types, one writer per output folder that
+# owns only what its manifest records, atomic writes, one-line interrupts, torchrun.
 
+MANIFEST = 'manifest.json'  # in every output folder: its script, settings and the entries it wrote
+CLAIMED = {}  # resolved output folder -> [.lock file, manifest], for each folder this process holds
+STATUS = dict(kept='nothing was written', again='')  # what an interrupt reports
 
-def compare_table(all_results, runs_per_setting):
-    """One row per (detector, setting): the table the quickstart ends with."""
-    lines = ['| detector | setting | near AUROC | far AUROC | near FPR@95 | far FPR@95 | ACC |', '|---|---|---|---|---|---|---|']
-    for det in next(iter(all_results.values())):
-        for setting, results in all_results.items():
-            t, n = results[det], runs_per_setting[setting]
-            get = lambda g, m: cell(t[g], m, n) if g in t else '-'
-            lines.append(f'| {det} | {setting} | {get("near", "AUROC")} | {get("far", "AUROC")} | {get("near", "FPR95")} | {get("far", "FPR95")} | '
-                         f'{cell(next(iter(t.values())), "ACC", n)} |')
-    return '\n'.join(lines) + '\n'
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors as the same one line, flag first
+        fail(re.sub(r'^argument (\S+?)(/\S+)?: ', r'\1 ', message))
 
+class BadImage(ValueError):
+    """An image file that cannot be decoded, wherever it is found (a DataLoader worker too)."""
 
-def peak_memory_gb(device, reset=False):
-    """Peak memory in GB: the GPU's allocations on CUDA, else this process's resident memory
-    (Linux: reset=True restarts the peak from now)."""
-    if device.type == 'cuda':
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-    if reset:
+def fail(message):
+    """One line for the user, exit code 2, no traceback (on a line of its own under a progress bar)."""
+    tqdm.write(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+def number(kind, valid, ok):
+    """A flag type: kind(text) that passes ok, else 'must be VALID' (NaN fails every comparison)."""
+    def parse(text):
         try:
-            Path('/proc/self/clear_refs').write_text('5')
-        except OSError:
-            pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f'must be {valid}, got {text}')
+        return value
+    return parse
 
+POSITIVE = number(int, 'an integer >= 1', lambda v: v >= 1)
+NATURAL = number(int, 'an integer >= 0', lambda v: v >= 0)
+RATE = number(float, 'a number > 0', lambda v: 0 < v < math.inf)
+WEIGHT = number(float, 'a number >= 0', lambda v: 0 <= v < math.inf)
+SHARE = number(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
 
-def bench_features(args):
-    """--bench-features N,D,C[,M]: time fit + score of each detector on synthetic ReLU features (N train
-    rows, D dims, C classes, M test rows; ODIN needs a network and is left out) with the peak memory
-    (resident memory on a CPU, allocated GPU memory on CUDA)."""
+def device(name):
+    """--device: one this machine has, said now rather than deep inside a run."""
     try:
-        N, D, C, M = (int(v) for v in (args.bench_features.split(',') + ['10000'])[:4])
-        assert min(N, D, C, M) >= 1 and N >= args.knn_k
-    except (ValueError, AssertionError):
-        fail(f'--bench-features takes N,D,C[,M], positive integers with N >= --knn-k, e.g. 200000,2048,1000; got {args.bench_features!r}')
-    device, gen = torch.device(args.device), torch.Generator().manual_seed(0)
-    # one-time costs come first, not inside a detector's row: the first LBFGS step of a process takes ~1 GB
-    tiny = dict(features=torch.ones(2, 2), logits=torch.zeros(2, 2), labels=torch.arange(2))
-    fit(tiny, tiny, torch.eye(2), torch.zeros(2), argparse.Namespace(detectors=['tempscale']))
-    memory_start = peak_memory_gb(device, reset=True)
-    centres = 2 * torch.randn(C, D, generator=gen)
-    W, b = torch.randn(C, D, generator=gen, dtype=torch.float64) / D ** 0.5, 0.1 * torch.randn(C, generator=gen, dtype=torch.float64)
+        kind, count = torch.device(name), torch.cuda.device_count()
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f'{name!r} is not a device name: pass cpu, cuda or cuda:N')
+    if kind.type == 'cuda' and (kind.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f'{name}: this machine has {count} CUDA device(s): pass '
+                                         + (f'cuda:0 .. cuda:{count - 1}' if count else '--device cpu'))
+    return name
 
-    def outputs(n):
-        labels, features = torch.randint(C, (n,), generator=gen), torch.empty(n, D)
-        for i in range(0, n, 8192):
-            features[i:i + 8192] = (centres[labels[i:i + 8192]] + torch.randn(len(labels[i:i + 8192]), D, generator=gen)).clamp_min_(0)
-        logits = torch.cat([h @ W.T.float() + b.float() for h in features.split(8192)])
-        return dict(features=features.to(device), logits=logits.to(device), labels=labels.to(device))
-    train, val, test = outputs(N), outputs(min(N, 10000)), outputs(M)
-    W, b = W.to(device), b.to(device)
-    z, h = test['logits'].double(), test['features'].double()
-    features_gb = N * D * 4 / 2 ** 30
-    data_gb = peak_memory_gb(device, reset=True) - memory_start  # what every row holds anyway: train/val/test features and logits
-    print(f'synthetic outputs: train {N:,} x {D} features ({features_gb:.2f} GB float32) + {C} logits, val {len(val["labels"]):,}, '
-          f'test {M:,}; device {device}; {data_gb:.2f} GB held in all')
-    print('| detector | fit s | score s | peak GB above the held outputs |\n|---|---|---|---|')
-    worst = 0.0
-    for det in [d for d in args.detectors if d != 'odin']:
-        peak_memory_gb(device, reset=True)
-        t0 = time.time()
-        stats = fit(train, val, W, b, argparse.Namespace(**dict(vars(args), detectors=[det])))
-        t1 = time.time()
-        SCORES[det](z, h, stats, args)
-        t2 = time.time()
-        extra = max(0.0, peak_memory_gb(device) - memory_start - data_gb)
-        worst = max(worst, extra)
-        print(f'| {det} | {t1 - t0:.2f} | {t2 - t1:.2f} | {extra:.2f} |')
-    print(f'peak = held outputs + {worst:.2f} GB = {(data_gb + worst) / features_gb:.2f} x the train feature array')
+def read_json(path, fix):
+    """A JSON object from a file, or one line saying it is damaged and what to do."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        value = f'unreadable ({type(e).__name__})'
+    if not isinstance(value, dict):
+        fail(f'{path} is {value if isinstance(value, str) else "not a JSON object"}: {fix}')
+    return value
 
+def on_rank0(rank, world, work):
+    """work() on rank 0; the other ranks get its result, or leave with its exit code when it fails."""
+    shared = [0, None]
+    if rank == 0:
+        try:
+            shared[1] = work()
+        except SystemExit as stop:
+            shared[0] = stop.code
+    if world > 1:
+        dist.broadcast_object_list(shared, 0)
+    if shared[0]:
+        sys.exit(shared[0])
+    return shared[1]
+
+def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=()):
+    """Take an output folder for this process by the one rule of every folder any script writes: one
+    writer (an flock on OUT/.lock, dropped at any exit); none that is, holds or lies in an input; one whose
+    manifest names another script, or that holds anything its manifest does not record, is refused
+    whatever the names; output made with other settings, or at all when continues is False (or
+    'unfinished' and complete), is refused unless overwrite, which marks it stale: the new run writes
+    over it, finish() removes the rest. Returns the manifest."""
+    out, key = Path(out), Path(out).resolve()
+    for name, path in [(name, Path(path).resolve()) for name, path in inputs if path and Path(path).exists()]:
+        if key == path or path in key.parents or path.parent == key:
+            fail(f"{flag} {out} {'is' if key == path else 'lies in' if path in key.parents else 'holds'} the {name} "
+                 f'{path}: pass another {flag}')
+    if out.exists() and not out.is_dir():
+        fail(f'{flag} {out} is a file, not a folder: pass a folder')
+    lock = CLAIMED.get(key, [None])[0]
+    if not (lock and (out / '.lock').exists() and os.stat(out / '.lock').st_ino == os.fstat(lock.fileno()).st_ino):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / '.lock', 'a+')
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            fail(f'{out} is in use by another process (pid {lock.read().strip() or "?"}): wait for it to end, '
+                 f'or pass another {flag}')
+        except OSError as e:
+            fail(f'{flag} {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+    blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
+    manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
+    if not blank.keys() <= manifest.keys() or manifest['script'] != script:
+        fail(f'{flag} {out} holds a {manifest.get("script", "non-synth-ood")} folder, not a {script} one: pass '
+             f'another {flag}')
+    others = sorted(e.name for e in out.iterdir() if e.name != '.lock' and not any(fnmatch.fnmatchcase(
+        re.sub(r'\.\d+\.tmp$', '', e.name), entry.rstrip('/')) for entry in manifest['files'] + [MANIFEST]))
+    if others:
+        fail(f'{flag} {out} holds files this script did not write ({", ".join(others[:3])}'
+             f'{", ..." * (len(others) > 3)}): pass a new or empty folder')
+    CLAIMED[key] = [lock, manifest]
+    for temporary in [t for t in out.rglob('*.tmp') if re.fullmatch(r'.+\.\d+\.tmp', t.name)]:
+        temporary.unlink()  # a killed writer's: this process holds the lock now
+    old, new = manifest['settings'] or {}, settings or {}
+    changed = '; '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in dict(old, **new) if old.get(k) != new.get(k))
+    made = manifest['done'] or any(p.is_file() or any(q.is_file() for q in p.rglob('*')) for e in manifest['files']
+                                   if e not in manifest['stale'] for p in out.glob(e.rstrip('/')))
+    if made and not overwrite and (changed or continues is False or continues == 'unfinished' and manifest['complete']):
+        fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: {hint}')
+    if overwrite or changed:
+        manifest.update(settings=settings, stale=list(manifest['files']), done=[], complete=False)
+    if overwrite or changed or not (out / MANIFEST).exists():  # else nothing is written yet
+        save_manifest(out)
+    return manifest
+
+def save_manifest(out, **changes):
+    manifest = CLAIMED[Path(out).resolve()][1]
+    manifest.update(changes)
+    write_atomic(Path(out) / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+
+def record(out, *entries):
+    """Enter entries in out's manifest before they are written: names, 'name/' for a folder and all in it,
+    or patterns (fnmatch). A stale folder or pattern is taken over; finish() clears what this run leaves
+    out of it."""
+    manifest = CLAIMED[Path(out).resolve()][1]
+    new = [e for e in entries if not any(fnmatch.fnmatchcase(e.rstrip('/'), f.rstrip('/')) for f in manifest['files'])]
+    taken = [e for e in entries if e in manifest['stale'] and (e.endswith('/') or glob.has_magic(e))]
+    if new or taken:
+        save_manifest(out, files=sorted(set(manifest['files'] + new)),
+                      stale=[e for e in manifest['stale'] if e not in taken])
+
+def finish(out, keep=None, **changes):
+    """Record out as complete once sure this process still holds it: the previous run's stale entries go,
+    and with keep (relative paths) every other file of this run's folders and patterns."""
+    out = Path(out)
+    lock, manifest = CLAIMED[out.resolve()]
+    if not (out / '.lock').exists() or os.stat(out / '.lock').st_ino != os.fstat(lock.fileno()).st_ino:
+        fail(f'{out} was removed or replaced while this ran: run the same command again')
+    for path in [p for entry in manifest['stale'] for p in out.glob(entry.rstrip('/'))]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for entry in [e for e in manifest['files'] if keep is not None and (e.endswith('/') or glob.has_magic(e))]:
+        for path in [p for q in out.glob(entry.rstrip('/')) for p in ([q] if q.is_file() else q.rglob('*'))]:
+            if path.is_file() and str(path.relative_to(out)) not in keep:
+                path.unlink()
+    save_manifest(out, stale=[], complete=True, **changes)
+
+def write_atomic(path, write):
+    """write(a temporary name), then rename it over path: a crash or a full disk never leaves half a file
+    under the final name. In a claimed folder the entry is recorded first and is no longer stale after."""
+    path = Path(path)
+    out = next((d for d in CLAIMED if d in path.resolve().parents and path.name != MANIFEST), None)
+    parts = path.resolve().relative_to(out).parts if out else ()
+    entry = parts and parts[0] + '/' * (len(parts) > 1)
+    if entry:
+        record(out, entry)
+    tmp = Path(f'{path}.{os.getpid()}.tmp')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):  # torch reports a full disk as a RuntimeError
+            raise
+        fail(f'could not write {path} ({e}); the previous {path.name}, if any, is intact: free some space or '
+             f'pass another folder')
+    if entry and entry in CLAIMED[out][1]['stale']:
+        save_manifest(out, stale=[e for e in CLAIMED[out][1]['stale'] if e != entry])
+
+@contextmanager
+def user_errors(argv, add=(), drop=()):
+    """Ctrl-C and SIGTERM end in one line saying what is kept and the command that continues (exit 130); a
+    bad image found anywhere, in its own one line (exit 2)."""
+    words = [a for a in argv if a not in drop] + [a for a in add if a not in argv]
+    STATUS.update(kept='nothing was written', again=shlex.join(['python', Path(__file__).name] + words))
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            tqdm.write(f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}', file=sys.stderr)
+        sys.exit(130)
+    except BadImage as e:  # from a worker, the message is the last line of its traceback's text
+        fail(str(e).strip().splitlines()[-1].split('BadImage: ')[-1])
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+def setup_distributed(device_name):
+    """torchrun's environment -> (rank, world, device): NCCL on CUDA, else gloo; one process without it."""
+    if int(os.environ.get('WORLD_SIZE', 1)) == 1:
+        return 0, 1, torch.device(device_name)
+    cuda = torch.device(device_name).type == 'cuda'
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    local = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else 'cpu')
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), local
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = get_args(argv)
-    if args.bench_features:
-        return bench_features(args)
-    if not args.bf16:  # OpenOOD scores in float32: no TF32 in the convolutions or matmuls that feed the detectors
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
-    if ddp:  # rank-sharded network passes; rank 0 scores and writes
-        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        use_cuda = args.device.startswith('cuda')
-        dist.init_process_group('nccl' if use_cuda else 'gloo')
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu')
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, torch.device(args.device)
-    master = rank == 0
-    for folder in (args.out, args.plots, args.cache):
-        if folder and master:
-            check_out(folder)
-    if args.out and master:
-        lock_folder(Path(args.out) / '.lock')
-        done = (Path(args.out) / 'results.json').exists() and not args.overwrite
-        claim_out(args.out, lambda e: e.name in RESULT_FILES or is_temporary(e, RESULT_FILES), 'the results of an earlier evaluation' if done else None,
-                  'pass --overwrite to replace them, or another --out')
-    settings = {name: [load_checkpoint(r) for r in runs] for name, runs in parse_settings(args.runs).items()}
-    checkpoints = [c for runs in settings.values() for c in runs]
-    names = [name for _, name, _ in checkpoints]
-    if len(set(names)) != len(names):
-        fail(f'two runs share the name {max(names, key=names.count)!r}: runs are named by their directory or file stem, rename one')
-    dataset = args.dataset or checkpoints[0][0]['dataset']
-    for ckpt, name, _ in checkpoints:
-        if args.dataset is None and ckpt['dataset'] != dataset:
-            fail(f"runs mix datasets ({ckpt['dataset']} in {name}, {dataset} in {names[0]}): evaluate one dataset at a time")
-
-    # ---------------------------------------------------------------- data (once for all runs)
-    t_start = time.time()
-    folder = dataset.startswith('folder:')
-    classes = checkpoints[0][0].get('classes') if folder else None  # a folder run may hold a subset of the folder's classes (--classes)
-    for ckpt, name, _ in checkpoints:
-        if folder and ckpt.get('classes') != classes:
-            fail(f'runs were trained on different classes ({name} vs {names[0]}): evaluate one class set at a time')
-    ds = load_dataset(dataset, args.data_root, args.openood_root, classes)
-    for ckpt, name, _ in checkpoints:
-        if ckpt['num_classes'] != len(ds['classes']):
-            fail(f"{name} has {ckpt['num_classes']} classes but --dataset {dataset} has {len(ds['classes'])}: "
-                 f"evaluate it on the dataset it was trained on ({ckpt['dataset']})")
-        d = ckpt['model']['fc.weight'].shape[1]
-        if 'vim' in args.detectors and args.vim_dim is not None and not 1 <= args.vim_dim < d:
-            fail(f'--vim-dim {args.vim_dim} must be between 1 and {d - 1} (the feature size of {name} is {d})')
-    if 'knn' in args.detectors and args.knn_k > len(ds['train'][1]):
-        fail(f"--knn-k {args.knn_k} is larger than the {len(ds['train'][1])} ID train features: pass a smaller --knn-k")
-    size = checkpoints[0][0]['image_size'] if folder else ds['image_size']
-    split_images = {split: (read_files(ds[split][0], size) if folder else ds[split][0], ds[split][1]) for split in ('train', 'val', 'test')}
-    oods = ood_sets(dataset, size, args, ds.get('other_classes'))
-    if args.aps:  # validation OOD images for the search, never part of the table
-        files = image_files(args.aps_ood) if args.aps_ood else []
-        if not args.aps_ood and args.openood_root and (Path(args.openood_root) / 'benchmark_imglist' / dataset / 'val_tin.txt').exists():
-            files = read_imglist(args.openood_root, f'{dataset}/val_tin.txt')[0]
-        if not files:
-            fail(f"--aps needs validation OOD images: pass --aps-ood PATH (an image folder{'; none found in ' + args.aps_ood if args.aps_ood else ''}) "
-                 f"or --openood-root with its val_tin list")
-        split_images['aps_ood'] = (read_files(files, size), np.full(len(files), -1))
-    groups = {name: group for name, (group, _) in oods.items()}
-    if not groups:
-        fail(f'no OOD set available for {dataset}: pass --near NAME=PATH / --far NAME=PATH')
-    if master:
-        print(f'{dataset}: ID test {len(split_images["test"][1]):,}, ' + ', '.join(f'{n} ({g}) {len(oods[n][1]):,}' for n, g in groups.items()))
-
-    # ---------------------------------------------------------------- network passes, scores, report
-    all_results, all_scores, reports, time_net, time_det, aps_picks = {}, {}, [], 0.0, 0.0, {}
-    for setting, runs in settings.items():
-        tables, scores, t_net, t_det, picks = score_runs(runs, split_images, oods, groups, args, device, rank, world)
-        aps_picks.update(picks)
-        time_net, time_det = time_net + t_net, time_det + t_det
-        if master:
-            all_results[setting] = {det: aggregate(tables[det]) for det in args.detectors}
-            all_scores.update({f'{run}/{det}/{split}': s for det, by_run in scores.items() for run, by_split in by_run.items()
-                               for split, s in by_split.items()})
-            reports.append((f'## {setting}\n\n' if setting else '') + format_tables(all_results[setting], groups, len(runs)))
-    if not master:
-        dist.destroy_process_group()
-        return
-    report = '\n'.join(reports)
-    if len(settings) > 1:
-        report += f'\n## comparison (near = {", ".join(n for n, g in groups.items() if g == "near")}; far = {", ".join(n for n, g in groups.items() if g == "far")}; ' \
-                  f'mean ± std over runs)\n\n' + compare_table(all_results, {s: len(r) for s, r in settings.items()})
-    print(report)
-    print(f'time: {time.time() - t_start:.1f}s in all; network passes {time_net:.1f}s, detectors {time_det:.1f}s '
-          f'({len(checkpoints)} run(s), {len(args.detectors)} detectors, device {device})')
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = dict(runs={s: [n for _, n, _ in r] for s, r in settings.items()}, dataset=dataset,
-                    near=[n for n, g in groups.items() if g == 'near'], far=[n for n, g in groups.items() if g == 'far'])
-        if args.aps:  # what the search chose, per run and detector, with its validation AUROC
-            meta['aps'] = dict(mode=args.aps, ood=args.aps_ood or 'val_tin (OpenOOD list)', picks=aps_picks)
-        results = all_results[''] if '' in all_results else all_results  # one setting: detector -> ...; several: setting -> detector -> ...
-        rows = [['setting', 'detector', 'dataset'] + [k for m in METRICS for k in (m, f'{m}_std')]]
-        rows += [[setting, det, row] + [f'{values[k]:.4f}' for m in METRICS for k in (m, f'{m}_std')]
-                 for setting, by_det in all_results.items() for det, table in by_det.items() for row, values in table.items()]
-        csv_text = io.StringIO()
-        csv.writer(csv_text).writerows(rows)
-        for name, text in (('results.json', json.dumps(dict(results, _meta=meta), indent=1)), ('results.md', report),
-                           ('results.csv', csv_text.getvalue())):
-            write_atomic(out / name, lambda tmp: Path(tmp).write_text(text))
-        write_atomic(out / 'scores.npz', lambda tmp: save_npz(tmp, **all_scores))
-        print(f'wrote {out}/results.json, results.csv, results.md, scores.npz')
-    if args.plots:
-        first = names[0]
-        save_plots({det: {split: all_scores[f'{first}/{det}/{split}'] for split in ['id'] + list(groups)} for det in args.detectors},
-                   groups, args.detectors, Path(args.plots))
-        print(f'wrote {len(args.detectors)} plots ({first}) to {args.plots}')
-    if ddp:
-        dist.destroy_process_group()
-
+    with user_errors(argv, drop=['--overwrite']):
+        if not args.bf16:  # OpenOOD scores in float32: no TF32 in the convolutions or matmuls that feed the detectors
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        rank, world, device = setup_distributed(args.device)
+        t_start = time.time()
+        settings, data = prepare(args, device, rank)
+        on_rank0(rank, world, lambda: claim_outputs(args, settings, data))
+        tables, all_scores, aps_picks, seconds = {}, {}, {}, [0.0, 0.0]
+        for setting, runs in settings.items():
+            tables[setting] = {det: [] for det in args.detectors}
+            for run in runs:
+                t0 = time.time()
+                outputs, model = network_outputs(run, data, args, device, rank, world)
+                odin, odin_pick = odin_all(run, model, data, args, device, rank, world)
+                t1 = time.time()
+                if rank == 0:
+                    scores, acc, picks = score_run(run, outputs, odin, odin_pick, data, args, device)
+                    aps_picks.update({run['name']: picks} if picks else {})
+                    for det in args.detectors:
+                        tables[setting][det].append(run_table(scores[det], data['groups'], acc))
+                        all_scores.update({f"{run['name']}/{det}/{split}": s for split, s in scores[det].items()})
+                seconds = [seconds[0] + t1 - t0, seconds[1] + time.time() - t1]
+        if rank == 0:
+            count = sum(len(runs) for runs in settings.values())
+            report(args, settings, data, tables, all_scores, aps_picks,
+                   f'time: {time.time() - t_start:.1f}s in all; network passes {seconds[0]:.1f}s, detectors '
+                   f'{seconds[1]:.1f}s ({count} run(s), {len(args.detectors)} detectors, device {device})')
+        if world > 1:
+            dist.destroy_process_group()
 
 if __name__ == '__main__':
     main()

@@ -519,7 +519,7 @@ def test_evaluate_writes_every_output(evaluated):
     assert 'ce_s0/knn/id' in scores and 'ce_s0/odin/flower' in scores
     assert (evaluated / 'cached1' / 'results.csv').read_text().startswith('setting,detector,dataset,FPR95')
     assert '### summary' in (evaluated / 'cached1' / 'results.md').read_text()
-    assert {p.name for p in (evaluated / 'plots').iterdir()} == {f'{d}.png' for d in evaluate.DETECTORS}
+    assert {p.name for p in (evaluated / 'plots').glob('*.png')} == {f'{d}.png' for d in evaluate.DETECTORS}
     for split in ('train', 'val', 'id', 'digits6-9', 'china', 'flower'):
         cached = np.load(evaluated / 'cache' / 'ce_s0' / f'{split}.npz')
         assert cached['logits'].shape[1] == 6 and cached['features'].shape[1] == 128
@@ -644,13 +644,11 @@ def test_evaluate_errors(runs, tmp_path, capsys):
     error = main_error(capsys, evaluate.main, tmp_path / 'ten.pt', '--detectors', 'msp')
     assert '10 classes' in error and '6' in error
     (tmp_path / 'notes.pt').write_text('not a checkpoint')
-    assert_user_error(run_script('evaluate.py', tmp_path / 'notes.pt'), 'not a readable torch checkpoint')  # once as a user runs it
+    assert_user_error(run_script('evaluate.py', tmp_path / 'notes.pt'), 'cannot be read')  # once as a user runs it
     torch.save({'weights': 1}, tmp_path / 'dict.pt')
     assert 'not a synth-ood checkpoint' in main_error(capsys, evaluate.main, tmp_path / 'dict.pt')
-    evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--far', f'extra={tmp_path}/none'])
-    assert 'skipping OOD set extra' in capsys.readouterr().err
-    error = main_error(capsys, evaluate.main, runs / 'ce_s0', '--detectors', 'msp', '--far', f'extra={tmp_path}/none', '--strict')
-    assert 'extra' in error and '--far extra=PATH' in error
+    error = main_error(capsys, evaluate.main, runs / 'ce_s0', '--detectors', 'msp', '--far', f'extra={tmp_path}/none')
+    assert 'extra' in error and f'--far extra={tmp_path}/none does not exist' in error  # a folder named by hand must be there
 
 
 def test_scoring_is_float32_by_default_and_bf16_on_request(runs, evaluated, tmp_path):
@@ -709,7 +707,8 @@ def test_fit_computes_only_what_the_detectors_need(monkeypatch):
 
 
 def test_bench_features_times_every_detector(capsys):
-    evaluate.main(['--bench-features', '2000,64,10,300'])
+    from bench import bench_detectors
+    bench_detectors.main(['2000,64,10,300'])
     out = capsys.readouterr().out
     assert 'train 2,000 x 64' in out
     for det in evaluate.DETECTORS:
@@ -724,6 +723,287 @@ def test_folder_ood_set_and_cifar_missing_sets(runs, tmp_path):
     evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--far', f'noise={tmp_path / "noise"}', '--out', str(tmp_path / 'o')])
     results = json.loads((tmp_path / 'o' / 'results.json').read_text())
     assert 'noise' in results['msp'] and results['_meta']['far'] == ['china', 'flower', 'noise']
+
+def test_fpr95_takes_the_first_threshold_catching_95_percent_of_ood():
+    # 100 OOD scores -1 .. -100 and ID scores -6.5, 10, 11, 12. Rejecting from the lowest score up, the 94
+    # OOD scores -100 .. -7 are caught before any ID one (FPR 0 at TPR 0.94); the 95th OOD score, -6, is
+    # caught only with the ID score -6.5 below it: FPR@95 = 1 of 4 ID = 25% (at 0.94 it would be 0%).
+    ood, id_ = -np.arange(1.0, 101.0), np.array([-6.5, 10.0, 11.0, 12.0])
+    m = evaluate.ood_metrics(id_, ood)
+    assert m['FPR95'] == pytest.approx(25.0)
+    # FPR95(ID+): accepting 95% of ID (4 of 4, s >= -6.5) accepts the 6 OOD scores -1 .. -6: 6%
+    assert m['FPR95_ID'] == pytest.approx(6.0)
+    # AUPR-In by the trapezoid rule over (recall, precision) of ID on s: 3 ID above all OOD give (.75, 1)
+    # (and (.25, 1), (.5, 1) before it); then the OOD scores -1 .. -6 add precision 3/4 .. 3/9 at recall
+    # .75; -6.5 gives (1, 4/10); the rest (1, 4/104). Trapezoids: .75 * 1 (from recall 0) + .25 * (4/10 + 3/9) / 2.
+    trapezoid = 0.75 * 1 + 0.25 * (4 / 10 + 3 / 9) / 2
+    average_precision = 0.75 * 1 + 0.25 * 4 / 10  # sklearn's step rule, which OpenOOD does not use
+    assert m["AUPR_IN"] == pytest.approx(100 * trapezoid) and abs(trapezoid - average_precision) > 0.005
+
+
+def test_aps_openood_grids_order_and_ties():
+    """--aps openood: v1.5's grids in its generation order (the last key outermost), the first of equal AUROCs
+    kept; sio / val keep the SIO code's order and the last of equals."""
+    args = evaluate.get_args(['x'])
+    for mode, order, kept in (('openood', [(1.0, 0.0014), (10.0, 0.0014), (100.0, 0.0014), (1000.0, 0.0014),
+                                           (1.0, 0.0028), (10.0, 0.0028), (100.0, 0.0028), (1000.0, 0.0028)], (1.0, 0.0014)),
+                              ('val', [(t, e) for t in (1.0, 10.0, 100.0, 1000.0) for e in (0.0014, 0.0028)], (1000.0, 0.0028))):
+        args.aps, tried = mode, []
+        a, record = evaluate.aps_search('odin', args, lambda a: tried.append((a.odin_temperature, a.odin_eps)) or np.r_[1.0, 2.0],
+                                        lambda a: np.r_[0.0, 1.5], math.inf)  # every setting: AUROC 75
+        assert tried == order and (a.odin_temperature, a.odin_eps) == kept and record['val_auroc'] == 75.0, mode
+    args.aps = 'openood'  # the K a train set of 600 rows allows; the best AUROC wins
+    tried = []
+    a, record = evaluate.aps_search('knn', args, lambda a: tried.append(a.knn_k) or np.r_[float(a.knn_k == 200)],
+                                    lambda a: np.r_[0.5], 600)
+    assert tried == [50, 100, 200, 500] and a.knn_k == 200 and record == dict(knn_k=200, val_auroc=100.0)
+    assert [g for g in evaluate.APS_OPENOOD['ash']['ash_percentile']] == [65, 70, 75, 80, 85, 90, 95]
+    assert evaluate.APS_OPENOOD['react'] == {'react_percentile': [85, 90, 95, 99]}
+    assert evaluate.APS_OPENOOD['vim'] == {'vim_dim': [256, 1000]} and evaluate.APS_OPENOOD['ebo'] == evaluate.APS_GRIDS['ebo']
+
+
+def test_aps_openood_end_to_end_on_digits(runs, tmp_path):
+    from PIL import Image
+    (tmp_path / 'val_ood').mkdir()
+    for i in range(30):
+        Image.fromarray(np.random.RandomState(i).randint(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / 'val_ood' / f'{i}.png')
+    evaluate.main([str(runs / 'ce_s0'), '--detectors', 'ebo,react,ash,knn,vim', '--aps', 'openood', '--aps-ood', str(tmp_path / 'val_ood'),
+                   '--cache', str(tmp_path / 'cache'), '--out', str(tmp_path / 'res')])
+    picks = json.loads((tmp_path / 'res' / 'results.json').read_text())['_meta']['aps']['picks']['ce_s0']
+    assert set(picks) == {'ebo', 'react', 'ash', 'knn', 'vim'} and picks['vim']['vim_dim'] == 256  # v1.5: the first, all tie
+    assert picks['react']['react_percentile'] in (85, 90, 95, 99) and picks['knn']['knn_k'] in (50, 100, 200, 500)  # 1000 > 646 rows
+    cache = {split: np.load(tmp_path / 'cache' / 'ce_s0' / f'{split}.npz') for split in ('val', 'aps_ood', 'id')}
+    clip = lambda p: np.percentile(cache['val']['features'], p)
+    react = lambda split, p: torch.logsumexp(torch.from_numpy(np.minimum(cache[split]['features'], clip(p)).astype(np.float64)) @
+                                             torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)['model']['fc.weight'].double().T
+                                             + torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)['model']['fc.bias'].double(), 1).numpy()
+    aurocs = {p: evaluate.ood_metrics(react('val', p), react('aps_ood', p))['AUROC'] for p in (85, 90, 95, 99)}
+    assert picks['react']['react_percentile'] == [p for p in aurocs if aurocs[p] == max(aurocs.values())][0], aurocs
+
+
+class OpenOODBlock(torch.nn.Module):
+    """OpenOOD's BasicBlock as described: conv-bn-relu-conv-bn, plus a shortcut (empty, or a 1x1 conv and a bn
+    where the stride or width changes), then relu."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class OpenOODResNet18(torch.nn.Module):
+    """OpenOOD's ResNet18_32x32 as described: a 3x3 stride-1 stem without max-pool, four stages of two blocks
+    (64, 128, 256, 512 wide), global average pooling, fc; forward -> (logits, the 512-d pooled feature)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(64)
+        for i, (c_in, c_out, stride) in enumerate([(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)], 1):
+            setattr(self, f'layer{i}', torch.nn.Sequential(OpenOODBlock(c_in, c_out, stride), OpenOODBlock(c_out, c_out, 1)))
+        self.fc = torch.nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        for i in range(1, 5):
+            x = getattr(self, f'layer{i}')(x)
+        h = x.mean((2, 3))
+        return self.fc(h), h
+
+
+def randomized(model, seed):
+    """Random weights and BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+    return model.eval()
+
+
+def torchvision_forward(model, x):
+    h = torch.nn.Sequential(*list(model.children())[:-1])(x).flatten(1)
+    return model.fc(h), h
+
+
+def test_openood_and_torchvision_checkpoints_load_strictly(tmp_path, monkeypatch, capsys):
+    import torchvision
+    cases = [('resnet18', OpenOODResNet18(10), lambda m, x: m(x), 32, 10),
+             ('resnet18_224', torchvision.models.resnet18(num_classes=200), torchvision_forward, 64, 200),
+             ('resnet50', torchvision.models.resnet50(), torchvision_forward, 64, 1000)]
+    for seed, (arch, reference, forward, size, classes) in enumerate(cases):
+        randomized(reference, seed)
+        state = reference.state_dict()
+        assert arch != 'resnet18' or (len(state) == 122 and 'layer2.0.shortcut.0.weight' in state and 'layer1.0.shortcut.0.weight' not in state)
+        (tmp_path / arch / 's3').mkdir(parents=True)
+        torch.save(state, tmp_path / arch / 's3' / 'best.ckpt')
+        [run] = evaluate.load_runs(f'openood:{tmp_path / arch / "s3" / "best.ckpt"}', evaluate.get_args(['x', '--dataset', 'cifar10']))
+        assert (run['arch'], run['num_classes'], run['name'], run['image_size']) == (arch, classes, f'{arch}_s3', 32 if arch == 'resnet18' else 224)
+        model = evaluate.build_model(run, torch.device('cpu'))  # load_state_dict(strict=True); channels_last
+        x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():  # the reference in the same memory format: the same convolution kernels
+            (z, h), (z_ref, h_ref) = model(x, features=True), forward(reference.to(memory_format=torch.channels_last), x)
+        torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+    # torchvision:resnet50 through torchvision's own loading: its hub cache holds the file, so nothing is fetched
+    (tmp_path / 'hub' / 'checkpoints').mkdir(parents=True)
+    torch.save(state, tmp_path / 'hub' / 'checkpoints' / 'resnet50-0676ba61.pth')
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'hub'))
+    [run] = evaluate.load_runs('torchvision:resnet50', evaluate.get_args(['x']))
+    assert run['arch'] == 'resnet50' and run['dataset'] == 'imagenet' and run['name'] == 'torchvision_resnet50'
+    assert all(torch.equal(run['model'][f'body.{k}' if not k.startswith('fc.') else k], v) for k, v in state.items())
+    import urllib.error
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'empty_hub'))  # offline, nothing cached: one line
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    error = main_error(capsys, evaluate.main, 'torchvision:resnet50', '--dataset', 'imagenet', '--openood-root', tmp_path)
+    assert f'{tmp_path / "empty_hub" / "checkpoints" / "resnet50-0676ba61.pth"}' in error and 'download' in error
+    state['fc.weight'] = state['fc.weight'][:, :100]  # a head that fits no ResNet: named in the one line
+    torch.save(state, tmp_path / 'odd.ckpt')
+    error = main_error(capsys, evaluate.main, f'openood:{tmp_path / "odd.ckpt"}', '--dataset', 'imagenet', '--openood-root', tmp_path)
+    assert 'fits none' in error and 'conv1.weight' in error and '(1000, 100)' in error
+
+
+def openood_tree(root, dataset, lists, seed=0):
+    """OpenOOD v1.5's layout: benchmark_imglist/<dataset>/<list>.txt, one '<set folder>/<file> <label>' per line,
+    the JPEGs under images_classic/ (CIFAR, Textures) or images_largescale/. lists: name -> (folder, count, shape)."""
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    (root / 'benchmark_imglist' / dataset).mkdir(parents=True)
+    for name, (folder, count, shape) in lists.items():
+        images = root / ('images_classic' if dataset.startswith('cifar') or folder == 'texture' else 'images_largescale')
+        labels = BENCH_CLASSES[dataset] if name.split('_', 1)[1] == dataset else None
+        lines = []
+        for i in range(count):
+            (images / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.randint(0, 256, shape, dtype=np.uint8)).save(images / folder / f'{name}_{i}.jpg')
+            lines.append(f'{folder}/{name}_{i}.jpg {i % labels if labels else -1}')
+        (root / 'benchmark_imglist' / dataset / f'{name}.txt').write_text('\n'.join(lines) + '\n')
+
+
+BENCH_CLASSES = dict(cifar10=10, imagenet200=200, imagenet=1000)
+
+
+def test_openood_trees_score_two_seeds_on_its_lists(tmp_path, capsys):
+    """Stand-in OpenOOD trees (a few JPEGs per list) for CIFAR-10, ImageNet-200 and ImageNet-1K, each scored with
+    two random seeds of its network through openood:DIR: its sets by their names, counted from its lists."""
+    import torchvision
+    odd = (37, 45, 3)  # read through Resize + CenterCrop at any size
+    openood_tree(tmp_path / 'data', 'cifar10', dict(
+        train_cifar10=('cifar10/train', 60, (32, 32, 3)), val_cifar10=('cifar10/test', 10, (32, 32, 3)),
+        test_cifar10=('cifar10/test', 12, (32, 32, 3)), val_tin=('tin/val', 6, (64, 64, 3)),
+        test_cifar100=('cifar100/test', 5, (32, 32, 3)), test_tin=('tin/test', 5, (64, 64, 3)), test_mnist=('mnist/test', 5, (28, 28)),
+        test_svhn=('svhn/test', 5, (32, 32, 3)), test_texture=('texture/images', 4, odd), test_places365=('places365/val', 4, (256, 256, 3))))
+    for dataset in ('imagenet200', 'imagenet'):
+        openood_tree(tmp_path / 'data', dataset, {f'val_{dataset}': ('imagenet_1k/val', 2, odd), f'test_{dataset}': ('imagenet_1k/val', 3, (300, 260, 3)),
+                                                  **{f'test_{name}': (name, 2, odd) for name in ('ssb_hard', 'ninco', 'inaturalist', 'openimage_o')},
+                                                  'test_textures': ('texture', 2, odd), 'val_openimage_o': ('openimage_o', 2, odd)}, seed=1)
+    expected = dict(cifar10=(dict(cifar100=5, tin=5), dict(mnist=5, svhn=5, texture=4, places365=4), 12),
+                    imagenet200=(dict(ssb_hard=2, ninco=2), dict(inaturalist=2, textures=2, openimage_o=2), 3))
+    expected['imagenet'] = expected['imagenet200']
+    for dataset, net, extra in (('cifar10', lambda: OpenOODResNet18(10), ['--detectors', 'msp,ebo,knn,vim', '--aps', 'openood', '--workers', '2', '--batch-size', '8']),
+                                ('imagenet200', lambda: torchvision.models.resnet18(num_classes=200), ['--detectors', 'msp,ebo']),
+                                ('imagenet', lambda: torchvision.models.resnet18(num_classes=1000), ['--detectors', 'msp'])):
+        seeds = tmp_path / f'{dataset}_resnet18_base_default'
+        for seed in (0, 1):
+            (seeds / f's{seed}').mkdir(parents=True)
+            torch.save(randomized(net(), seed).state_dict(), seeds / f's{seed}' / 'best.ckpt')
+        out = tmp_path / f'eval_{dataset}'
+        evaluate.main([f'openood:{seeds}', '--dataset', dataset, '--openood-root', str(tmp_path / 'data'), '--out', str(out)] + extra)
+        results = json.loads((out / 'results.json').read_text())
+        near, far, id_count = expected[dataset]
+        assert results['_meta']['runs'] == {'': [f'{seeds.name}_s0', f'{seeds.name}_s1']}
+        assert results['_meta']['near'] == list(near) and results['_meta']['far'] == list(far)
+        with np.load(out / 'scores.npz') as scores:
+            assert {name: len(scores[f'{seeds.name}_s1/msp/{name}']) for name in {**near, **far}} == {**near, **far}
+            assert len(scores[f'{seeds.name}_s0/msp/id']) == id_count
+    picks = json.loads((tmp_path / 'eval_cifar10' / 'results.json').read_text())['_meta']['aps']
+    assert picks['ood'] == 'val_tin (OpenOOD list)' and picks['picks'][f'cifar10_resnet18_base_default_s0']['knn']['knn_k'] == 50
+    assert 'images_largescale/imagenet_1k' not in capsys.readouterr().err  # ImageNet's train list is not needed by msp / ebo
+
+
+def test_odd_image_files_in_an_ood_folder_are_read(runs, tmp_path):
+    """Palette, alpha, 16-bit grey, CMYK, 1x1 and 1x500 images beside a text file: read as torchvision's loader
+    reads them, resized and cropped like any other image."""
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    (tmp_path / 'odd').mkdir()
+    Image.fromarray(rng.randint(0, 256, (20, 30, 3), dtype=np.uint8)).convert('P').save(tmp_path / 'odd' / 'palette.png')
+    Image.fromarray(rng.randint(0, 256, (20, 30, 4), dtype=np.uint8), 'RGBA').save(tmp_path / 'odd' / 'alpha.png')
+    Image.fromarray(rng.randint(0, 65535, (20, 30)).astype(np.uint16)).save(tmp_path / 'odd' / 'grey16.png')
+    Image.fromarray(rng.randint(0, 256, (20, 30, 3), dtype=np.uint8)).convert('CMYK').save(tmp_path / 'odd' / 'cmyk.jpg')
+    Image.fromarray(rng.randint(0, 256, (1, 1, 3), dtype=np.uint8)).save(tmp_path / 'odd' / 'one.png')
+    Image.fromarray(rng.randint(0, 256, (1, 500, 3), dtype=np.uint8)).save(tmp_path / 'odd' / 'line.png')
+    (tmp_path / 'odd' / 'notes.txt').write_text('not an image')
+    evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--far', f'odd={tmp_path / "odd"}', '--out', str(tmp_path / 'res')])
+    with np.load(tmp_path / 'res' / 'scores.npz') as scores:
+        assert len(scores['ce_s0/msp/odd']) == 6 and np.isfinite(scores['ce_s0/msp/odd']).all()
+    assert evaluate.read_batch([(str(tmp_path / 'odd' / 'line.png'), 8, 8)]).shape == (1, 3, 8, 8)
+
+def test_pil_resize_and_crop_match_torchvision_on_odd_sizes():
+    import torchvision.transforms as T
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    for h, w in [(375, 500), (500, 333), (37, 45), (45, 37), (31, 29), (257, 256), (224, 301), (64, 64), (28, 28), (32, 32), (33, 97)]:
+        image = rng.randint(0, 256, (h, w, 3), dtype=np.uint8)
+        for pre_size, size in ((256, 224), (32, 32), (18, 16)):
+            expected = np.asarray(T.CenterCrop(size)(T.Resize(pre_size, T.InterpolationMode.BILINEAR)(Image.fromarray(image))))
+            assert np.array_equal(evaluate.resize_crop(image, pre_size, size), expected), (h, w, pre_size, size)
+    grey = rng.randint(0, 256, (4, 28, 28), dtype=np.uint8)  # MNIST's arrays: grey, on 3 channels
+    assert np.array_equal(evaluate.resize_all(grey, 32, 32)[1], np.asarray(T.Resize(32)(Image.fromarray(grey[1]).convert('RGB'))))
+
+
+def test_results_continue_only_while_unfinished_and_inputs_are_checked_first(runs, bad, tmp_path, capsys):
+    out = tmp_path / 'res'
+    evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--out', str(out), '--plots', str(tmp_path / 'plots'), '--cache', str(tmp_path / 'cache')])
+    manifest = json.loads((out / 'manifest.json').read_text())
+    assert manifest['complete'] and set(manifest['files']) == {'results.json', 'results.md', 'results.csv', 'scores.npz'}
+    assert json.loads((tmp_path / 'cache' / 'manifest.json').read_text())['files'] == ['ce_s0/']
+    assert json.loads((tmp_path / 'plots' / 'manifest.json').read_text())['files'] == ['msp.png']
+    error = main_error(capsys, evaluate.main, runs / 'ce_s0', '--detectors', 'msp', '--out', out)
+    assert 'the results of an earlier evaluation' in error and '--overwrite' in error
+    evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp,ebo', '--out', str(out), '--overwrite'])
+    assert set(json.loads((out / 'results.json').read_text())) == {'msp', 'ebo', '_meta'}
+    evaluate.main([str(bad / 'run_unfinished' / 'best.pt'), '--detectors', 'msp'])  # its best.pt is scored as it is
+    assert 'ID test' in capsys.readouterr().out
+
+
+def test_non_finite_outputs_scores_memory_and_interrupts_are_one_line(runs, tmp_path, capsys, monkeypatch):
+    ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
+    ckpt['model'] = dict(ckpt['model'], **{'fc.weight': ckpt['model']['fc.weight'] * 1e38})  # finite weights, logits overflow
+    torch.save(ckpt, tmp_path / 'huge.pt')
+    error = main_error(capsys, evaluate.main, tmp_path / 'huge.pt', '--detectors', 'msp')
+    assert 'huge gives non-finite logits or features on val' in error
+    monkeypatch.setitem(evaluate.SCORES, 'gen', lambda z, h, s, a: torch.full((len(z),), float('nan')))
+    error = main_error(capsys, evaluate.main, runs / 'ce_s0', '--detectors', 'msp,gen')
+    assert 'ce_s0: detector gen gives non-finite scores on id' in error and 'leave gen out of --detectors' in error
+    monkeypatch.undo()
+    real = Path.read_text
+    monkeypatch.setattr(Path, 'read_text', lambda self, *a, **k: 'MemAvailable: 1 kB\n' if str(self) == '/proc/meminfo' else real(self, *a, **k))
+    error = main_error(capsys, evaluate.main, runs / 'ce_s0', '--detectors', 'knn', '--out', tmp_path / 'never')
+    assert 'holding the logits and features of' in error and 'score fewer detectors' in error and not (tmp_path / 'never').exists()
+    monkeypatch.undo()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, 'forward_all', interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--out', str(tmp_path / 'stopped'), '--overwrite'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 130 and len(err) == 1 and err[0].startswith('interrupted: nothing was written; continue with: python ')
+    assert '--overwrite' not in err[0] and f'--out {tmp_path / "stopped"}' in err[0]
+
 
 
 # ================================================================================================
@@ -1464,7 +1744,7 @@ def write_cifar10(root, n_train=20, n_test=1200):
         pickle.dump({'label_names': CIFAR10_NAMES}, f)
 
 
-def test_cifar_split_and_openood_lists_on_stand_ins(tmp_path, monkeypatch):
+def test_cifar_split_and_openood_lists_on_stand_ins(tmp_path, monkeypatch, capsys):
     import torchvision
     from PIL import Image
     monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity', lambda *a, **k: True)  # the one thing a stand-in cannot match: md5
@@ -1490,8 +1770,13 @@ def test_cifar_split_and_openood_lists_on_stand_ins(tmp_path, monkeypatch):
     ds = train_sio.load_dataset('cifar10', str(tmp_path / 'data'), str(openood))
     assert len(ds['val'][1]) == 3 and list(ds['test'][1]) == [0, 1, 2, 3] and ds['test'][0][2].max() == 20
     args = evaluate.get_args(['x', '--openood-root', str(openood), '--data-root', str(tmp_path / 'data')])
-    sets = evaluate.ood_sets('cifar10', 32, args)
-    assert set(sets) == {'tin'} and sets['tin'][0] == 'near' and sets['tin'][1].shape == (5, 32, 32, 3)  # the rest skipped offline
+    sets = evaluate.ood_sets(args, 'cifar10', 32, 32)
+    assert set(sets) == {'tin'} and sets['tin'][0] == 'near' and len(sets['tin'][1]) == 5  # the rest skipped offline
+    assert evaluate.read_batch([(f, 32, 32) for f in sets['tin'][1]]).shape == (5, 3, 32, 32)  # 64x64 files, read at 32
+    args.strict = True  # a missing built-in set: a warning above, an error with --strict
+    with pytest.raises(SystemExit):
+        evaluate.ood_sets(args, 'cifar10', 32, 32)
+    assert 'OOD set cifar100 is missing' in capsys.readouterr().err
 
 
 def test_folder_dataset_trains_and_evaluates(tmp_path):
@@ -1955,10 +2240,25 @@ def bad(runs, tmp_path_factory):
         for wnid in ('n01440764', 'n02085620'):
             (root / 'wnid_dataset' / split / wnid).mkdir(parents=True)
             shutil.copy(root / 'syn_partial' / '000' / '0.png', root / 'wnid_dataset' / split / wnid / 'a.png')
-    (root / 'results_done').mkdir()
+    (root / 'results_done').mkdir()  # a finished evaluation
     (root / 'results_done' / 'results.json').write_text('{}')
+    (root / 'results_done' / 'manifest.json').write_text(json.dumps(dict(
+        script='evaluate.py', settings={}, files=['results.json'], stale=[], done=[], complete=True)))
     (root / 'one_class.txt').write_text('n01440764\n')
     (root / 'unknown_class.txt').write_text('n01440764\nn09999999\n')
+    # evaluate.py
+    shutil.copytree(runs / 'ce_s0', root / 'run_unfinished')  # as a trainer leaves it while it still runs
+    manifest = json.loads((root / 'run_unfinished' / 'manifest.json').read_text())
+    (root / 'run_unfinished' / 'manifest.json').write_text(json.dumps(dict(manifest, complete=False)))
+    ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
+    torch.save(dict(ckpt, model=dict(ckpt['model'], **{'fc.bias': torch.full((6,), float('nan'))})), root / 'nan.pt')
+    torch.save(dict(ckpt, arch='resnet18'), root / 'wrong_arch.pt')
+    torch.save(dict(ckpt, std=(0.0, 0.0, 0.0)), root / 'zero_std.pt')
+    torch.save(ckpt['model'], root / 'foreign.ckpt')  # a state_dict, as OpenOOD saves them, of no ResNet
+    (root / 'openood_lists_only' / 'benchmark_imglist' / 'imagenet').mkdir(parents=True)
+    for split in ('val', 'test'):
+        (root / 'openood_lists_only' / 'benchmark_imglist' / 'imagenet' / f'{split}_imagenet.txt').write_text(
+            'imagenet_1k/val/ILSVRC2012_val_00000001.JPEG 65\n')
     return root
 
 
@@ -2125,7 +2425,42 @@ BAD_INPUTS = [
 
 BAD_INPUTS_GENERATE = [  # generate.py: more kinds of bad input
 ]
+EVAL_MSP = '{runs}/ce_s0 --detectors msp --out {out}'
 BAD_INPUTS_EVALUATE = [  # evaluate.py: more kinds of bad input
+    ('evaluate', EVAL_MSP + ' --near id={bad}/no_images', 'reserved'),  # it would replace the ID test set
+    ('evaluate', EVAL_MSP + ' --far near={bad}/no_images', 'reserved'),
+    ('evaluate', EVAL_MSP + ' --near x={bad}/no_images --far x={bad}/syn_partial', 'twice'),
+    ('evaluate', EVAL_MSP + ' --near tin', 'NAME=PATH'),
+    ('evaluate', 'a={runs}/ce_s0 ={runs}/ce_s1 --out {out}', 'has no NAME'),
+    ('evaluate', 'a={runs}/ce_s0 a={runs}/ce_s1 --out {out}', 'is given twice'),
+    ('evaluate', 'a={runs}/ce_s0 b= --out {out}', 'names no run'),
+    ('evaluate', '{runs}/ce_s0 {runs}/ce_s0 --out {out}', 'share the name'),
+    ('evaluate', EVAL_MSP + ' --far noise={bad}/no_images', 'holds no images'),
+    ('evaluate', EVAL_MSP + ' --far noise={bad}/a_file', 'is a file'),
+    ('evaluate', EVAL_MSP + ' --near tin={bad}/none', 'does not exist'),
+    ('evaluate', '{runs}/ce_s0 --detectors msp --far broken={bad}/syn_corrupt_png', '1.png'),  # read by the network pass
+    ('evaluate', '{bad}/run_unfinished --out {out}', 'unfinished'),
+    ('evaluate', '{bad}/nan.pt --out {out}', 'NaN'),
+    ('evaluate', '{bad}/truncated.pt --out {out}', 'cannot be read'),
+    ('evaluate', '{bad}/tensor.pt --out {out}', 'not a synth-ood checkpoint'),
+    ('evaluate', '{bad}/wrong_arch.pt --out {out}', 'holds no resnet18'),
+    ('evaluate', '{bad}/zero_std.pt --out {out}', 'usable arch, dataset, classes, image_size, mean or std'),
+    ('evaluate', 'openood:{bad}/foreign.ckpt --out {out}', '--dataset'),
+    ('evaluate', 'openood:{bad}/foreign.ckpt --dataset cifar10 --out {out}', 'fits none'),
+    ('evaluate', 'openood:{bad}/no_images --dataset cifar10 --out {out}', 's<seed>/best.ckpt'),
+    ('evaluate', 'openood:{bad}/truncated.pt --dataset cifar10 --out {out}', 'cannot be read'),
+    ('evaluate', 'torchvision:vgg16 --out {out}', 'torchvision:resnet50'),
+    ('evaluate', EVAL_MSP + ' --dataset imagenet', '--openood-root'),
+    ('evaluate', EVAL_MSP + ' --dataset mnist', 'unknown --dataset'),
+    ('evaluate', EVAL_MSP + ' --dataset imagenet200 --openood-root {bad}/no_images', 'benchmark_imglist'),
+    ('evaluate', EVAL_MSP + ' --dataset imagenet --openood-root {bad}/openood_lists_only', 'imagenet_1k entry'),
+    ('evaluate', EVAL_MSP + ' --aps openood', '--aps-ood PATH'),
+    ('evaluate', EVAL_MSP + ' --aps val --aps-ood {bad}/a_file', 'is a file'),
+    ('evaluate', EVAL_MSP + ' --plots {out}', 'distinct'),
+    ('evaluate', EVAL_MSP + ' --cache {out}/cache', 'neither inside the other'),
+    ('evaluate', '{bad}/run_ce --detectors msp --out {bad}/run_ce/results', 'lies in the run run_ce'),
+    ('evaluate', EVAL_MSP.replace('{out}', '{bad}/syn_missing_class/000') + ' --far mine={bad}/syn_missing_class', 'lies in the --far mine folder'),
+    ('evaluate', EVAL_MSP + ' --workers -1', '--workers'),
 ]
 T = '{bad}/t'  # the trainers' further bad inputs (fixture bad_trainer_inputs)
 BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad input
