@@ -364,7 +364,7 @@ def save_npz(path, **arrays):
     with open(path, 'wb') as f:  # a file object: np.savez would add .npz to a temporary name
         np.savez(f, **arrays)
 
-def batches(images, data, idx, args):
+def image_batches(images, data, idx, args):
     """uint8 (n, 3, S, S) batches of images[idx]: from an array in memory, or image files read through
     OpenOOD's test transform by a DataLoader's workers (none for sets under a batch per worker)."""
     if isinstance(images, list):
@@ -384,7 +384,7 @@ def forward_all(model, images, run, data, device, args, rank=0, world=1, split='
     # filled in place: at ImageNet-1K the train features alone are 1.28M x 2048 float32 (10 GB)
     logits = np.empty((len(idx), model.fc.out_features), dtype=np.float32)
     features, done = np.empty((len(idx), model.feature_dim), dtype=np.float32), 0
-    for x in tqdm(batches(images, data, idx, args), desc=f"{run['name']}/{split}", leave=False, disable=rank != 0,
+    for x in tqdm(image_batches(images, data, idx, args), desc=f"{run['name']}/{split}", leave=False, disable=rank != 0,
                   total=math.ceil(len(idx) / args.batch_size)):
         with autocast:
             z, h = model(normalize(x.to(device), run['mean'], run['std'], run['image_size']), features=True)
@@ -412,7 +412,7 @@ def odin_all(run, model, data, args, device, rank, world):
 
     def run_odin(split, a):
         scores, images = [], data['splits'][split][0]
-        for x in tqdm(batches(images, data, np.arange(rank, len(images), world), args), desc='odin', leave=False,
+        for x in tqdm(image_batches(images, data, np.arange(rank, len(images), world), args), desc='odin', leave=False,
                       disable=rank != 0):
             x = normalize(x.to(device), run['mean'], run['std'], run['image_size']).requires_grad_(True)
             logits = model(x)
