@@ -697,7 +697,10 @@ def test_fit_makes_a_loadable_stable_diffusion_pipeline(tiny_pipeline):
     assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer('a photo of a three').input_ids)[-2] == 'three</w>'
     fit_info = json.loads((tiny_pipeline / 'fit.json').read_text())
     assert 0 <= fit_info['agreement'] <= 1 and fit_info['classes'][5] == 'five'
-    assert [p.name for p in tiny_pipeline.parent.iterdir()] == ['digits', '.digits.lock']  # no temporary sibling left
+    assert [p.name for p in tiny_pipeline.parent.iterdir()] == ['digits']  # nothing beside it, no temporary folder in it
+    assert sorted(p.name for p in tiny_pipeline.iterdir()) == ['.lock', 'fit.json', 'manifest.json', 'model_index.json', 'scheduler',
+                                                            'text_encoder', 'tokenizer', 'unet', 'vae']
+    assert json.loads((tiny_pipeline / 'manifest.json').read_text())['complete']
 
 
 def sio_args(pipeline, out, *extra):
@@ -780,7 +783,7 @@ def test_fit_full_disk_is_one_line_and_leaves_no_temporary_folder(tmp_path, caps
     monkeypatch.setattr(StableDiffusionPipeline, 'save_pretrained', full_disk)
     error = main_error(capsys, generate.main, 'fit', '--dataset', 'digits', '--out', tmp_path / 'pipe', '--steps', '1', '--vae-steps', '1')
     assert 'could not write the pipeline' in error and 'No space left' in error
-    assert [p.name for p in tmp_path.iterdir()] == ['.pipe.lock']
+    assert [p.name for p in tmp_path.iterdir()] == ['pipe'] and [p.name for p in (tmp_path / 'pipe').iterdir()] == ['.lock']
 
 def test_sio_two_processes_write_each_index_once(tiny_pipeline, sio_samples, tmp_path):
     codes, logs = two_ranks(generate.main, sio_args(tiny_pipeline, tmp_path / 'ddp'), tmp_path / 'logs')
@@ -1591,7 +1594,8 @@ def test_sio_set_finishes_byte_identical_after_a_kill_at_any_write(tiny_pipeline
         names = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file() and p.name != '.lock')
         assert names == sorted(str(p.relative_to(straight)) for p in straight.rglob('*') if p.is_file() and p.name != '.lock'), points
         assert all((out / n).read_bytes() == (straight / n).read_bytes() for n in names), points
-    assert points == 1 + 6 + 3  # settings.json, 6 images, images.npy, labels.npy, meta.json
+    assert points == 2 + 6 + 2 + 3 + 1  # manifest (claim, entries), 6 images, done after each of 2 batches, images.npy,
+    # labels.npy, meta.json, the completion record
 
 
 def test_oal_outliers_finish_byte_identical_after_a_kill_at_any_write(tiny_pipeline, runs, tmp_path, one_thread):
@@ -1606,9 +1610,10 @@ def test_oal_outliers_finish_byte_identical_after_a_kill_at_any_write(tiny_pipel
         names = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file() and p.name != '.lock')
         assert names == sorted(str(p.relative_to(straight)) for p in straight.rglob('*') if p.is_file() and p.name != '.lock'), points
         assert all((out / n).read_bytes() == (straight / n).read_bytes() for n in names), points
-    assert points == 3 + 2 * 2 + 2  # settings, knn_outliers, knn_meta; an image and a latent per iteration; diffusion_outliers, meta
+    assert points == 4 + 2 * 2 + 1 + 3  # manifest (claim, entries), knn_outliers, knn_meta; an image and a latent per iteration;
+    # done after the one call; diffusion_outliers, meta, the completion record
 
-def test_one_process_per_output_folder(tmp_path, capsys):
+def test_one_process_per_output_folder(tiny_pipeline, tmp_path, capsys):
     import fcntl
     out = tmp_path / 'run'
     out.mkdir()
@@ -1618,7 +1623,7 @@ def test_one_process_per_output_folder(tmp_path, capsys):
         other.flush()
         error = main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '1', '--out', out)
         assert 'in use by another process (pid 4242)' in error
-        assert 'pid 4242' in main_error(capsys, generate.main, 'sio', '--dataset', 'digits', '--out', out)
+        assert 'pid 4242' in main_error(capsys, generate.main, 'sio', '--pipeline', tiny_pipeline, '--dataset', 'digits', '--out', out)
     train_sio.main(['--dataset', 'digits', '--epochs', '1', '--out', str(out)])  # released on close, as the OS does on any exit or kill
     assert (out / 'best.pt').exists()
 
@@ -1650,8 +1655,9 @@ def test_overwrite_replaces_only_this_scripts_files(runs, tiny_pipeline, sio_sam
     shutil.copytree(sio_samples, tmp_path / 'set')
     generate.main(sio_args(tiny_pipeline, tmp_path / 'set', '--prompt', 'a drawing of a {}', '--overwrite'))
     assert json.loads((tmp_path / 'set' / 'meta.json').read_text())['prompt_template'] == 'a drawing of a {}'
-    (tmp_path / 'refused').mkdir()
-    (tmp_path / 'refused' / 'settings.json').write_text(json.dumps(dict(command='sio', seed=9)))  # left by a run refused before its first image
+    (tmp_path / 'refused').mkdir()  # left by a run refused before its first image
+    (tmp_path / 'refused' / 'manifest.json').write_text(json.dumps(dict(script='generate.py sio', settings=dict(seed=9), files=['000/'],
+                                                                         stale=[], done=[], complete=False)))
     generate.main(sio_args(tiny_pipeline, tmp_path / 'refused'))
     assert json.loads((tmp_path / 'refused' / 'meta.json').read_text())['complete']
     # fit: a pipeline it made is replaced only on request, and only once the new one is complete
@@ -1660,7 +1666,7 @@ def test_overwrite_replaces_only_this_scripts_files(runs, tiny_pipeline, sio_sam
     assert '--overwrite' in main_error(capsys, generate.main, *fit_args)
     generate.main(fit_args + ['--overwrite'])
     assert json.loads((tmp_path / 'pipe' / 'fit.json').read_text())['args']['steps'] == 2
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.pipe')) == ['.pipe.lock']
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] and not list((tmp_path / 'pipe').glob('.[bo]*'))
 
 
 def test_cache_follows_the_content_of_each_set(runs, tmp_path):
@@ -1870,7 +1876,7 @@ BAD_INPUTS = [
     ('generate', GEN_SIO + ' --seed -1', '--seed'),
     ('generate', GEN_SIO + ' --device cudaX', '--device'),
     ('generate', GEN_SIO + ' --out {bad}/a_file', 'is a file'),
-    ('generate', GEN_SIO + ' --out {bad}/settings_corrupt', 'settings.json unreadable'),
+    ('generate', GEN_SIO + ' --out {bad}/settings_corrupt', 'did not write'),  # an old settings.json is no manifest of ours
     ('generate', GEN_SIO + ' --out {bad}/foreign_set', 'did not write'),
     ('generate', GEN_SIO + ' --dataset folder:{bad}/wnid_dataset', '--class-names'),
     ('train_sio', SIO + ' --classes imagenet-10', 'drop --classes'),
