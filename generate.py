@@ -558,12 +558,11 @@ def check_class_sizes(args, labels, classes):
         print(f'note: {where}: every class gives {n} teacher features (--features-per-class {args.features_per_class})'
               + f' and --knn-k {args.knn_k} is clipped to {n - 1}' * (args.knn_k > n - 1), file=sys.stderr)
 
-def oal(args):
-    """OAL's outliers: teacher features of the ID set -> k-NN low-density samples per class (knn_outliers.npy)
-    -> diffusion samples with one written into the class token -> pooled final latents (diffusion_outliers.npy)."""
-    rank, world, device = setup_distributed(args.device)
+def prepare_oal(args, device, rank):
+    """Every input of oal, read and checked before --out is claimed: the dataset and its class words, the
+    teacher (its val accuracy), the pipeline; and the settings the outliers depend on."""
     ds = load_dataset(args.dataset, args.data_root, classes=args.classes)
-    classes, out, n = ds['classes'], Path(args.out), args.samples_per_iteration
+    classes = ds['classes']
     names = class_prompt_names(classes, args.dataset, args.class_names)
     if args.dataset == 'cifar100' and args.class_names is None and args.inject == 'published':
         names = OAL_CIFAR100_NAMES  # the authors' prompt words ('apples', 'computer keyboard'), their tokens' words
@@ -577,108 +576,110 @@ def oal(args):
             fail(f'no teacher at {args.teacher}: train one with python train_sio.py --dataset {args.dataset} '
                  f'--out {args.teacher}, or pass --teacher RUN_OR_HUB_ID')
     if Path(args.teacher).is_file() and Path(args.teacher).suffix != '.pt':
-        fail(f'--teacher {args.teacher} is a file but no .pt checkpoint: pass its run folder, a best.pt or last.pt, '
-             f'or a transformers model folder')
+        fail(f'--teacher {args.teacher} is a file but no .pt checkpoint: pass its run folder, a best.pt or last.pt')
     forward, teacher = load_teacher(args.teacher, device, classes, args.teacher_class_order)
-    teacher_acc = (teacher_accuracy(forward, ds['val'][0], ds['val'][1], device, args.teacher_min_acc, args.teacher,
-                                    args.dataset) if isinstance(ds['val'][0], np.ndarray) else None)  # folders: not
-    if teacher_acc is not None and rank == 0:
-        print(f"teacher {teacher['name']}: val top-1 {100 * teacher_acc:.2f}% on {args.dataset} (inputs "
-              f"{teacher['image_size']}px)")
-    teacher = {k: v for k, v in teacher.items() if k != 'module'}
-    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
-    anchor = args.anchor or ('token' if len(classes) >= 100 else 'pooled')  # the paper's choice per dataset
-    repeats, pool = args.repeats or len(classes), (args.repeats or len(classes)) * args.boundary * args.keep
-    knn_settings = dict(teacher=teacher['name'], features_per_class=args.features_per_class, knn_select=args.knn_select,
-                        knn_k=args.knn_k, knn_sigma=args.knn_sigma, knn_draws=args.knn_draws, boundary=args.boundary,
-                        keep=args.keep, repeats=repeats, anchor=anchor, class_names=names, seed=args.seed,
-                        dataset=args.dataset, crop=args.crop, class_order=teacher['class_order'])  # names: the norms
+    acc = (teacher_accuracy(forward, ds['val'][0], ds['val'][1], device, args.teacher_min_acc, args.teacher,
+                            args.dataset) if isinstance(ds['val'][0], np.ndarray) else None)  # folders: not checked
+    if acc is not None and rank == 0:
+        print(f"teacher {teacher['name']}: val top-1 {100 * acc:.2f}% on {args.dataset} (inputs {teacher['image_size']}px)")
+    teacher = dict({k: v for k, v in teacher.items() if k != 'module'}, val_acc=acc)
+    anchor, repeats = args.anchor or ('token' if len(classes) >= 100 else 'pooled'), args.repeats or len(classes)
+    knn = dict(teacher=teacher['name'], features_per_class=args.features_per_class, knn_select=args.knn_select,
+               knn_k=args.knn_k, knn_sigma=args.knn_sigma, knn_draws=args.knn_draws, boundary=args.boundary,
+               keep=args.keep, repeats=repeats, anchor=anchor, class_names=names, seed=args.seed, dataset=args.dataset,
+               crop=args.crop, class_order=teacher['class_order'])  # the anchor norms depend on the names
     stamped = [Path(teacher['name'])] if teacher['kind'] == 'checkpoint' else sorted(
         f for f in Path(args.teacher).iterdir() if f.is_file()) if Path(args.teacher).is_dir() else []
     if stamped:  # a retrained teacher (a hub id names one fixed model) must not reuse old k-NN outliers
-        knn_settings['teacher_stamp'] = ','.join(f'{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}' for f in stamped)
+        knn['teacher_stamp'] = ','.join(f'{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}' for f in stamped)
     if args.classes:  # the class names come from the folders, so a subset is told apart by its list
-        knn_settings['classes'] = classes
+        knn['classes'] = classes
     settings = dict(pipeline=pipeline_stamp(args.pipeline), scheduler=args.scheduler, steps=args.steps,
-                    guidance=args.guidance, prompt=args.prompt, seed=args.seed, samples_per_iteration=n,
-                    inject=args.inject, iterations=args.iterations, batch_size=args.batch_size,
-                    dtype=args.dtype if device.type == 'cuda' else 'fp32', knn=knn_settings)
+                    guidance=args.guidance, prompt=args.prompt, seed=args.seed, inject=args.inject,
+                    samples_per_iteration=args.samples_per_iteration, iterations=args.iterations,
+                    batch_size=args.batch_size, dtype=args.dtype if device.type == 'cuda' else 'fp32', knn=knn)
+    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
+    return dict(ds=ds, classes=classes, names=names, forward=forward, teacher=teacher, pipe=pipe, anchor=anchor,
+                repeats=repeats, knn_settings=knn, settings=settings)
+
+def oal(args):
+    """OAL's outliers: teacher features of the ID set -> k-NN low-density samples per class (knn_outliers.npy)
+    -> diffusion samples with one written into the class token -> pooled final latents (diffusion_outliers.npy)."""
+    rank, world, device = setup_distributed(args.device)
+    job, out, n = prepare_oal(args, device, rank), Path(args.out), args.samples_per_iteration
+    pipe, classes, d, fpc = job['pipe'], job['classes'], job['teacher']['feature_dim'], args.features_per_class
     per_call, side = max(1, args.batch_size // n), pipe.unet.config.sample_size * pipe.vae_scale_factor
-    num_calls, d, per_class = math.ceil(args.iterations / per_call), teacher['feature_dim'], args.features_per_class
-    check_memory(4 * (3 * args.boundary * args.knn_draws * d + min(8192, args.boundary * args.knn_draws) * per_class),
+    num_calls, pool = math.ceil(args.iterations / per_call), job['repeats'] * args.boundary * args.keep
+    check_memory(4 * (3 * args.boundary * args.knn_draws * d + min(8192, args.boundary * args.knn_draws) * fpc),
                  f'the k-NN sampler ({args.boundary} x {args.knn_draws} candidates of {d} dims)',
                  'pass a smaller --knn-draws or --boundary', args.device)
+    iterations = lambda done: sum(min(b * per_call, args.iterations) - a * per_call for a, b in done)
+    todo = args.iterations - iterations(peek_done(out, job['settings'], args.overwrite))
+    check_disk(out, todo * n * (max(PNG_BYTES, side * side * 3) + PNG_BYTES), f'{todo * n:,} outlier images at '
+               f'{side}x{side} and their latents', 'free some space, pass --max-batches N to make part of them now, '
+               'or another --out')
     calls_of = lambda k: range(k * per_call, min(k * per_call + per_call, args.iterations))
-    todo = sum(len(calls_of(k)) for k in range(num_calls) if not is_done(peek_done(out, settings, args.overwrite), k))
-    check_disk(out, todo * n * (max(PNG_BYTES, side * side * 3) + PNG_BYTES), f'{todo * n:,} outlier images at {side}x'
-               f'{side} and their latents', 'free some space, pass --max-batches N to make part of them now, or '
-               'another --out')
     files_of = lambda i: [f'latents/{i:04d}.npy'] + [
         f'images/{i:04d}_{k}_{classes[oal_draw(i, args.seed, len(classes), pool)[0]]}.png' for k in range(n)]
 
     def claim_outliers():
-        manifest = claim(out, '--out', 'generate.py oal', settings, args.overwrite, True, 'outliers', 'pass '
+        manifest = claim(out, '--out', 'generate.py oal', job['settings'], args.overwrite, True, 'outliers', 'pass '
                          '--overwrite to start afresh, or another --out', inputs(args))
         record(out, 'images/', 'latents/', 'knn_outliers.npy', 'knn_meta.json', 'diffusion_outliers.npy', 'meta.json')
         for folder in ('images', 'latents'):
             (out / folder).mkdir(exist_ok=True)
         return verified(manifest['done'], lambda k: all((out / f).is_file() for i in calls_of(k) for f in files_of(i)))
     done = on_rank0(rank, world, claim_outliers)
-    on_rank0(rank, world, lambda: knn_step(args, ds, forward, teacher, pipe, names, anchor, repeats, knn_settings, out,
-                                           device))
+    on_rank0(rank, world, lambda: knn_step(args, job, out, device))
     knn = torch.from_numpy(np.load(out / 'knn_outliers.npy'))
     token_dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     proj = projection(knn.shape[-1], token_dim, args.seed) if knn.shape[-1] != token_dim else None  # to token space
-    t0, before = time.time(), sum(len(calls_of(k)) for a, b in done for k in range(a, b))
-    iterations = lambda done: sum(len(calls_of(k)) for a, b in done for k in range(a, b))
-    done = run_units(num_calls, done, lambda k: diffusion_call(args, pipe, knn, proj, names, classes, calls_of(k), out,
-                                                               device),
-                     args, out, lambda done: f'{iterations(done)} of {args.iterations} iterations in {out}', rank,
-                     world, device)
-    meta = dict(dataset=args.dataset, classes=classes, prompts=[args.prompt.format(c) for c in names],
-                teacher=dict(teacher, val_acc=teacher_acc), pipeline=args.pipeline, scheduler=type(pipe.scheduler).__name__,
+    t0, before = time.time(), iterations(done)
+    done = run_units(num_calls, done, lambda k: diffusion_call(args, job, knn, proj, calls_of(k), out, device), args,
+                     out, lambda done: f'{iterations(done)} of {args.iterations} iterations in {out}', rank, world,
+                     device)
+    meta = dict(dataset=args.dataset, classes=classes, prompts=[args.prompt.format(c) for c in job['names']],
+                teacher=job['teacher'], pipeline=args.pipeline, scheduler=type(pipe.scheduler).__name__,
                 inject=args.inject, steps=args.steps, guidance=args.guidance, prompt=args.prompt, seed=args.seed,
-                iterations=args.iterations, samples_per_iteration=n, knn_outliers=list(knn.shape), anchor=anchor,
-                knn_select=args.knn_select, projection=None if proj is None else dict(
+                iterations=args.iterations, samples_per_iteration=n, knn_outliers=list(knn.shape),
+                anchor=job['anchor'], knn_select=args.knn_select, projection=None if proj is None else dict(
                     kind='seeded random orthogonal', seed=args.seed, shape=[knn.shape[-1], token_dim]))
-    keep = {f for i in range(args.iterations) for f in files_of(i)}
-    on_rank0(rank, world, lambda: end_oal(args, meta, done == [[0, num_calls]], keep, out,
+    on_rank0(rank, world, lambda: end_oal(args, meta, done == [[0, num_calls]], files_of, out,
                                           f'{iterations(done) - before} iterations in {time.time() - t0:.1f}s'))
     if world > 1:
         dist.destroy_process_group()
 
-def knn_step(args, ds, forward, teacher, pipe, names, anchor, repeats, knn_settings, out, device):
+def knn_step(args, job, out, device):
     """Steps 1-2: teacher features of up to --features-per-class training images per class, with training
-    augmentation -> k-NN outliers scaled to the class anchor norms. Reused when this folder recorded them under
-    these settings."""
+    augmentation -> k-NN outliers scaled to the class anchor norms; reused when recorded under these settings."""
     manifest, files = CLAIMED[out.resolve()][1], ('knn_outliers.npy', 'knn_meta.json')
     if all(f in manifest['files'] and f not in manifest['stale'] and (out / f).is_file() for f in files):
         return
-    t0, classes, (train_x, train_y) = time.time(), ds['classes'], ds['train']
+    t0, classes, (train_x, train_y), teacher = time.time(), job['classes'], job['ds']['train'], job['teacher']
     if not isinstance(train_x, np.ndarray):
         train_x = read_images(train_x, teacher['image_size'])
     torch.manual_seed(args.seed)
     size = teacher['image_size'] if args.crop == 'published' else None  # OAL: Resize(224), flip, RandomCrop(224, 4)
-    feats = teacher_features(forward, train_x, train_y, len(classes), args.features_per_class,
+    feats = teacher_features(job['forward'], train_x, train_y, len(classes), args.features_per_class,
                              *RECIPE_AUGMENT[args.dataset if args.dataset in RECIPE_AUGMENT else 'folder'], size,
                              device, args.seed)
     if not torch.isfinite(feats).all():
         fail(f'--teacher {args.teacher} gives NaN/inf features of the training images: pass another --teacher')
-    norms = class_anchor_norms(pipe, names, anchor)
+    norms = class_anchor_norms(job['pipe'], job['names'], job['anchor'])
     if not np.isfinite(norms).all():
         fail(f'--pipeline {args.pipeline} gives NaN/inf class anchors (its text encoder): pass another --pipeline')
     g = torch.Generator().manual_seed(args.seed)
     knn = torch.stack([knn_outliers(feats[c], args.knn_k, args.boundary, args.knn_sigma, args.knn_draws, args.keep,
-                                    repeats, args.knn_select, g) * norms[c] for c in range(len(classes))])
+                                    job['repeats'], args.knn_select, g) * norms[c] for c in range(len(classes))])
     if not torch.isfinite(knn).all():
         fail(f"the k-NN outliers are NaN/inf at --knn-sigma {args.knn_sigma:g}: pass a smaller --knn-sigma (the "
              f"paper's 0.07)")
     save_npy(knn.cpu().numpy().astype(np.float32), out / 'knn_outliers.npy')
-    write_json(dict(knn_settings, anchor_norms=norms), out / 'knn_meta.json')
+    write_json(dict(job['knn_settings'], anchor_norms=norms), out / 'knn_meta.json')
     print(f'knn: teacher features {tuple(feats.shape)} -> outliers {tuple(knn.shape)} ({args.knn_select} selection, '
-          f'{anchor} anchor, mean norm {np.mean(norms):.3f}) in {time.time() - t0:.1f}s')
+          f"{job['anchor']} anchor, mean norm {np.mean(norms):.3f}) in {time.time() - t0:.1f}s")
 
-def diffusion_call(args, pipe, knn, proj, names, classes, call, out, device):
+def diffusion_call(args, job, knn, proj, call, out, device):
     """Step 3, one pipeline call for the iterations in call: each draws its class and outlier from (seed, i),
     encodes the prompt with the outlier written into the class tokens, and has its own noise; the final
     latents, pooled, are the outliers (the decoded images are for looking at). With --batch-size =
@@ -686,6 +687,7 @@ def diffusion_call(args, pipe, knn, proj, names, classes, call, out, device):
     only float rounding)."""
     from diffusers.utils.torch_utils import randn_tensor
     n, drawn, embeds, negatives, noise = args.samples_per_iteration, [], [], [], []
+    pipe, names, classes = job['pipe'], job['names'], job['classes']
     cfg = args.guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
     shape = (n, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     for i in call:
@@ -714,7 +716,7 @@ def diffusion_call(args, pipe, knn, proj, names, classes, call, out, device):
             save_png(image, out / 'images' / f'{i:04d}_{k}_{classes[c]}.png')
         save_npy(pooled[j * n:(j + 1) * n].astype(np.float32), out / 'latents' / f'{i:04d}.npy')
 
-def end_oal(args, meta, complete, keep, out, made):
+def end_oal(args, meta, complete, files_of, out, made):
     """diffusion_outliers.npy from the per-iteration latents once all are there; meta.json; the completion record."""
     files = [out / 'latents' / f'{i:04d}.npy' for i in range(args.iterations)]
     if complete:
@@ -724,7 +726,7 @@ def end_oal(args, meta, complete, keep, out, made):
         args.iterations * args.samples_per_iteration, int(np.load(files[0]).shape[-1])] if complete else None,
         complete=complete), out / 'meta.json')
     if complete:
-        finish(out, keep=keep)
+        finish(out, keep={f for i in range(args.iterations) for f in files_of(i)})
     print(f'oal: {made}; ' + ('complete' if complete else 'incomplete: run the same command again to continue')
           + f' -> {out}')
 
@@ -739,7 +741,7 @@ def fractals(args):
     check_memory(64 * args.size ** 2, f'a {args.size}x{args.size} fractal', 'pass a smaller --size', 'cpu')
     manifest = claim(out, '--out', 'generate.py fractals', settings, args.overwrite, True, 'a fractal set', 'pass '
                      '--overwrite to start afresh, or another --out')
-    record(out, *['[0-9]' * digits + '.png' for digits in range(5, len(str(args.count - 1)) + 1)])
+    record(out, *['[0-9]' * digits + '.png' for digits in range(5, len(f'{args.count - 1:05d}') + 1)])
     path_of = lambda i: out / f'{i:05d}.png'
     chunk_of = lambda k: range(k * chunk, min(k * chunk + chunk, args.count))
 
@@ -1264,20 +1266,7 @@ def template(flag, text, allowed):
              f'brace as {{{{ or }}}}')
     return [name for name, _, _ in fields if name is not None]
 
-def get_args(argv=None):
-    p = Parser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest='command', required=True)
-    seed = number(int, 'an integer in [0, 2**31)', lambda v: 0 <= v < 2 ** 31)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
-    common.add_argument('--classes', help="folder datasets: imagenet-10, imagenet-dogs (the SIO code's) or a class list")
-    common.add_argument('--data-root', default='./data', help='where torchvision datasets live or are downloaded to')
-    common.add_argument('--out', required=True, help='output folder')
-    common.add_argument('--seed', type=seed, help='default 0 (fit, sio) / 42 (oal, the paper)')
-    common.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
-    common.add_argument('--dtype', default='bf16', choices=['bf16', 'fp16', 'fp32'], help='on CUDA (CPU: fp32)')
-    common.add_argument('--overwrite', action='store_true', help='start afresh over output of other settings')
-    f = sub.add_parser('fit', parents=[common], help='train a small SD-layout pipeline on the ID set')
+def add_fit_flags(f):
     f.add_argument('--steps', type=POSITIVE, default=1000, help='UNet + text-encoder training steps')
     f.add_argument('--vae-steps', type=POSITIVE, default=200)
     f.add_argument('--batch-size', type=POSITIVE, default=192)
@@ -1293,25 +1282,8 @@ def get_args(argv=None):
     f.add_argument('--prompt-dropout', type=number(float, 'in [0, 1)', lambda v: 0 <= v < 1), default=0.1,
                    help='share of empty prompts, for classifier-free guidance')
     f.add_argument('--check-per-class', type=POSITIVE, default=50, help='samples per class for the agreement check')
-    for name, text in (('sio', 'synthetic ID images for SIO'), ('oal', 'latent-space outliers for OAL')):
-        s = sub.add_parser(name, parents=[common], help=text)
-        s.add_argument('--pipeline', help=f'diffusers pipeline folder or hub id (default pipelines/<dataset>, else '
-                                          f'{SD_HUB_ID})')
-        s.add_argument('--steps', type=number(int, 'an integer in [1, 1000] (denoising steps)', lambda v: 1 <= v <= 1000),
-                       help='denoising steps (default 50 for oal, 25 for sio)')
-        s.add_argument('--guidance', type=number(float, 'a number >= 0 (classifier-free guidance; 1 = none)',
-                                                 lambda v: 0 <= v < math.inf), help='default 7.5 for oal, 4 for sio')
-        s.add_argument('--batch-size', type=POSITIVE, default=16, help='images per pipeline call (fixed index ranges)')
-        s.add_argument('--scheduler', choices=['pipeline', 'pndm', 'ddim'], help="default: pndm (PLMS) for oal, the "
-                                                                                 "pipeline's own for sio")
-        s.add_argument('--max-batches', type=POSITIVE, help='leave after this many batches (run again to continue)')
-        s.add_argument('--class-names', help="a class's words in prompts: 'wnid name, other' lines or one name a line")
-    s = sub.choices['sio']
-    s.add_argument('--per-class', type=POSITIVE, default=100)
-    s.add_argument('--npy', action=argparse.BooleanOptionalAction,
-                   help='also write images.npy/labels.npy (SIO\'s format; default: not for folder datasets)')
-    s.add_argument('--prompt', default='a photo of a {}', help='template over the class name')
-    o = sub.choices['oal']
+
+def add_oal_flags(o):
     o.add_argument('--teacher', help='transformers classifier (hub id or folder), run dir or .pt of ours, or baseline '
                                      '(runs/<dataset>_ce_s0; the default but for CIFAR: TEACHERS)')
     o.add_argument('--teacher-class-order', default='auto', choices=['auto', 'ignore'],
@@ -1335,6 +1307,40 @@ def get_args(argv=None):
     o.add_argument('--iterations', type=POSITIVE, default=100)
     o.add_argument('--samples-per-iteration', type=POSITIVE, default=3)
     o.add_argument('--prompt', default=OAL_PROMPT, help='template over the class name')
+
+def get_args(argv=None):
+    p = Parser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='command', required=True)
+    seed = number(int, 'an integer in [0, 2**31)', lambda v: 0 <= v < 2 ** 31)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
+    common.add_argument('--classes', help="folder datasets: imagenet-10, imagenet-dogs (the SIO code's) or a class list")
+    common.add_argument('--data-root', default='./data', help='where torchvision datasets live or are downloaded to')
+    common.add_argument('--out', required=True, help='output folder')
+    common.add_argument('--seed', type=seed, help='default 0 (fit, sio) / 42 (oal, the paper)')
+    common.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu')
+    common.add_argument('--dtype', default='bf16', choices=['bf16', 'fp16', 'fp32'], help='on CUDA (CPU: fp32)')
+    common.add_argument('--overwrite', action='store_true', help='start afresh over output of other settings')
+    add_fit_flags(sub.add_parser('fit', parents=[common], help='train a small SD-layout pipeline on the ID set'))
+    for name, text in (('sio', 'synthetic ID images for SIO'), ('oal', 'latent-space outliers for OAL')):
+        s = sub.add_parser(name, parents=[common], help=text)
+        s.add_argument('--pipeline', help=f'diffusers pipeline folder or hub id (default pipelines/<dataset>, else '
+                                          f'{SD_HUB_ID})')
+        s.add_argument('--steps', type=number(int, 'an integer in [1, 1000] (denoising steps)', lambda v: 1 <= v <= 1000),
+                       help='denoising steps (default 50 for oal, 25 for sio)')
+        s.add_argument('--guidance', type=number(float, 'a number >= 0 (classifier-free guidance; 1 = none)',
+                                                 lambda v: 0 <= v < math.inf), help='default 7.5 for oal, 4 for sio')
+        s.add_argument('--batch-size', type=POSITIVE, default=16, help='images per pipeline call (fixed index ranges)')
+        s.add_argument('--scheduler', choices=['pipeline', 'pndm', 'ddim'], help="default: pndm (PLMS) for oal, the "
+                                                                                 "pipeline's own for sio")
+        s.add_argument('--max-batches', type=POSITIVE, help='leave after this many batches (run again to continue)')
+        s.add_argument('--class-names', help="a class's words in prompts: 'wnid name, other' lines or one name a line")
+    s = sub.choices['sio']
+    s.add_argument('--per-class', type=POSITIVE, default=100)
+    s.add_argument('--npy', action=argparse.BooleanOptionalAction,
+                   help='also write images.npy/labels.npy (SIO\'s format; default: not for folder datasets)')
+    s.add_argument('--prompt', default='a photo of a {}', help='template over the class name')
+    add_oal_flags(sub.choices['oal'])
     r = sub.add_parser('fractals', help="PixMix's mixing pictures made offline: random IFS fractals as PNGs")
     r.add_argument('--out', required=True, help='output folder')
     r.add_argument('--count', type=POSITIVE, default=1000)
@@ -1474,8 +1480,8 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
     if not blank.keys() <= manifest.keys() or manifest['script'] != script:
-        fail(f'{flag} {out} holds a {manifest.get("script", "foreign")} folder, not a {script} one: pass another '
-             f'{flag}')
+        fail(f'{flag} {out} holds a {manifest.get("script", "non-synth-ood")} folder, not a {script} one: pass '
+             f'another {flag}')
     others = sorted(e.name for e in out.iterdir() if e.name != '.lock' and not any(fnmatch.fnmatchcase(
         re.sub(r'\.\d+\.tmp$', '', e.name), entry.rstrip('/')) for entry in manifest['files'] + [MANIFEST]))
     if others:
