@@ -187,16 +187,11 @@ def ifs_fractal(rng, size, points=50000):
 # 16/16 channels (digits; 16/32 for larger images) without attention, the text added to the time
 # embedding (addition_embed_type="text") plus cross-attention only in the middle block (4x4 for digits).
 
-def bytes_to_unicode():
-    """CLIP/GPT-2 byte-level BPE alphabet: every byte as a printable character."""
-    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return {b: chr(c) for b, c in zip(printable + extra, printable + [256 + n for n in range(len(extra))])}
-
 def build_tokenizer(words, folder, max_length):
     """A CLIP tokenizer whose vocabulary is every byte plus whole-word tokens for `words`."""
     from transformers import CLIPTokenizer
-    alphabet = list(bytes_to_unicode().values())
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    alphabet = [chr(c) for c in printable + list(range(256, 512 - len(printable)))]  # GPT-2's byte-level alphabet
     vocab = {c: i for i, c in enumerate(alphabet)}
     vocab.update({c + '</w>': len(alphabet) + i for i, c in enumerate(alphabet)})
     merges = []
@@ -276,6 +271,7 @@ def train_unet(args, tokenizer, text_encoder, unet, latents, labels, classes, de
                                     return_tensors='pt').input_ids[0]
     prompt_ids = torch.stack([torch.stack([ids_of(t.format(prompt_name(c))) for t in FIT_TEMPLATES])
                               for c in classes]).to(device)
+    # called last and without truncation: the saved tokenizer.json keeps the last call's truncation setting
     empty_ids = tokenizer('', padding='max_length', max_length=16, return_tensors='pt').input_ids[0].to(device)
     opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=args.lr)
     warmup, steps, n = min(100, args.steps // 10 + 1), args.steps, args.batch_size
@@ -468,8 +464,9 @@ def sio(args):
     total, npy = len(classes) * per_class, args.npy if args.npy is not None else not args.dataset.startswith('folder:')
     num_batches, side = math.ceil(total / B), pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = dict(dataset=args.dataset, pipeline=pipeline_stamp(args.pipeline), prompt_template=args.prompt,
-                    class_names=names, seed=args.seed, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                    per_class=per_class, batch_size=B, npy=npy, dtype=args.dtype if device.type == 'cuda' else 'fp32')
+                    class_names=names, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                    scheduler=args.scheduler, per_class=per_class, batch_size=B, npy=npy,
+                    dtype=args.dtype if device.type == 'cuda' else 'fp32')
     count = lambda done: sum(min(b * B, total) - a * B for a, b in done)
     todo = total - count(peek_done(out, settings, args.overwrite))
     part = min(todo, (args.max_batches or math.inf) * B * world)
@@ -528,7 +525,8 @@ def end_sio(args, ds, names, pipe, done, npy, out, t0, made):
         def write_images(tmp):
             images = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(total, size, size, 3))
             for i in range(total):
-                images[i] = np.asarray(Image.open(out / f'{i // per_class:03d}' / f'{i % per_class}.png').convert('RGB'))
+                with Image.open(out / f'{i // per_class:03d}' / f'{i % per_class}.png') as image:
+                    images[i] = np.asarray(image.convert('RGB'))
             images.flush()
         write_atomic(out / 'images.npy', write_images)
         save_npy(np.repeat(np.arange(len(classes)), per_class), out / 'labels.npy')
@@ -581,7 +579,8 @@ def prepare_oal(args, device, rank):
     acc = (teacher_accuracy(forward, ds['val'][0], ds['val'][1], device, args.teacher_min_acc, args.teacher,
                             args.dataset) if isinstance(ds['val'][0], np.ndarray) else None)  # folders: not checked
     if acc is not None and rank == 0:
-        print(f"teacher {teacher['name']}: val top-1 {100 * acc:.2f}% on {args.dataset} (inputs {teacher['image_size']}px)")
+        print(f"teacher {teacher['name']}: val top-1 {100 * acc:.2f}% on {args.dataset} (inputs "
+              f"{teacher['image_size']}px)")
     teacher = dict({k: v for k, v in teacher.items() if k != 'module'}, val_acc=acc)
     anchor, repeats = args.anchor or ('token' if len(classes) >= 100 else 'pooled'), args.repeats or len(classes)
     knn = dict(teacher=teacher['name'], features_per_class=args.features_per_class, knn_select=args.knn_select,
@@ -995,8 +994,8 @@ def write_json(obj, path):
 
 def inputs(args):
     """(flag, path) of every input: an output folder must not be, hold or lie in one."""
-    return [('--pipeline', args.pipeline), ('--teacher', getattr(args, 'teacher', None)),
-            ('--class-names', args.class_names), ('--dataset', args.dataset.partition('folder:')[2] or None)]
+    return [('--pipeline folder', args.pipeline), ('--teacher run', getattr(args, 'teacher', None)),
+            ('--class-names file', args.class_names), ('--dataset folder', args.dataset.partition('folder:')[2])]
 
 def pipeline_stamp(name):
     """What output depends on of a pipeline: a hub id, or a folder's path and its files' sizes and times."""
@@ -1082,7 +1081,7 @@ def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
     try:
         pipe = DiffusionPipeline.from_pretrained(name, **options)
     except Exception as e:
-        where = 'a local pipeline folder' if path.is_dir() else f'hub id {name!r} (no network, or not a diffusers pipeline)'
+        where = 'a local pipeline folder' if path.is_dir() else f'hub id {name!r} (offline, or no diffusers pipeline)'
         fail(f'cannot load {where}: {type(e).__name__}; pass a local folder with --pipeline DIR, or make one with: '
              f'python generate.py fit --dataset DATASET --out DIR')
     for part in ('tokenizer', 'text_encoder', 'unet', 'vae', 'scheduler'):
@@ -1229,12 +1228,12 @@ def teacher_features(forward, images, labels, num_classes, per_class, pad, flip,
     return torch.stack([f[:n] for f in feats])
 
 def augment(x, pad, flip, size=None):
-    """Random crop with zero padding + horizontal flip, per image, on whatever device x lives on (uint8 in and out).
-    With size, the images are resized to it first, so the crop shifts them by +-pad pixels at the training size:
+    """Random crop with zero padding + horizontal flip, per image, on x's device (uint8 in and out). With
+    size, the images are resized to it first, so the crop shifts them by +-pad pixels at that size:
     OpenOOD's Resize(224), RandomHorizontalFlip, RandomCrop(224, padding=4), which OAL trained with."""
     if size is not None and x.shape[-1] != size:
-        x = F.interpolate(x.float(), size=(size, size), mode='bilinear', align_corners=False)
-        x = x.round().clamp(0, 255).to(torch.uint8)
+        x = F.interpolate(x.float(), size=(size, size), mode='bilinear', align_corners=False).round().clamp(0, 255)
+        x = x.to(torch.uint8)
     n, _, h, w = x.shape
     if pad:
         padded = F.pad(x, (pad, pad, pad, pad))
@@ -1247,9 +1246,6 @@ def augment(x, pad, flip, size=None):
     if flip:
         x = torch.where(torch.rand(n, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     return x
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1314,7 +1310,7 @@ def get_args(argv=None):
     seed = number(int, 'an integer in [0, 2**31)', lambda v: 0 <= v < 2 ** 31)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--dataset', default='digits', help='digits | cifar10 | cifar100 | folder:PATH')
-    common.add_argument('--classes', help="folder datasets: imagenet-10, imagenet-dogs (the SIO code's) or a class list")
+    common.add_argument('--classes', help="folder datasets: imagenet-10, imagenet-dogs (the SIO code's) or a list")
     common.add_argument('--data-root', default='./data', help='where torchvision datasets live or are downloaded to')
     common.add_argument('--out', required=True, help='output folder')
     common.add_argument('--seed', type=seed, help='default 0 (fit, sio) / 42 (oal, the paper)')
@@ -1326,8 +1322,8 @@ def get_args(argv=None):
         s = sub.add_parser(name, parents=[common], help=text)
         s.add_argument('--pipeline', help=f'diffusers pipeline folder or hub id (default pipelines/<dataset>, else '
                                           f'{SD_HUB_ID})')
-        s.add_argument('--steps', type=number(int, 'an integer in [1, 1000] (denoising steps)', lambda v: 1 <= v <= 1000),
-                       help='denoising steps (default 50 for oal, 25 for sio)')
+        steps = number(int, 'an integer in [1, 1000] (denoising steps)', lambda v: 1 <= v <= 1000)
+        s.add_argument('--steps', type=steps, help='denoising steps (default 50 for oal, 25 for sio)')
         s.add_argument('--guidance', type=number(float, 'a number >= 0 (classifier-free guidance; 1 = none)',
                                                  lambda v: 0 <= v < math.inf), help='default 7.5 for oal, 4 for sio')
         s.add_argument('--batch-size', type=POSITIVE, default=16, help='images per pipeline call (fixed index ranges)')
@@ -1364,7 +1360,8 @@ def get_args(argv=None):
     args.guidance = args.guidance if args.guidance is not None else 7.5 if args.command == 'oal' else 4.0
     args.scheduler = args.scheduler or ('pndm' if args.command == 'oal' else 'pipeline')
     if len(template('--prompt', args.prompt, [''])) != 1:
-        fail(f'--prompt {args.prompt!r} must hold {{}} once, where the class name goes (a literal brace is {{{{ or }}}})')
+        fail(f'--prompt {args.prompt!r} must hold {{}} once, where the class name goes (a literal brace is {{{{ or '
+             f'}}}})')
     if args.command == 'oal':
         if args.keep > args.knn_draws:
             fail(f'--keep must be an integer in [1, --knn-draws ({args.knn_draws})], got {args.keep}')

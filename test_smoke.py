@@ -2162,8 +2162,8 @@ BAD_INPUTS_GENERATE = [  # generate.py: more kinds of bad input
     ('generate', GEN_SIO + ' --out {bad}/manifest_corrupt', 'manifest.json'),
     ('generate', GEN_SIO + ' --out {bad}/oal_manifest', 'generate.py oal'),
     ('generate', GEN_SIO.replace('{out}', '{run:ce_s0}'), 'train_sio.py'),
-    ('generate', GEN_SIO.replace('{out}', '{pipe}'), 'is the --pipeline'),
-    ('generate', GEN_SIO.replace('{out}', '{pipe}/set'), 'lies in the --pipeline'),
+    ('generate', GEN_SIO.replace('{out}', '{pipe}'), 'is the --pipeline folder'),
+    ('generate', GEN_SIO.replace('{out}', '{pipe}/set'), 'lies in the --pipeline folder'),
     ('generate', GEN_SIO + ' --per-class 100000000000000', 'GiB'),  # more than the disk holds
     ('generate', GEN_SIO + ' --batch-size 100000000', 'GiB'),  # more than the memory holds
     ('generate', GEN_OAL + ' --prompt the_{{}}_{{}}', '--prompt'),
@@ -2181,7 +2181,7 @@ BAD_INPUTS_GENERATE = [  # generate.py: more kinds of bad input
     ('generate', GEN_OAL + ' --teacher {bad}/a_file', 'is a file'),
     ('generate', GEN_OAL + ' --pipeline {bad}/unfinished_pipe', 'unfinished'),
     ('generate', GEN_OAL + ' --out {bad}/manifest_corrupt', 'manifest.json'),
-    ('generate', GEN_OAL.replace('{out}', '{runs}/ce_s0'), 'is the --teacher'),
+    ('generate', GEN_OAL.replace('{out}', '{runs}/ce_s0'), 'is the --teacher run'),
     ('generate', FIT + ' --lr 1e30 --vae-steps 3', 'nothing was saved'),  # a NaN loss: not even a manifest is left
     ('generate', FIT + ' --lr nan', '--lr'),
     ('generate', FIT + ' --batch-size 0', '--batch-size'),
