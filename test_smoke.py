@@ -919,6 +919,19 @@ def fit_args(out, *extra):
     return ['fit', '--dataset', 'digits', '--out', str(out), '--steps', '1', '--vae-steps', '1', '--check-per-class', '1'] + [str(e) for e in extra]
 
 
+def test_oal_two_processes_share_the_calls_and_leave_together_on_an_error(tiny_pipeline, runs, oal_outliers, tmp_path):
+    (tmp_path / 'user').mkdir()
+    (tmp_path / 'user' / 'notes.txt').write_text('mine')
+    codes, logs = two_ranks(generate.main, gen_oal_args(tiny_pipeline, runs, tmp_path / 'user'), tmp_path / 'logs1')
+    assert codes == [2, 2] and 'did not write' in logs[0], logs  # rank 0 could not claim: rank 1 does not wait for it
+    codes, logs = two_ranks(generate.main, gen_oal_args(tiny_pipeline, runs, tmp_path / 'ddp', '--batch-size', '2'), tmp_path / 'logs2')
+    assert codes == [0, 0], logs  # one call per iteration: 0 and 2 on rank 0, 1 on rank 1
+    np.testing.assert_allclose(np.load(tmp_path / 'ddp' / 'diffusion_outliers.npy'), np.load(oal_outliers / 'diffusion_outliers.npy'),
+                               atol=1e-4)
+    assert sorted(p.name for p in (tmp_path / 'ddp' / 'images').iterdir()) == sorted(p.name for p in (oal_outliers / 'images').iterdir())
+    assert json.loads((tmp_path / 'ddp' / 'manifest.json').read_text())['done'] == [[0, 3]]
+
+
 def test_fit_is_refused_while_another_script_writes_the_folder(tmp_path, capsys):
     out = tmp_path / 'shared'
     train_sio.claim(out, '--out', 'train_sio.py', {}, False, False, 'a run', 'hint')  # train_sio.py holds OUT/.lock now
