@@ -68,9 +68,8 @@ PNG_BYTES = 4096  # a small PNG's share of the disk (one file system block), for
 # injection, the latent pooling; SIO's index rule; the IFS fractals of PixMix's mixing set.
 
 def kth_distance(queries, bank, k, chunk=8192):
-    """Squared L2 distance from each query to its k-th nearest point of bank (a point is its own neighbour).
-    The same value either way: kthvalue is 2-3x faster when k is a large share of the bank (digits: 105 of
-    106), topk when small."""
+    """Squared L2 distance from each query to its k-th nearest point of bank (a point is its own neighbour);
+    kthvalue is 2-3x faster when k is a large share of the bank (digits: 105 of 106), topk when small."""
     kth = ((lambda d: d.kthvalue(k, dim=1).values) if 4 * k > len(bank) else
            (lambda d: d.topk(k, dim=1, largest=False).values[:, -1]))
     return torch.cat([kth(torch.cdist(queries[i:i + chunk], bank).pow(2)) for i in range(0, len(queries), chunk)])
@@ -448,8 +447,7 @@ def check_disk(out, nbytes, what, fix):
         fail(f'{what} need about {nbytes / 2 ** 30:,.1f} GiB and {folder} has {free / 2 ** 30:,.1f} GiB free: {fix}')
 
 def peek_done(out, settings, overwrite):
-    """The units an earlier run in out recorded as done under these settings (read before claiming, for the disk
-    check)."""
+    """The units an earlier run in out recorded as done under these settings (read before the claim)."""
     before = read_json(out / MANIFEST, 'pass another --out') if (out / MANIFEST).is_file() else {}
     return before.get('done', []) if before.get('settings') == settings and not overwrite else []
 
@@ -541,9 +539,8 @@ def end_sio(args, ds, names, pipe, done, npy, out, t0, made):
           + ('complete' if complete else 'incomplete: run the same command again to continue') + f' -> {out}')
 
 def check_class_sizes(args, labels, classes):
-    """The k-NN sampler against the smallest class: each class gives min(--features-per-class, its size) teacher
-    features, all cut to the smallest count (OAL stacks them); K is clipped to n - 1 (SPEC 3.3), the boundary
-    cannot be."""
+    """The k-NN sampler against the smallest class: every class gives as many teacher features as it (OAL stacks
+    them); K is clipped to n - 1 (SPEC 3.3), the boundary cannot be."""
     sizes = np.bincount(labels, minlength=len(classes))
     c = int(sizes.argmin())
     n, where = min(args.features_per_class, int(sizes[c])), f'class {classes[c]} has {sizes[c]} training images'
