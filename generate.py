@@ -43,19 +43,6 @@ FIT_TEMPLATES = ['a photo of a {}', OAL_PROMPT, '{}']  # fit trains on all, so s
 # cards: 97.88% on its eval split, 95.07% verified on the test set; 91.96% on its eval split)
 TEACHERS = {'cifar10': 'aaraki/vit-base-patch16-224-in21k-finetuned-cifar10',
             'cifar100': 'jialicheng/vit-base-patch16-224-in21k-cifar100-13'}
-# OAL's outlier_generate.py prompts CIFAR-100 with these names (CIFAR-100's class order) ...
-OAL_CIFAR100_NAMES = (
-    'apples,aquarium fish,baby,bear,beaver,bed,bee,beetle,bicycle,bottles,bowls,boy,bridge,bus,butterfly,camel,'
-    'cans,castle,caterpillar,cattle,chair,chimpanzee,clock,cloud,cockroach,couch,crab,crocodile,cups,dinosaur,'
-    'dolphin,elephant,flatfish,forest,fox,girl,hamster,house,kangaroo,computer keyboard,lamp,lawn-mower,leopard,'
-    'lion,lizard,lobster,man,maple,motorcycle,mountain,mouse,mushrooms,oak,oranges,orchids,otter,palm,pears,'
-    'pickup truck,pine,plain,plates,poppies,porcupine,possum,rabbit,raccoon,ray,road,rocket,roses,sea,seal,shark,'
-    'shrew,skunk,skyscraper,snail,snake,spider,squirrel,streetcar,sunflowers,sweet peppers,table,tank,telephone,'
-    'television,tiger,tractor,train,trout,tulips,turtle,wardrobe,whale,willow,wolf,woman,worm').split(',')
-# ... and its text encoder overwrites the first token of the class index's label in this list, for every dataset
-# (ldm/modules/encoders/modules.py): for CIFAR-10 these are other words than the prompt's, so nothing is replaced
-OAL_INJECT_LABELS = [{1: 'fish', 21: 'chimp', 39: 'keyboard', 41: 'mower', 58: 'truck', 83: 'peppers'}.get(i, name)
-                     for i, name in enumerate(OAL_CIFAR100_NAMES)]
 RECIPE_AUGMENT = {'digits': (1, False), 'cifar10': (4, True), 'cifar100': (4, True), 'folder': (0, True)}  # pad, flip
 FIT_FLAGS = ('dataset', 'classes', 'seed', 'device', 'steps', 'vae_steps', 'batch_size', 'lr', 'unet_channels',
              'vae_channels', 'text_dim', 'prompt_dropout', 'check_per_class')  # what a fitted pipeline depends on
@@ -112,6 +99,20 @@ def class_anchor_norms(pipe, names, kind):
                                      truncation=True, return_tensors='pt').input_ids.to(table.device)
                 norms.append(pipe.text_encoder(ids)[0].float().mean(1).norm().item())
     return norms
+
+# OAL's outlier_generate.py prompts CIFAR-100 with these names (CIFAR-100's class order) ...
+OAL_CIFAR100_NAMES = (
+    'apples,aquarium fish,baby,bear,beaver,bed,bee,beetle,bicycle,bottles,bowls,boy,bridge,bus,butterfly,camel,'
+    'cans,castle,caterpillar,cattle,chair,chimpanzee,clock,cloud,cockroach,couch,crab,crocodile,cups,dinosaur,'
+    'dolphin,elephant,flatfish,forest,fox,girl,hamster,house,kangaroo,computer keyboard,lamp,lawn-mower,leopard,'
+    'lion,lizard,lobster,man,maple,motorcycle,mountain,mouse,mushrooms,oak,oranges,orchids,otter,palm,pears,'
+    'pickup truck,pine,plain,plates,poppies,porcupine,possum,rabbit,raccoon,ray,road,rocket,roses,sea,seal,shark,'
+    'shrew,skunk,skyscraper,snail,snake,spider,squirrel,streetcar,sunflowers,sweet peppers,table,tank,telephone,'
+    'television,tiger,tractor,train,trout,tulips,turtle,wardrobe,whale,willow,wolf,woman,worm').split(',')
+# ... and its text encoder overwrites the first token of the class index's label in this list, for every dataset
+# (ldm/modules/encoders/modules.py): for CIFAR-10 these are other words than the prompt's, so nothing is replaced
+OAL_INJECT_LABELS = [{1: 'fish', 21: 'chimp', 39: 'keyboard', 41: 'mower', 58: 'truck', 83: 'peppers'}.get(i, name)
+                     for i, name in enumerate(OAL_CIFAR100_NAMES)]
 
 @contextmanager
 def injected(text_encoder, token_ids, vector):
