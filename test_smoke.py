@@ -1028,7 +1028,10 @@ def test_fit_makes_a_loadable_stable_diffusion_pipeline(tiny_pipeline):
     assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer('a photo of a three').input_ids)[-2] == 'three</w>'
     fit_info = json.loads((tiny_pipeline / 'fit.json').read_text())
     assert 0 <= fit_info['agreement'] <= 1 and fit_info['classes'][5] == 'five'
-    assert [p.name for p in tiny_pipeline.parent.iterdir()] == ['digits', '.digits.lock']  # no temporary sibling left
+    assert [p.name for p in tiny_pipeline.parent.iterdir()] == ['digits']  # nothing beside it, no temporary folder in it
+    assert sorted(p.name for p in tiny_pipeline.iterdir()) == ['.lock', 'fit.json', 'manifest.json', 'model_index.json', 'scheduler',
+                                                            'text_encoder', 'tokenizer', 'unet', 'vae']
+    assert json.loads((tiny_pipeline / 'manifest.json').read_text())['complete']
 
 
 def sio_args(pipeline, out, *extra):
@@ -1111,7 +1114,7 @@ def test_fit_full_disk_is_one_line_and_leaves_no_temporary_folder(tmp_path, caps
     monkeypatch.setattr(StableDiffusionPipeline, 'save_pretrained', full_disk)
     error = main_error(capsys, generate.main, 'fit', '--dataset', 'digits', '--out', tmp_path / 'pipe', '--steps', '1', '--vae-steps', '1')
     assert 'could not write the pipeline' in error and 'No space left' in error
-    assert [p.name for p in tmp_path.iterdir()] == ['.pipe.lock']
+    assert [p.name for p in tmp_path.iterdir()] == ['pipe'] and [p.name for p in (tmp_path / 'pipe').iterdir()] == ['.lock']
 
 def test_sio_two_processes_write_each_index_once(tiny_pipeline, sio_samples, tmp_path):
     codes, logs = two_ranks(generate.main, sio_args(tiny_pipeline, tmp_path / 'ddp'), tmp_path / 'logs')
@@ -1234,6 +1237,208 @@ def test_oal_rerun_reuses_knn_and_finished_iterations(tiny_pipeline, runs, oal_o
     printed = capsys.readouterr().out
     assert knn_file.stat().st_mtime_ns == stamp and 'knn:' not in printed  # same settings: nothing recomputed
     assert 'oal: 0 iterations' in printed and json.loads((oal_outliers / 'meta.json').read_text())['complete']
+
+
+def gen_oal_args(pipeline, runs, out, *extra):
+    """generate.py oal as the oal_outliers fixture runs it, into out."""
+    return ['oal', '--pipeline', str(pipeline), '--teacher', str(runs / 'ce_s0'), '--dataset', 'digits', '--out', str(out),
+            '--iterations', '3', '--samples-per-iteration', '2', '--steps', '2', '--features-per-class', '40', '--knn-k', '10',
+            '--knn-draws', '50', '--boundary', '5', '--repeats', '2'] + [str(e) for e in extra]
+
+
+def fit_args(out, *extra):
+    return ['fit', '--dataset', 'digits', '--out', str(out), '--steps', '1', '--vae-steps', '1', '--check-per-class', '1'] + [str(e) for e in extra]
+
+
+def test_oal_two_processes_share_the_calls_and_leave_together_on_an_error(tiny_pipeline, runs, oal_outliers, tmp_path):
+    (tmp_path / 'user').mkdir()
+    (tmp_path / 'user' / 'notes.txt').write_text('mine')
+    codes, logs = two_ranks(generate.main, gen_oal_args(tiny_pipeline, runs, tmp_path / 'user'), tmp_path / 'logs1')
+    assert codes == [2, 2] and 'did not write' in logs[0], logs  # rank 0 could not claim: rank 1 does not wait for it
+    codes, logs = two_ranks(generate.main, gen_oal_args(tiny_pipeline, runs, tmp_path / 'ddp', '--batch-size', '2'), tmp_path / 'logs2')
+    assert codes == [0, 0], logs  # one call per iteration: 0 and 2 on rank 0, 1 on rank 1
+    np.testing.assert_allclose(np.load(tmp_path / 'ddp' / 'diffusion_outliers.npy'), np.load(oal_outliers / 'diffusion_outliers.npy'),
+                               atol=1e-4)
+    assert sorted(p.name for p in (tmp_path / 'ddp' / 'images').iterdir()) == sorted(p.name for p in (oal_outliers / 'images').iterdir())
+    assert json.loads((tmp_path / 'ddp' / 'manifest.json').read_text())['done'] == [[0, 3]]
+
+
+def test_fit_is_refused_while_another_script_writes_the_folder(tmp_path, capsys):
+    out = tmp_path / 'shared'
+    train_sio.claim(out, '--out', 'train_sio.py', {}, False, False, 'a run', 'hint')  # train_sio.py holds OUT/.lock now
+    error = main_error(capsys, generate.main, *fit_args(out))
+    assert f'in use by another process (pid {os.getpid()})' in error
+    assert sorted(p.name for p in out.iterdir()) == ['.lock', 'manifest.json']  # nothing of fit's
+    assert json.loads((out / 'manifest.json').read_text())['script'] == 'train_sio.py'
+
+
+def test_a_users_file_written_during_a_fit_survives_it(tmp_path, monkeypatch):
+    out, check = tmp_path / 'pipe', generate.check_agreement
+
+    def user_writes_notes(*args):  # the user saves a file in the folder while fit runs
+        (out / 'notes.txt').write_text('mine')
+        return check(*args)
+    monkeypatch.setattr(generate, 'check_agreement', user_writes_notes)
+    generate.main(fit_args(out))
+    assert (out / 'notes.txt').read_text() == 'mine' and json.loads((out / 'manifest.json').read_text())['complete']
+    assert 'notes.txt' not in json.loads((out / 'manifest.json').read_text())['files']
+
+
+def test_a_failed_fit_leaves_the_folder_as_it_was(tiny_pipeline, tmp_path, capsys):
+    import shutil
+    shutil.copytree(tiny_pipeline, tmp_path / 'pipe')
+    before = snapshot(tmp_path / 'pipe')
+    for bad_input, word in ((['--vae-channels', '12'], '--vae-channels'), (['--lr', '1e30', '--vae-steps', '3'], 'nothing was saved'),
+                            (['--dataset', 'cifar10', '--data-root', tmp_path / 'none'], '--data-root')):
+        assert word in main_error(capsys, generate.main, *fit_args(tmp_path / 'pipe', '--overwrite', *bad_input))
+        assert snapshot(tmp_path / 'pipe') == before, bad_input  # the old pipeline and its manifest, byte for byte
+    generate.main(sio_args(tmp_path / 'pipe', tmp_path / 'set', '--per-class', '1'))  # still in use
+    error = main_error(capsys, generate.main, *fit_args(tmp_path / 'new', '--lr', '1e30', '--vae-steps', '3'))
+    assert 'loss is nan' in error and '--lr' in error  # a NaN fit saves nothing, not even a manifest
+    assert [p.name for p in (tmp_path / 'new').iterdir()] == ['.lock']
+
+
+def test_an_interrupted_fit_is_refused_until_it_is_run_again(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    import shutil
+    shutil.copytree(tiny_pipeline, tmp_path / 'pipe')
+    real_replace = os.replace
+
+    def interrupt_after_the_first_entry(src, dst):
+        real_replace(src, dst)
+        if Path(src).parent.name == '.building' and Path(dst).parent.name != '.building':  # swapped in
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, 'replace', interrupt_after_the_first_entry)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        generate.main(fit_args(tmp_path / 'pipe', '--overwrite'))
+    monkeypatch.setattr(os, 'replace', real_replace)
+    assert stop.value.code == 130 and 'is unfinished' in capsys.readouterr().err
+    assert (tmp_path / 'pipe' / 'fit.json').exists() and (tmp_path / 'pipe' / '.old').exists()  # half new, half old...
+    assert 'unfinished' in main_error(capsys, generate.main, *sio_args(tmp_path / 'pipe', tmp_path / 'set'))  # ... never loaded
+    generate.main(fit_args(tmp_path / 'pipe'))  # the same command ends it
+    assert json.loads((tmp_path / 'pipe' / 'fit.json').read_text())['args']['steps'] == 1
+    assert not list((tmp_path / 'pipe').glob('.[bo]*'))
+    generate.main(sio_args(tmp_path / 'pipe', tmp_path / 'set', '--per-class', '1'))
+
+
+def test_a_huge_set_starts_without_checking_every_path(tiny_pipeline, tmp_path, monkeypatch):
+    checked, readable = [], generate.readable_image
+    monkeypatch.setattr(generate, 'readable_image', lambda path: checked.append(path) or readable(path))
+    start = time.time()
+    generate.main(sio_args(tiny_pipeline, tmp_path / 'huge', '--per-class', '10000000', '--max-batches', '1', '--batch-size', '2',
+                           '--steps', '1'))
+    assert time.time() - start < 60 and checked == []
+    manifest = json.loads((tmp_path / 'huge' / 'manifest.json').read_text())
+    assert manifest['done'] == [[0, 1]] and not manifest['complete']
+    assert sorted(str(p.relative_to(tmp_path / 'huge')) for p in (tmp_path / 'huge').rglob('*.png')) == ['000/0.png', '000/1.png']
+    assert json.loads((tmp_path / 'huge' / 'meta.json').read_text())['counts'] == [2, 0, 0, 0, 0, 0]
+    generate.main(sio_args(tiny_pipeline, tmp_path / 'huge', '--per-class', '10000000', '--max-batches', '1', '--batch-size', '2',
+                           '--steps', '1'))
+    assert json.loads((tmp_path / 'huge' / 'manifest.json').read_text())['done'] == [[0, 2]]
+    assert checked == [tmp_path / 'huge' / '000' / f'{i}.png' for i in (0, 1)]  # the done batch's files only
+
+
+def test_prompt_templates_hold_exactly_one_class_field(capsys):
+    args = generate.get_args(['sio', '--out', 'x', '--prompt', 'a {} in {{braces}}'])
+    assert args.prompt.format('zero') == 'a zero in {braces}'
+    for bad_prompt in ('{{}}', 'a {} and {}', 'a {0}', 'a {name}', 'a {', 'a {:>9}', 'no field'):
+        assert '--prompt' in main_error(capsys, generate.main, 'sio', '--out', 'x', '--prompt', bad_prompt), bad_prompt
+    assert not Path('x').exists()
+
+
+def test_sio_overwrite_replaces_the_old_images_and_removes_the_rest(tiny_pipeline, sio_samples, tmp_path):
+    import shutil
+    shutil.copytree(sio_samples, tmp_path / 'set')
+    (tmp_path / 'set' / '002' / '0.png').write_bytes(b'damaged')
+    generate.main(sio_args(tiny_pipeline, tmp_path / 'set', '--per-class', '2', '--steps', '1', '--overwrite'))
+    assert sorted(str(p.relative_to(tmp_path / 'set')) for p in (tmp_path / 'set').rglob('*.png')) == [
+        f'{c:03d}/{n}.png' for c in range(6) for n in range(2)]
+    assert np.load(tmp_path / 'set' / 'images.npy').shape == (12, 8, 8, 3)
+    assert generate.readable_image(tmp_path / 'set' / '002' / '0.png')
+    manifest = json.loads((tmp_path / 'set' / 'manifest.json').read_text())
+    assert manifest['complete'] and manifest['stale'] == [] and manifest['settings']['per_class'] == 2
+
+
+def test_non_finite_images_latents_and_outliers_stop_in_one_line(tiny_pipeline, runs, tmp_path, capsys):
+    error = main_error(capsys, generate.main, *gen_oal_args(tiny_pipeline, runs, tmp_path / 'sigma', '--knn-sigma', '1e300'))
+    assert '--knn-sigma' in error and 'NaN' in error
+    assert not (tmp_path / 'sigma' / 'knn_outliers.npy').exists()
+    assert not json.loads((tmp_path / 'sigma' / 'manifest.json').read_text())['complete']
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(float('nan'))
+    pipe.save_pretrained(tmp_path / 'nan_pipe')  # no manifest: loaded as any pipeline folder
+    error = main_error(capsys, generate.main, *sio_args(tmp_path / 'nan_pipe', tmp_path / 'nan_set'))
+    assert 'NaN/inf images' in error and not list((tmp_path / 'nan_set').rglob('*.png'))
+    assert json.loads((tmp_path / 'nan_set' / 'manifest.json').read_text())['done'] == []
+    error = main_error(capsys, generate.main, *gen_oal_args(tmp_path / 'nan_pipe', runs, tmp_path / 'nan_oal'))
+    assert 'NaN/inf latents' in error and not list((tmp_path / 'nan_oal' / 'latents').iterdir())
+
+
+def test_oal_records_every_setting_and_reuses_knn_only_under_them(tiny_pipeline, runs, oal_outliers, tmp_path, capsys):
+    import shutil
+    shutil.copytree(oal_outliers, tmp_path / 'copy')
+    error = main_error(capsys, generate.main, *gen_oal_args(tiny_pipeline, runs, tmp_path / 'copy', '--iterations', '2'))
+    assert 'iterations 3 -> 2' in error and '--overwrite' in error
+    assert np.load(tmp_path / 'copy' / 'diffusion_outliers.npy').shape == (6, 8)
+    generate.main(gen_oal_args(tiny_pipeline, runs, tmp_path / 'copy', '--iterations', '2', '--overwrite'))
+    assert 'knn:' in capsys.readouterr().out  # stale under the new settings: made again
+    assert np.load(tmp_path / 'copy' / 'diffusion_outliers.npy').shape == (4, 8)
+    assert sorted(p.name for p in (tmp_path / 'copy' / 'latents').iterdir()) == ['0000.npy', '0001.npy']
+    assert len(list((tmp_path / 'copy' / 'images').iterdir())) == 4
+
+
+def test_oal_reads_a_damaged_training_image_as_one_line(runs, tiny_pipeline, tmp_path, capsys):
+    from PIL import Image
+    images, labels = digits_train_set()
+    for c, name in enumerate(train_sio.DIGIT_NAMES[:6]):  # a folder dataset with the digits teacher's classes
+        for split, n in (('train', 3), ('val', 1)):
+            (tmp_path / 'ds' / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(images[np.flatnonzero(labels == c)[i]]).save(tmp_path / 'ds' / split / name / f'{i}.png')
+    (tmp_path / 'ds' / 'train' / 'three' / '1.png').write_bytes(b'\x89PNG cut short')
+    error = main_error(capsys, generate.main, 'oal', '--pipeline', tiny_pipeline, '--teacher', runs / 'ce_s0', '--dataset',
+                       f'folder:{tmp_path / "ds"}', '--out', tmp_path / 'o', '--features-per-class', '3', '--knn-k', '2',
+                       '--boundary', '2', '--iterations', '1', '--steps', '1')
+    assert 'three/1.png' in error
+
+
+def test_fractals_touch_only_their_own_pictures(tmp_path, capsys):
+    for extra in ([], ['--overwrite']):
+        out = tmp_path / f'mixing{len(extra)}'
+        out.mkdir()
+        (out / '1.jpg').write_bytes(b'the user\'s picture')
+        assert 'did not write' in main_error(capsys, generate.main, 'fractals', '--out', out, '--count', '3', '--size', '8', *extra)
+        assert (out / '1.jpg').read_bytes() == b'the user\'s picture' and not list(out.glob('*.png'))
+    generate.main(['fractals', '--out', str(tmp_path / 'set'), '--count', '4', '--size', '8'])
+    first = (tmp_path / 'set' / '00001.png').read_bytes()
+    generate.main(['fractals', '--out', str(tmp_path / 'set'), '--count', '2', '--size', '8', '--overwrite'])
+    assert sorted(p.name for p in (tmp_path / 'set').iterdir()) == ['.lock', '00000.png', '00001.png', 'manifest.json']
+    assert (tmp_path / 'set' / '00001.png').read_bytes() == first
+    manifest = json.loads((tmp_path / 'set' / 'manifest.json').read_text())
+    assert manifest['done'] == [[0, 1]] and manifest['complete'] and manifest['files'] == ['[0-9][0-9][0-9][0-9][0-9].png']
+
+
+def test_an_interrupt_says_what_is_kept_and_how_to_continue(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    saved, save_png = [], generate.save_png
+
+    def interrupt_in_the_second_batch(image, path):
+        if len(saved) == 4:
+            raise KeyboardInterrupt
+        saved.append(path)
+        save_png(image, path)
+    monkeypatch.setattr(generate, 'save_png', interrupt_in_the_second_batch)
+    argv = sio_args(tiny_pipeline, tmp_path / 'set')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        generate.main(argv + ['--overwrite'])
+    lines = [l for l in capsys.readouterr().err.splitlines() if 'interrupted:' in l]
+    assert stop.value.code == 130 and len(lines) == 1
+    assert lines[0].split('interrupted: ')[1] == f'4 of 18 images in {tmp_path / "set"}; continue with: python generate.py {" ".join(argv)}'
+    monkeypatch.setattr(generate, 'save_png', save_png)
+    generate.main(argv)
+    assert json.loads((tmp_path / 'set' / 'manifest.json').read_text())['complete']
 
 
 # ================================================================================================
@@ -2029,7 +2234,8 @@ def test_sio_set_finishes_byte_identical_after_a_kill_at_any_write(tiny_pipeline
         names = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file() and p.name != '.lock')
         assert names == sorted(str(p.relative_to(straight)) for p in straight.rglob('*') if p.is_file() and p.name != '.lock'), points
         assert all((out / n).read_bytes() == (straight / n).read_bytes() for n in names), points
-    assert points == 1 + 6 + 3  # settings.json, 6 images, images.npy, labels.npy, meta.json
+    assert points == 2 + 6 + 2 + 3 + 1  # manifest (claim, entries), 6 images, done after each of 2 batches, images.npy,
+    # labels.npy, meta.json, the completion record
 
 
 def test_oal_outliers_finish_byte_identical_after_a_kill_at_any_write(tiny_pipeline, runs, tmp_path, one_thread):
@@ -2044,9 +2250,10 @@ def test_oal_outliers_finish_byte_identical_after_a_kill_at_any_write(tiny_pipel
         names = sorted(str(p.relative_to(out)) for p in out.rglob('*') if p.is_file() and p.name != '.lock')
         assert names == sorted(str(p.relative_to(straight)) for p in straight.rglob('*') if p.is_file() and p.name != '.lock'), points
         assert all((out / n).read_bytes() == (straight / n).read_bytes() for n in names), points
-    assert points == 3 + 2 * 2 + 2  # settings, knn_outliers, knn_meta; an image and a latent per iteration; diffusion_outliers, meta
+    assert points == 4 + 2 * 2 + 1 + 3  # manifest (claim, entries), knn_outliers, knn_meta; an image and a latent per iteration;
+    # done after the one call; diffusion_outliers, meta, the completion record
 
-def test_one_process_per_output_folder(tmp_path, capsys):
+def test_one_process_per_output_folder(tiny_pipeline, tmp_path, capsys):
     import fcntl
     out = tmp_path / 'run'
     out.mkdir()
@@ -2056,7 +2263,7 @@ def test_one_process_per_output_folder(tmp_path, capsys):
         other.flush()
         error = main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '1', '--out', out)
         assert 'in use by another process (pid 4242)' in error
-        assert 'pid 4242' in main_error(capsys, generate.main, 'sio', '--dataset', 'digits', '--out', out)
+        assert 'pid 4242' in main_error(capsys, generate.main, 'sio', '--pipeline', tiny_pipeline, '--dataset', 'digits', '--out', out)
     train_sio.main(['--dataset', 'digits', '--epochs', '1', '--out', str(out)])  # released on close, as the OS does on any exit or kill
     assert (out / 'best.pt').exists()
 
@@ -2133,8 +2340,9 @@ def test_overwrite_replaces_only_this_scripts_files(runs, tiny_pipeline, sio_sam
     shutil.copytree(sio_samples, tmp_path / 'set')
     generate.main(sio_args(tiny_pipeline, tmp_path / 'set', '--prompt', 'a drawing of a {}', '--overwrite'))
     assert json.loads((tmp_path / 'set' / 'meta.json').read_text())['prompt_template'] == 'a drawing of a {}'
-    (tmp_path / 'refused').mkdir()
-    (tmp_path / 'refused' / 'settings.json').write_text(json.dumps(dict(command='sio', seed=9)))  # left by a run refused before its first image
+    (tmp_path / 'refused').mkdir()  # left by a run refused before its first image
+    (tmp_path / 'refused' / 'manifest.json').write_text(json.dumps(dict(script='generate.py sio', settings=dict(seed=9), files=['000/'],
+                                                                         stale=[], done=[], complete=False)))
     generate.main(sio_args(tiny_pipeline, tmp_path / 'refused'))
     assert json.loads((tmp_path / 'refused' / 'meta.json').read_text())['complete']
     # fit: a pipeline it made is replaced only on request, and only once the new one is complete
@@ -2143,7 +2351,7 @@ def test_overwrite_replaces_only_this_scripts_files(runs, tiny_pipeline, sio_sam
     assert '--overwrite' in main_error(capsys, generate.main, *fit_args)
     generate.main(fit_args + ['--overwrite'])
     assert json.loads((tmp_path / 'pipe' / 'fit.json').read_text())['args']['steps'] == 2
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.pipe')) == ['.pipe.lock']
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] and not list((tmp_path / 'pipe').glob('.[bo]*'))
 
 
 def test_cache_follows_the_content_of_each_set(runs, tmp_path):
@@ -2259,6 +2467,21 @@ def bad(runs, tmp_path_factory):
     for split in ('val', 'test'):
         (root / 'openood_lists_only' / 'benchmark_imglist' / 'imagenet' / f'{split}_imagenet.txt').write_text(
             'imagenet_1k/val/ILSVRC2012_val_00000001.JPEG 65\n')
+    # generate.py
+    manifest = dict(script='generate.py fit', settings={}, files=['model_index.json'], stale=[], done=[], complete=False)
+    for name, changes in (('unfinished_pipe', {}), ('sio_manifest', dict(script='generate.py sio', complete=True)),
+                          ('oal_manifest', dict(script='generate.py oal'))):
+        (root / name).mkdir()
+        (root / name / 'manifest.json').write_text(json.dumps(dict(manifest, **changes)))
+        (root / name / 'model_index.json').write_text('{}')
+    (root / 'manifest_corrupt').mkdir()
+    (root / 'manifest_corrupt' / 'manifest.json').write_text('{"script": "generate.py ')
+    (root / 'binary.txt').write_bytes(b'\xff\xfe\x00\x81 not text')
+    for name, count in (('a', 1), ('b', 3)):  # a folder dataset whose class a has one image
+        for split in ('train', 'val'):
+            (root / 'small_classes' / split / name).mkdir(parents=True)
+            for i in range(count):
+                shutil.copy(root / 'syn_partial' / '000' / '0.png', root / 'small_classes' / split / name / f'{i}.png')
     return root
 
 
@@ -2368,7 +2591,7 @@ BAD_INPUTS = [
     ('generate', GEN_SIO + ' --seed -1', '--seed'),
     ('generate', GEN_SIO + ' --device cudaX', '--device'),
     ('generate', GEN_SIO + ' --out {bad}/a_file', 'is a file'),
-    ('generate', GEN_SIO + ' --out {bad}/settings_corrupt', 'settings.json unreadable'),
+    ('generate', GEN_SIO + ' --out {bad}/settings_corrupt', 'did not write'),  # an old settings.json is no manifest of ours
     ('generate', GEN_SIO + ' --out {bad}/foreign_set', 'did not write'),
     ('generate', GEN_SIO + ' --dataset folder:{bad}/wnid_dataset', '--class-names'),
     ('train_sio', SIO + ' --classes imagenet-10', 'drop --classes'),
@@ -2424,6 +2647,73 @@ BAD_INPUTS = [
 
 
 BAD_INPUTS_GENERATE = [  # generate.py: more kinds of bad input
+    ('generate', GEN_SIO + ' --prompt a_{{{{}}}}', '--prompt'),  # {{}} is a literal {}: no field left
+    ('generate', GEN_SIO + ' --prompt a_{{}}_and_{{}}', '--prompt'),
+    ('generate', GEN_SIO + ' --prompt a_{{name}}', '--prompt'),
+    ('generate', GEN_SIO + ' --prompt a_{{', '--prompt'),
+    ('generate', GEN_SIO + ' --prompt a_photo', '--prompt'),
+    ('generate', GEN_SIO + ' --per-class', '--per-class'),
+    ('generate', GEN_SIO + ' --bogus 1', 'unrecognized'),
+    ('generate', '--out {out}', 'command'),
+    ('generate', GEN_SIO + ' --seed 2147483648', '--seed'),
+    ('generate', GEN_SIO + ' --guidance -1', '--guidance'),
+    ('generate', GEN_SIO + ' --steps 1001', '--steps'),
+    ('generate', GEN_SIO + ' --scheduler euler', '--scheduler'),
+    ('generate', GEN_SIO + ' --dtype fp8', '--dtype'),
+    ('generate', GEN_SIO + ' --device cuda:99', '--device'),
+    ('generate', GEN_SIO + ' --dataset folder:{bad}/none', 'does not exist'),
+    ('generate', GEN_SIO + ' --dataset cifar10 --data-root {out}/data', '--data-root'),
+    ('generate', GEN_SIO + ' --pipeline {bad}/unfinished_pipe', 'unfinished'),
+    ('generate', GEN_SIO + ' --pipeline {bad}/a_file', 'is a file'),
+    ('generate', GEN_SIO + ' --pipeline {bad}/no_pipeline', 'does not exist'),
+    ('generate', GEN_SIO + ' --pipeline {bad}/syn_partial', 'cannot load'),
+    ('generate', GEN_SIO + ' --pipeline {bad}/sio_manifest', 'not a pipeline'),
+    ('generate', GEN_SIO + ' --pipeline {bad}/manifest_corrupt', 'manifest.json'),
+    ('generate', GEN_SIO + ' --class-names {bad}/binary.txt', 'cannot be read'),
+    ('generate', GEN_SIO + ' --class-names {bad}/no_images', 'is a folder'),
+    ('generate', GEN_SIO + ' --out {bad}/manifest_corrupt', 'manifest.json'),
+    ('generate', GEN_SIO + ' --out {bad}/oal_manifest', 'generate.py oal'),
+    ('generate', GEN_SIO.replace('{out}', '{run:ce_s0}'), 'train_sio.py'),
+    ('generate', GEN_SIO.replace('{out}', '{pipe}'), 'is the --pipeline folder'),
+    ('generate', GEN_SIO.replace('{out}', '{pipe}/set'), 'lies in the --pipeline folder'),
+    ('generate', GEN_SIO + ' --per-class 100000000000000', 'GiB'),  # more than the disk holds
+    ('generate', GEN_SIO + ' --batch-size 100000000', 'GiB'),  # more than the memory holds
+    ('generate', GEN_OAL + ' --prompt the_{{}}_{{}}', '--prompt'),
+    ('generate', GEN_OAL + ' --boundary 120 --features-per-class 150', 'training images'),  # a digit class has ~106
+    ('generate', GEN_OAL + ' --dataset folder:{bad}/small_classes', 'class a has 1 training images'),
+    ('generate', GEN_OAL + ' --knn-draws 100000000000', 'GiB'),
+    ('generate', GEN_OAL + ' --iterations 100000000000', 'GiB'),
+    ('generate', GEN_OAL + ' --knn-draws 0', '--knn-draws'),
+    ('generate', GEN_OAL + ' --keep 60 --knn-draws 50', '--keep'),
+    ('generate', GEN_OAL + ' --repeats 0', '--repeats'),
+    ('generate', GEN_OAL + ' --samples-per-iteration 0', '--samples-per-iteration'),
+    ('generate', GEN_OAL + ' --anchor mean', '--anchor'),
+    ('generate', GEN_OAL + ' --knn-select best', '--knn-select'),
+    ('generate', GEN_OAL + ' --inject all', '--inject'),
+    ('generate', GEN_OAL + ' --teacher {bad}/a_file', 'is a file'),
+    ('generate', GEN_OAL + ' --pipeline {bad}/unfinished_pipe', 'unfinished'),
+    ('generate', GEN_OAL + ' --out {bad}/manifest_corrupt', 'manifest.json'),
+    ('generate', GEN_OAL.replace('{out}', '{runs}/ce_s0'), 'is the --teacher run'),
+    ('generate', FIT + ' --lr 1e30 --vae-steps 3', 'nothing was saved'),  # a NaN loss: not even a manifest is left
+    ('generate', FIT + ' --lr nan', '--lr'),
+    ('generate', FIT + ' --batch-size 0', '--batch-size'),
+    ('generate', FIT + ' --check-per-class 0', '--check-per-class'),
+    ('generate', FIT + ' --vae-channels 12', '--vae-channels'),
+    ('generate', FIT + ' --unet-channels 4', '--unet-channels'),
+    ('generate', FIT + ' --seed -1', '--seed'),
+    ('generate', FIT + ' --dataset folder:{bad}/wnid_dataset', 'pretrained pipeline'),
+    ('generate', FIT.replace('{out}', '{pipe}'), '--overwrite'),  # a finished pipeline is replaced only on request
+    ('generate', FIT.replace('{out}', '{run:ce_s0}') + ' --overwrite', 'train_sio.py'),  # nor is a run of another script
+    ('generate', FIT.replace('{out}', '{bad}/sio_manifest'), 'generate.py sio'),
+    ('generate', FIT.replace('{out}', '{bad}/manifest_corrupt'), 'manifest.json'),
+    ('generate', FIT.replace('{out}', '{bad}/a_file'), 'is a file'),
+    ('generate', 'fractals --out {out} --seed -1', '--seed'),
+    ('generate', 'fractals --out {out} --count 1000000000000', 'GiB'),
+    ('generate', 'fractals --out {out} --size 1000000', 'GiB'),
+    ('generate', 'fractals --out {bad}/a_file', 'is a file'),
+    ('generate', 'fractals --out {user} --overwrite', 'did not write'),  # the user's notes.txt is never removed
+    ('generate', 'fractals --out {bad}/manifest_corrupt', 'manifest.json'),
+    ('generate', 'fractals --out {bad}/oal_manifest', 'generate.py oal'),
 ]
 EVAL_MSP = '{runs}/ce_s0 --detectors msp --out {out}'
 BAD_INPUTS_EVALUATE = [  # evaluate.py: more kinds of bad input
