@@ -41,8 +41,10 @@ OAL_PROMPT = 'A high-quality image of the {}'  # OAL / Dream-OOD prompt
 FIT_TEMPLATES = ['a photo of a {}', OAL_PROMPT, '{}']  # fit trains on all, so sio and oal prompts both work
 # The paper's teacher, a ViT-B/16 fine-tuned on the ID set at 224, as public transformers classifiers (model
 # cards: 97.88% on its eval split, 95.07% verified on the test set; 91.96% on its eval split)
-TEACHERS = {'cifar10': 'aaraki/vit-base-patch16-224-in21k-finetuned-cifar10',
-            'cifar100': 'jialicheng/vit-base-patch16-224-in21k-cifar100-13'}
+TEACHERS = {  # OAL's teacher: a timm ViT-B/16 (ImageNet-21k) fine-tuned on the ID set at 224, from the hub
+    'cifar10': 'edadaltocg/vit_base_patch16_224_in21k_ft_cifar10',  # the authors' file; model card: 98.96%
+    'cifar100': 'edadaltocg/vit_base_patch16_224_in21k_ft_cifar100',  # theirs is unpublished: the closest; 93.16%
+}
 RECIPE_AUGMENT = {'digits': (1, False), 'cifar10': (4, True), 'cifar100': (4, True), 'folder': (0, True)}  # pad, flip
 FIT_FLAGS = ('dataset', 'classes', 'seed', 'device', 'steps', 'vae_steps', 'batch_size', 'lr', 'unet_channels',
              'vae_channels', 'text_dim', 'prompt_dropout', 'check_per_class')  # what a fitted pipeline depends on
@@ -352,7 +354,7 @@ def swap_in(out, building, old):
     shutil.rmtree(old)
     shutil.rmtree(building)
 
-def fit(args):
+def fit_pipeline(args):
     """Claim --out, build the new pipeline in OUT/.building, swap it in, finish. A fit that fails before the
     swap leaves --out as it found it: the old pipeline in use, or nothing."""
     t_start, out, device = time.time(), Path(args.out), torch.device(args.device)
@@ -571,21 +573,17 @@ def prepare_oal(args, device, rank):
         if not Path(args.teacher).exists():
             fail(f'no teacher at {args.teacher}: train one with python train_sio.py --dataset {args.dataset} '
                  f'--out {args.teacher}, or pass --teacher RUN_OR_HUB_ID')
-    if Path(args.teacher).is_file() and Path(args.teacher).suffix != '.pt':
-        fail(f'--teacher {args.teacher} is a file but no .pt checkpoint: pass its run folder, a best.pt or last.pt')
-    forward, teacher = load_teacher(args.teacher, device, classes, args.teacher_class_order)
-    acc = (teacher_accuracy(forward, ds['val'][0], ds['val'][1], device, args.teacher_min_acc, args.teacher,
-                            args.dataset) if isinstance(ds['val'][0], np.ndarray) else None)  # folders: not checked
-    if acc is not None and rank == 0:
-        print(f"teacher {teacher['name']}: val top-1 {100 * acc:.2f}% on {args.dataset} (inputs "
-              f"{teacher['image_size']}px)")
-    teacher = dict({k: v for k, v in teacher.items() if k != 'module'}, val_acc=acc)
+    stats = (ds['mean'], ds['std']) if args.teacher_norm == 'published' else None  # OAL fed its teacher these
+    forward, teacher = load_teacher(args.teacher, device, classes, args.teacher_class_order, stats)
+    acc = (teacher_accuracy(forward, teacher, *ds['val'], device, args.teacher_min_acc, args.dataset)
+           if isinstance(ds['val'][0], np.ndarray) else None)  # folder datasets: file lists, not checked
+    teacher = dict({k: v for k, v in teacher.items() if k not in ('module', 'feeder')}, val_acc=acc)
     anchor, repeats = args.anchor or ('token' if len(classes) >= 100 else 'pooled'), args.repeats or len(classes)
     knn = dict(teacher=teacher['name'], features_per_class=args.features_per_class, knn_select=args.knn_select,
                knn_k=args.knn_k, knn_sigma=args.knn_sigma, knn_draws=args.knn_draws, boundary=args.boundary,
                keep=args.keep, repeats=repeats, anchor=anchor, class_names=names, seed=args.seed, dataset=args.dataset,
-               crop=args.crop, class_order=teacher['class_order'])  # the anchor norms depend on the names
-    stamped = [Path(teacher['name'])] if teacher['kind'] == 'checkpoint' else sorted(
+               crop=args.crop, class_order=teacher['class_order'], teacher_norm=args.teacher_norm)  # names: anchors
+    stamped = [Path(teacher['name'])] if Path(teacher['name']).is_file() else sorted(
         f for f in Path(args.teacher).iterdir() if f.is_file()) if Path(args.teacher).is_dir() else []
     if stamped:  # a retrained teacher (a hub id names one fixed model) must not reuse old k-NN outliers
         knn['teacher_stamp'] = ','.join(f'{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}' for f in stamped)
@@ -842,7 +840,8 @@ def read_images(paths, size):
 def image_folder(path, classes=None):
     """ImageFolder layout: classes = sorted sub-folders (or given ones, matched by name), files sorted."""
     if not Path(path).is_dir():
-        fail(f'{path} does not exist: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
+        fail(f'{path} does not exist or is no folder: a folder dataset needs PATH/train/<class>/* and '
+             f'PATH/val/<class>/*')
     found = sorted(d.name for d in Path(path).iterdir() if d.is_dir())
     if classes is not None and set(found) - set(classes):
         fail(f'{path} has class folder {sorted(set(found) - set(classes))[0]}, which train/ lacks: add it there or '
@@ -1095,12 +1094,13 @@ def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
 
 
 # ------------------------------------------------------------------------------------------------
-# Teachers, the same in train_oal.py and generate.py: a checkpoint of ours or a transformers
-# classifier, its class order, its accuracy, its features of augmented training images.
+# Teachers, the same in train_oal.py and generate.py: a run of ours, a timm ViT (hub id, folder in the
+# hub layout, bare state_dict or OpenOOD best.ckpt) or a transformers classifier, as forward(uint8 NCHW)
+# -> (logits in the dataset's class order, pre-logit feature).
 
 def offline_if_unreachable():
-    """Without a network, hub ids load from the local cache at once: huggingface_hub would otherwise retry for
-    about 25 s, printing every attempt, before the one-line error."""
+    """Without a network, hub ids load from the local cache at once: huggingface_hub would otherwise
+    retry for about 25 s, printing every attempt, before the one-line error."""
     import socket
     import urllib.parse
     import huggingface_hub.constants as hub
@@ -1109,74 +1109,127 @@ def offline_if_unreachable():
     except OSError:
         hub.HF_HUB_OFFLINE = True
 
-def load_teacher(spec, device, classes, class_order='auto'):
-    """A synth-ood checkpoint (run dir or .pt) or a transformers image classifier (hub id or folder), checked
-    against the dataset's classes. Returns (forward(uint8 NCHW at any size) -> (logits in the dataset's class
-    order, pre-logit features), info). The teacher sees the images resized to its own input size and normalised
-    with its own statistics (a ViT fine-tuned with mean = std = 0.5 would be fed out-of-range inputs otherwise)."""
+def hub_file(spec, name):
+    """A file of a folder, or of a hub repo (fetched to the hub cache); None when there is none."""
+    if Path(spec).is_dir():
+        return Path(spec) / name if (Path(spec) / name).is_file() else None
+    from huggingface_hub import hf_hub_download
+    try:
+        return Path(hf_hub_download(spec, name))
+    except Exception:  # not in the repo, not cached offline, no such repo
+        return None
+
+def timm_vit(spec, config):
+    """A timm ViT: built from config.json (its architecture without org and tag: timm's own loader refuses
+    'timm/vit_...' names and, given num_classes beside pretrained weights, leaves a random head) or, for
+    a bare state_dict, from its keys (heads of 64 dims, as every standard ViT), then loaded strictly."""
+    import timm
+    weights = Path(spec) if Path(spec).is_file() else hub_file(spec, 'model.safetensors') or hub_file(spec, 'pytorch_model.bin')
+    if weights is None:
+        fail(f'teacher {spec} has a timm config.json but no model.safetensors or pytorch_model.bin: fetch them beside it')
+    try:
+        if weights.suffix == '.safetensors':
+            from safetensors.torch import load_file
+            state = load_file(weights)
+        else:
+            state = torch.load(weights, map_location='cpu', weights_only=True)
+        state = state.get('state_dict', state.get('model', state))  # OpenOOD saves the bare state_dict
+        state = {k.removeprefix('module.'): v for k, v in state.items()}
+        if config:
+            args = dict(config.get('model_args', {}), num_classes=config.get('num_classes', len(state['head.bias'])))
+            model = timm.create_model(config['architecture'].split('/')[-1].split('.')[0], **args)
+        else:
+            dim, patch = state['patch_embed.proj.weight'].shape[0], state['patch_embed.proj.weight'].shape[-1]
+            grid = round(math.sqrt(state['pos_embed'].shape[1] - ('cls_token' in state)))
+            model = timm.models.vision_transformer.VisionTransformer(
+                img_size=grid * patch, patch_size=patch, embed_dim=dim, num_heads=dim // 64, num_classes=len(state['head.bias']),
+                depth=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),
+                mlp_ratio=len(state['blocks.0.mlp.fc1.bias']) / dim, qkv_bias='blocks.0.attn.qkv.bias' in state)
+        model.load_state_dict(state)
+    except Exception as e:  # weights missing or unreadable, not a ViT, keys or shapes that do not fit
+        fail(f'teacher {spec} is not a timm ViT that loads strictly ({type(e).__name__}: {" ".join(str(e).split())[:240]}):'
+             f' pass its config.json beside the weights, or another --teacher')
+    return model
+
+def load_teacher(spec, device, classes, class_order='auto', stats=None):
+    """A teacher checked against the dataset's classes -> (forward, info). It sees the images at its own
+    input size, normalised with stats (the dataset's mean and std, as OAL fed its teachers) or, when
+    stats is None, with its own (from its config or checkpoint)."""
     path = Path(spec)
-    ckpt_file = (path / 'best.pt' if path.is_dir() and (path / 'best.pt').exists() else
-                 path if path.suffix == '.pt' else None)
+    ckpt_file = path / 'best.pt' if path.is_dir() and (path / 'best.pt').exists() else path if path.suffix == '.pt' else None
+    if path.is_dir() and not ckpt_file and (path / 'last.pt').exists():
+        fail(f'teacher {path} has last.pt but no best.pt: pass {path / "last.pt"} to distil from its last epoch')
+    if not path.exists() and (ckpt_file or spec.count('/') != 1 or spec.startswith(('.', '/', '~'))):
+        fail(f'cannot load teacher {spec!r}: there is no such path; pass a run directory, a .pt, a timm or transformers '
+             f'model (hub id or folder), or --teacher baseline')
+    if path.is_file() and path.suffix not in ('.pt', '.bin', '.pth', '.ckpt', '.safetensors'):
+        fail(f'teacher {spec} is a file but no .pt of ours nor a state_dict (.bin .pth .ckpt .safetensors): pass its '
+             f'run folder or another --teacher')
+    if not path.exists():
+        offline_if_unreachable()
+    config_file = None if ckpt_file or path.is_file() else hub_file(spec, 'config.json')
+    config = read_json(config_file, 'pass another --teacher') if config_file else {}
     if ckpt_file is not None:
-        if not ckpt_file.exists():
-            fail(f'teacher {ckpt_file} does not exist: train one with python train_sio.py --dataset DATASET '
-                 f'--out {path.parent if path.suffix else path}')
         ckpt = read_checkpoint(ckpt_file, 'teacher')
         model = Net(ckpt['arch'], ckpt['num_classes'])
         model.load_state_dict(ckpt['model'])
-        model = model.to(device).eval().requires_grad_(False)
-        mean, std, size, names = ckpt['mean'], ckpt['std'], ckpt['image_size'], ckpt.get('classes')
-        run = lambda x: model(x, features=True)
-        info = dict(kind='checkpoint', name=str(ckpt_file), feature_dim=model.feature_dim)
+        own, size, names, dim = (ckpt['mean'], ckpt['std']), ckpt['image_size'], ckpt.get('classes'), model.feature_dim
+        run, kind = lambda x: model(x, features=True), 'checkpoint'
+    elif path.is_file() or 'architecture' in config:
+        model, kind = timm_vit(spec, config), 'timm'
+        pretrained = config.get('pretrained_cfg', config)
+        own = (pretrained['mean'], pretrained['std']) if 'mean' in pretrained else None  # a bare state_dict has none
+        size, dim = model.patch_embed.img_size[0], model.num_features
+        names = config.get('label_names') or pretrained.get('label_names')
+
+        def run(x):  # OAL's teacher feature: timm's pre-logits (ViT: the [CLS] token after the last norm)
+            h = model.forward_head(model.forward_features(x), pre_logits=True)
+            return model.get_classifier()(h), h
     else:
-        if path.is_dir() and (path / 'last.pt').exists() and not (path / 'config.json').exists():
-            fail(f'teacher {path} has last.pt but no best.pt: pass {path / "last.pt"} to distil from its last epoch')
         from transformers import AutoImageProcessor, AutoModelForImageClassification
-        if not path.is_dir():
-            offline_if_unreachable()
         try:
-            model = AutoModelForImageClassification.from_pretrained(spec).to(device).eval().requires_grad_(False)
+            model, kind = AutoModelForImageClassification.from_pretrained(spec), 'transformers'
         except Exception as e:
-            if path.is_dir():
-                where = f'the folder {spec} is not a transformers image classifier ({type(e).__name__})'
-            elif spec.count('/') != 1 or spec.startswith(('.', '/', '~')):
-                where = 'there is no such path'
-            else:
-                where = (f'it is no local path and did not load as a hub id ({type(e).__name__}; offline?); '
-                         f'fetch it where there is a network '
-                         f'(huggingface-cli download {spec} --local-dir DIR) and pass --teacher DIR')
-            fail(f'cannot load teacher {spec!r}: {where}; or pass a transformers model folder, a run directory, '
-                 f'a .pt, or --teacher baseline')
+            where = (f'the folder {spec} is not a timm or transformers image classifier ({type(e).__name__})' if path.is_dir()
+                     else f'it is no local path and did not load as a hub id ({type(e).__name__}; offline?); fetch it '
+                          f'where there is a network (huggingface-cli download {spec} --local-dir DIR) and pass --teacher DIR')
+            fail(f'cannot load teacher {spec!r}: {where}; or pass a run directory, a .pt, or --teacher baseline')
         try:  # the teacher's own preprocessing, from its preprocessor_config.json
             processor = AutoImageProcessor.from_pretrained(spec)
-            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+            own = tuple(processor.image_mean), tuple(processor.image_std)
             size = processor.size.get('height') or processor.size.get('shortest_edge') or model.config.image_size
         except Exception:  # no preprocessor config: ViT's defaults
-            mean, std, size = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), model.config.image_size
-        size = size if isinstance(size, int) else size[0]
-        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            own, size = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), model.config.image_size
+        size, names = size if isinstance(size, int) else size[0], [model.config.id2label[i] for i in range(model.config.num_labels)]
         head = model.classifier if hasattr(model, 'classifier') else model.get_output_embeddings()
-        captured = {}
+        captured, dim = {}, head.in_features
         head.register_forward_hook(lambda module, inputs, output: captured.__setitem__('h', inputs[0]))
-        # the head's input is the pre-logit feature (ViT: the normalised [CLS] token)
-        run = lambda x: (model(pixel_values=x).logits, captured['h'])
-        info = dict(kind='transformers', name=spec, feature_dim=head.in_features)
-    if len(names or classes) != len(classes):
-        fail(f'teacher {spec} has {len(names)} classes but the dataset has {len(classes)}: pass a teacher '
-             f'trained on this dataset')
+        run = lambda x: (model(pixel_values=x).logits, captured['h'])  # the head's input: ViT's normalised [CLS]
+    model.to(device).eval().requires_grad_(False)
+    num_classes = model.num_classes if kind == 'timm' else len(names or classes)
+    if num_classes != len(classes):
+        fail(f'teacher {spec} has {num_classes} classes but the dataset has {len(classes)}: pass a teacher trained on '
+             f'this dataset')
+    if (stats or own) is None:
+        fail(f'teacher {spec} is a bare state_dict without input statistics of its own: pass --teacher-norm published')
     order = teacher_class_order(names, classes, class_order, spec)
     order = order if order is None else order.to(device)
 
-    def forward(x):
-        logits, h = run(normalize(x, mean, std, size))
-        return (logits if order is None else logits[:, order]), h
-    return forward, dict(info, image_size=size, mean=list(mean), std=list(std), num_classes=len(classes), module=model,
-                         class_order='as the dataset' if order is None else order.tolist())
+    def feeder(mean, std):
+        def forward(x):
+            logits, h = run(normalize(x, mean, std, size))
+            return (logits if order is None else logits[:, order]), h
+        return forward
+    mean, std = stats or own
+    return feeder(mean, std), dict(kind=kind, name=str(ckpt_file or spec), feature_dim=dim, image_size=size, mean=list(mean),
+                                   std=list(std), own=own and [list(own[0]), list(own[1])], num_classes=len(classes),
+                                   class_order='as the dataset' if order is None else order.tolist(), module=model,
+                                   feeder=feeder)
 
 def teacher_class_order(names, classes, mode, spec):
-    """Indices that put the teacher's logits in the dataset's class order, matched by name (case, '_' and '-'
-    ignored); None when they are in order already, or when the teacher's labels carry no names (LABEL_3, 3) or
-    mode is 'ignore': the accuracy check then catches a wrong order. Names that do not match are an error."""
+    """Indices that put the teacher's logits in the dataset's class order, matched by name (case, '_' and
+    '-' ignored); None when they are in order already, or the labels carry no names (LABEL_3, 3), or mode is
+    'ignore': the accuracy check then catches a wrong order. Names that do not match are an error."""
     canon = lambda name: ' '.join(re.split(r'[\s_\-]+', str(name).strip().lower()))
     if mode == 'ignore' or names is None or all(re.fullmatch(r'(label )?\d+', canon(n)) for n in names):
         return None
@@ -1185,26 +1238,33 @@ def teacher_class_order(names, classes, mode, spec):
     if missing or len(set(theirs)) != len(theirs):
         problem = f'no class named {missing[0]!r}' if missing else 'a label twice'
         fail(f"teacher {spec} has {problem} (its labels: {', '.join(map(str, names[:4]))}, ...): pass a teacher "
-             f"trained on this dataset, or --teacher-class-order ignore if its outputs are in the dataset's "
-             f"class order under other names")
+             f"trained on this dataset, or --teacher-class-order ignore if its outputs are in the dataset's order")
     order = [theirs.index(name) for name in ours]
     return None if order == list(range(len(ours))) else torch.tensor(order)
 
 @torch.no_grad()
-def teacher_accuracy(forward, images, labels, device, min_acc, spec, dataset, batch_size=256):
-    """The teacher's top-1 on (uint8 NHWC images, labels), stopping the run below min_acc: a teacher for other
-    data, another label order or other preprocessing shows here, before any step is spent on it."""
+def teacher_accuracy(forward, info, images, labels, device, min_acc, dataset, batch_size=256):
+    """The teacher's top-1 on (uint8 NHWC images, labels), stopping below min_acc: a teacher for other
+    data, label order or preprocessing shows here before any step is spent on it. When it is fed other
+    statistics than its own, its accuracy with its own is printed beside."""
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        x = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).to(device)
-        with autocast:
-            correct += (forward(x)[0].argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum().item()
-    accuracy = correct / len(labels)
+
+    def top1(run):
+        correct = 0
+        for i in range(0, len(labels), batch_size):
+            with autocast:
+                logits = run(torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).to(device))[0]
+            correct += (logits.argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum().item()
+        return correct / len(labels)
+    accuracy, own = top1(forward), info['own']
+    inputs = f"{info['image_size']}px, mean {[round(m, 4) for m in info['mean']]}"
+    if own and own != [info['mean'], info['std']]:
+        inputs += f"; {100 * top1(info['feeder'](*own)):.2f}% with its own statistics (--teacher-norm own)"
+    print(f"teacher {info['name']}: val top-1 {100 * accuracy:.2f}% on {dataset} (inputs {inputs})")
     if accuracy < min_acc:
-        fail(f'teacher {spec} gets {100 * accuracy:.1f}% top-1 on the {dataset} validation split, below '
-             f'--teacher-min-acc {min_acc:g}: it does not fit this data (another dataset, label order or '
-             f'preprocessing); pass the right --teacher')
+        fail(f"teacher {info['name']} gets {100 * accuracy:.1f}% top-1 on the {dataset} validation split, below "
+             f"--teacher-min-acc {min_acc:g}: it does not fit this data (another dataset, label order or input "
+             f"statistics: --teacher-norm); pass the right --teacher")
     return accuracy
 
 @torch.no_grad()
@@ -1278,10 +1338,12 @@ def add_fit_flags(f):
     f.add_argument('--check-per-class', type=POSITIVE, default=50, help='samples per class for the agreement check')
 
 def add_oal_flags(o):
-    o.add_argument('--teacher', help='transformers classifier (hub id or folder), run dir or .pt of ours, or baseline '
-                                     '(runs/<dataset>_ce_s0; the default but for CIFAR: TEACHERS)')
+    o.add_argument('--teacher', help='a run or .pt of ours, a timm or transformers model (hub id, folder, state_dict '
+                                     'file), or baseline (= runs/<dataset>_ce_s0); default TEACHERS, else baseline')
     o.add_argument('--teacher-class-order', default='auto', choices=['auto', 'ignore'],
                    help="auto: match the teacher's label names to the classes; ignore: take its outputs in order")
+    o.add_argument('--teacher-norm', default='published', choices=['published', 'own'],
+                   help="published: the teacher sees the dataset's mean/std, as OAL fed it; own: its own config's")
     o.add_argument('--teacher-min-acc', type=SHARE, default=0.5, help="stop when the teacher's val top-1 is below this")
     o.add_argument('--crop', default='published', choices=['published', 'native'],
                    help="teacher features: resize to the teacher's size, then flip and pad-crop (OAL), or crop first")
@@ -1472,6 +1534,7 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
+        CLAIMED[key] = [lock, None]  # held from now on, refused or not: this process may ask again
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
     if not blank.keys() <= manifest.keys() or manifest['script'] != script:
@@ -1482,7 +1545,7 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
     if others:
         fail(f'{flag} {out} holds files this script did not write ({", ".join(others[:3])}'
              f'{", ..." * (len(others) > 3)}): pass a new or empty folder')
-    CLAIMED[key] = [lock, manifest]
+    CLAIMED[key][1] = manifest
     for temporary in [t for t in out.rglob('*.tmp') if re.fullmatch(r'.+\.\d+\.tmp', t.name)]:
         temporary.unlink()  # a killed writer's: this process holds the lock now
     old, new = manifest['settings'] or {}, settings or {}
@@ -1532,7 +1595,7 @@ def write_atomic(path, write):
     """write(a temporary name), then rename it over path: a crash or a full disk never leaves half a file
     under the final name. In a claimed folder the entry is recorded first and is no longer stale after."""
     path = Path(path)
-    out = next((d for d in CLAIMED if d in path.resolve().parents and path.name != MANIFEST), None)
+    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents and path.name != MANIFEST), None)
     parts = path.resolve().relative_to(out).parts if out else ()
     entry = parts and parts[0] + '/' * (len(parts) > 1)
     if entry:
@@ -1585,7 +1648,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = get_args(argv)
     with user_errors(argv, drop=() if args.command == 'fit' else ('--overwrite',)):
-        {'fit': fit, 'sio': sio, 'oal': oal, 'fractals': fractals}[args.command](args)
+        {'fit': fit_pipeline, 'sio': sio, 'oal': oal, 'fractals': fractals}[args.command](args)
 
 if __name__ == '__main__':
     main()

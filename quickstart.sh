@@ -72,11 +72,11 @@ trap 'stop_lanes; rm -f "$stage_times" $lane_times' EXIT
 trap 'exit 130' INT TERM
 total_start=$(date +%s.%N)
 
-complete() { [ -f "$1/meta.json" ] && grep -q '"complete": true' "$1/meta.json"; }
+complete() { [ -f "$1/manifest.json" ] && grep -q '"complete": true' "$1/manifest.json"; }  # a finished set or pipeline
 finished() { [ -f "$work/runs/$1/log.jsonl" ] && tail -n 1 "$work/runs/$1/log.jsonl" | grep -q "^{\"epoch\": $n_epochs,"; }
 all_finished() { local s; for s in ${seeds//,/ }; do finished "$1_s$s" || return 1; done; }  # all_finished ce: runs ce_s0, ce_s1, ...
 
-[ -f "$work/pipeline/model_index.json" ] || stage fit $py generate.py fit --dataset digits --out "$work/pipeline" $fit
+complete "$work/pipeline" || stage fit $py generate.py fit --dataset digits --out "$work/pipeline" $fit
 all_finished ce || stage "ce $seeds" $py train_sio.py --dataset digits --seed "$seeds" --out "$work/runs/ce_s{seed}" $epochs
 lane1() {  # SIO
   complete "$work/sio_samples" || stage sio-images $py generate.py sio --pipeline "$work/pipeline" --dataset digits --out "$work/sio_samples" $sio

@@ -1682,7 +1682,7 @@ def test_oal_with_a_transformers_teacher_end_to_end(tiny_pipeline, vit_teacher, 
     out = tmp_path / 'outliers'
     generate.main(['oal', '--pipeline', str(tiny_pipeline), '--teacher', str(vit_teacher), '--dataset', 'digits', '--out', str(out),
                    '--iterations', '2', '--samples-per-iteration', '2', '--steps', '2', '--features-per-class', '40', '--knn-k', '10',
-                   '--knn-draws', '50', '--boundary', '5', '--repeats', '2'])
+                   '--knn-draws', '50', '--boundary', '5', '--repeats', '2', '--teacher-norm', 'own'])
     meta = json.loads((out / 'meta.json').read_text())
     assert meta['teacher']['kind'] == 'transformers' and meta['teacher']['val_acc'] > 0.8 and meta['inject'] == 'published'
     assert np.load(out / 'knn_outliers.npy').shape == (6, 20, 64)  # the ViT's 64-d [CLS] feature
@@ -1776,7 +1776,8 @@ def timm_forward(model, x, mean, std, size):
     """timm's own forward on the teacher's input: uint8 -> [0, 1] -> resized -> normalised."""
     pixels = F.interpolate(x.float() / 255, size=(size, size), mode='bilinear', align_corners=False) if x.shape[-1] != size \
         else x.float() / 255
-    pixels = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    pixels = ((pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).contiguous(
+        memory_format=torch.channels_last)  # the layout the scripts feed every network
     with torch.no_grad():
         return model(pixels), model.forward_head(model.forward_features(pixels), pre_logits=True)
 
@@ -1918,7 +1919,7 @@ def test_quickstart_stops_both_lanes_when_one_fails(tmp_path):
     fake.chmod(0o755)
     work = tmp_path / 'qs'
     (work / 'pipeline').mkdir(parents=True)
-    (work / 'pipeline' / 'model_index.json').write_text('{}')  # fit counts as done
+    (work / 'pipeline' / 'manifest.json').write_text('{"complete": true}')  # fit counts as done
     start = time.time()
     proc = subprocess.run(['bash', str(REPO / 'quickstart.sh'), str(work)], env=dict(os.environ, QUICK='1', PYTHON=str(fake)),
                           capture_output=True, text=True, timeout=60)

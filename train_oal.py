@@ -398,7 +398,8 @@ def read_images(paths, size):
 def image_folder(path, classes=None):
     """ImageFolder layout: classes = sorted sub-folders (or given ones, matched by name), files sorted."""
     if not Path(path).is_dir():
-        fail(f'{path} does not exist: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
+        fail(f'{path} does not exist or is no folder: a folder dataset needs PATH/train/<class>/* and '
+             f'PATH/val/<class>/*')
     found = sorted(d.name for d in Path(path).iterdir() if d.is_dir())
     if classes is not None and set(found) - set(classes):
         fail(f'{path} has class folder {sorted(set(found) - set(classes))[0]}, which train/ lacks: add it there or '
@@ -675,6 +676,9 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
     if not path.exists() and (ckpt_file or spec.count('/') != 1 or spec.startswith(('.', '/', '~'))):
         fail(f'cannot load teacher {spec!r}: there is no such path; pass a run directory, a .pt, a timm or transformers '
              f'model (hub id or folder), or --teacher baseline')
+    if path.is_file() and path.suffix not in ('.pt', '.bin', '.pth', '.ckpt', '.safetensors'):
+        fail(f'teacher {spec} is a file but no .pt of ours nor a state_dict (.bin .pth .ckpt .safetensors): pass its '
+             f'run folder or another --teacher')
     if not path.exists():
         offline_if_unreachable()
     config_file = None if ckpt_file or path.is_file() else hub_file(spec, 'config.json')
@@ -958,6 +962,7 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
+        CLAIMED[key] = [lock, None]  # held from now on, refused or not: this process may ask again
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
     if not blank.keys() <= manifest.keys() or manifest['script'] != script:
@@ -968,7 +973,7 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
     if others:
         fail(f'{flag} {out} holds files this script did not write ({", ".join(others[:3])}'
              f'{", ..." * (len(others) > 3)}): pass a new or empty folder')
-    CLAIMED[key] = [lock, manifest]
+    CLAIMED[key][1] = manifest
     for temporary in [t for t in out.rglob('*.tmp') if re.fullmatch(r'.+\.\d+\.tmp', t.name)]:
         temporary.unlink()  # a killed writer's: this process holds the lock now
     old, new = manifest['settings'] or {}, settings or {}
@@ -1018,7 +1023,7 @@ def write_atomic(path, write):
     """write(a temporary name), then rename it over path: a crash or a full disk never leaves half a file
     under the final name. In a claimed folder the entry is recorded first and is no longer stale after."""
     path = Path(path)
-    out = next((d for d in CLAIMED if d in path.resolve().parents and path.name != MANIFEST), None)
+    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents and path.name != MANIFEST), None)
     parts = path.resolve().relative_to(out).parts if out else ()
     entry = parts and parts[0] + '/' * (len(parts) > 1)
     if entry:

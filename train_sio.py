@@ -521,7 +521,8 @@ def read_images(paths, size):
 def image_folder(path, classes=None):
     """ImageFolder layout: classes = sorted sub-folders (or given ones, matched by name), files sorted."""
     if not Path(path).is_dir():
-        fail(f'{path} does not exist: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
+        fail(f'{path} does not exist or is no folder: a folder dataset needs PATH/train/<class>/* and '
+             f'PATH/val/<class>/*')
     found = sorted(d.name for d in Path(path).iterdir() if d.is_dir())
     if classes is not None and set(found) - set(classes):
         fail(f'{path} has class folder {sorted(set(found) - set(classes))[0]}, which train/ lacks: add it there or '
@@ -1052,6 +1053,7 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
+        CLAIMED[key] = [lock, None]  # held from now on, refused or not: this process may ask again
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
     if not blank.keys() <= manifest.keys() or manifest['script'] != script:
@@ -1062,7 +1064,7 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
     if others:
         fail(f'{flag} {out} holds files this script did not write ({", ".join(others[:3])}'
              f'{", ..." * (len(others) > 3)}): pass a new or empty folder')
-    CLAIMED[key] = [lock, manifest]
+    CLAIMED[key][1] = manifest
     for temporary in [t for t in out.rglob('*.tmp') if re.fullmatch(r'.+\.\d+\.tmp', t.name)]:
         temporary.unlink()  # a killed writer's: this process holds the lock now
     old, new = manifest['settings'] or {}, settings or {}
@@ -1112,7 +1114,7 @@ def write_atomic(path, write):
     """write(a temporary name), then rename it over path: a crash or a full disk never leaves half a file
     under the final name. In a claimed folder the entry is recorded first and is no longer stale after."""
     path = Path(path)
-    out = next((d for d in CLAIMED if d in path.resolve().parents and path.name != MANIFEST), None)
+    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents and path.name != MANIFEST), None)
     parts = path.resolve().relative_to(out).parts if out else ()
     entry = parts and parts[0] + '/' * (len(parts) > 1)
     if entry:
