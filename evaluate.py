@@ -163,6 +163,10 @@ def ash_b(h, percentile):
     top = h.topk(k, dim=1).indices
     return torch.zeros_like(h).scatter_(1, top, (h.sum(1, keepdim=True) / k).expand(-1, k))
 
+def react_clip(stats, percentile):
+    """ReAct's clip: that percentile of all ID val activations (np.percentile, as OpenOOD), once per percentile."""
+    return stats.setdefault(f'react_clip_{percentile}', float(np.percentile(stats['react_activations'], percentile)))
+
 def gen_score(p, gamma):
     """GEN: -sum over the top-M classes of p^g (1-p)^g, M = min(100, C)."""
     p = p.sort(1).values[:, -min(100, p.shape[1]):]
@@ -175,8 +179,7 @@ SCORES = {
     'tempscale': lambda z, h, s, a: F.softmax(z / s['temperature'], 1).max(1).values,
     'gen': lambda z, h, s, a: gen_score(F.softmax(z, 1), a.gen_gamma),
     'klm': lambda z, h, s, a: klm_score(F.softmax(z, 1), s['klm_means']),
-    'react': lambda z, h, s, a: energy(  # the clip: that percentile of ID val activations (np.percentile, as OpenOOD)
-        h.clamp(max=float(np.percentile(s['react_activations'], a.react_percentile))) @ s['W'].T + s['b']),
+    'react': lambda z, h, s, a: energy(h.clamp(max=react_clip(s, a.react_percentile)) @ s['W'].T + s['b']),
     'ash': lambda z, h, s, a: energy(ash_b(h, a.ash_percentile) @ s['W'].T + s['b']),
     'dice': lambda z, h, s, a: energy(h @ s['dice_W'].T + s['b']),
     'mds': lambda z, h, s, a: -mahalanobis(h, s['mds_means'], s['mds_prec']).min(1).values,
