@@ -334,6 +334,7 @@ def network_outputs(run, data, args, device, rank, world):
                      f"pass a checkpoint whose outputs are finite")
             outputs[split] = dict(logits=logits, features=features, labels=np.asarray(labels))
         if file and rank == 0 and 'source' not in outputs[split]:
+            record(args.cache, f"{run['name']}/")  # before the folder exists: a kill never leaves it unrecorded
             file.parent.mkdir(exist_ok=True)
             write_atomic(file, lambda tmp: save_npz(tmp, source=key, **outputs[split]))
             STATUS['kept'] = f'{args.cache} keeps the network outputs computed so far'
