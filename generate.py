@@ -25,7 +25,7 @@ folder's manifest, so an interrupted run started again makes only the unfinished
 exactly the files of an uninterrupted run.
 """
 import argparse
-import fcntl, fnmatch, glob, hashlib, json, math, os, re, shlex, shutil, signal, string, sys, threading, time
+import fcntl, hashlib, json, math, os, re, shlex, shutil, signal, string, sys, threading, time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -345,9 +345,11 @@ def swap_in(out, building, old):
     STATUS['kept'] = f'{out} is unfinished (its pipeline was being replaced)'
     old.mkdir(exist_ok=True)
     for new in sorted(building.iterdir()):
-        entry, manifest = new.name + '/' * new.is_dir(), CLAIMED[out.resolve()][1]
-        save_manifest(out, files=sorted(set(manifest['files']) | {entry}),
-                      stale=[e for e in manifest['stale'] if e != entry])
+        manifest = CLAIMED[out.resolve()][1]  # each file by its name, escaped as write_atomic() does
+        names = [re.sub(r'([*?[{])', r'[\1]', f.relative_to(building).as_posix()) for f in [new, *new.rglob('*')]
+                 if f.is_file()]
+        save_manifest(out, files=sorted(set(manifest['files'] + names)),
+                      stale=[e for e in manifest['stale'] if e not in names])
         if (out / new.name).exists():
             os.replace(out / new.name, old / new.name)
         os.replace(new, out / new.name)
@@ -482,7 +484,8 @@ def sio(args):
     def claim_set():
         manifest = claim(out, '--out', 'generate.py sio', settings, args.overwrite, True, 'a set', 'pass --overwrite '
                          'to start afresh, or another --out', inputs(args))
-        record(out, *[f'{c:03d}/' for c in range(len(classes))], 'meta.json', *['images.npy', 'labels.npy'] * npy)
+        record(out, f'{{000..{len(classes) - 1:03d}}}/{{0..{per_class - 1}}}.png', 'meta.json',
+               *['images.npy', 'labels.npy'] * npy)
         for c in range(len(classes)):
             (out / f'{c:03d}').mkdir(exist_ok=True)
         return verified(manifest['done'], lambda b: all(readable_image(path_of(i)) for i in batch_of(b)))
@@ -620,7 +623,9 @@ def oal(args):
     def claim_outliers():
         manifest = claim(out, '--out', 'generate.py oal', job['settings'], args.overwrite, True, 'outliers', 'pass '
                          '--overwrite to start afresh, or another --out', inputs(args))
-        record(out, 'images/', 'latents/', 'knn_outliers.npy', 'knn_meta.json', 'diffusion_outliers.npy', 'meta.json')
+        last = f'{args.iterations - 1:04d}'
+        record(out, f'images/{{0000..{last}}}_{{0..{n - 1}}}_*.png', f'latents/{{0000..{last}}}.npy',
+               'knn_outliers.npy', 'knn_meta.json', 'diffusion_outliers.npy', 'meta.json')
         for folder in ('images', 'latents'):
             (out / folder).mkdir(exist_ok=True)
         return verified(manifest['done'], lambda k: all((out / f).is_file() for i in calls_of(k) for f in files_of(i)))
@@ -736,7 +741,7 @@ def fractals(args):
     check_memory(64 * args.size ** 2, f'a {args.size}x{args.size} fractal', 'pass a smaller --size', 'cpu')
     manifest = claim(out, '--out', 'generate.py fractals', settings, args.overwrite, True, 'a fractal set', 'pass '
                      '--overwrite to start afresh, or another --out')
-    record(out, *['[0-9]' * digits + '.png' for digits in range(5, len(f'{args.count - 1:05d}') + 1)])
+    record(out, f'{{00000..{args.count - 1:05d}}}.png')
     path_of = lambda i: out / f'{i:05d}.png'
     chunk_of = lambda k: range(k * chunk, min(k * chunk + chunk, args.count))
 
@@ -1052,6 +1057,18 @@ def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_
         fail(f'{what} {file} {ckpt if isinstance(ckpt, str) else "is not a synth-ood checkpoint"}: {fix}')
     return ckpt
 
+def run_file(path, what):
+    """The checkpoint a run folder stands for, its best.pt, refused while its trainer has not finished; a
+    file as given."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    fix = f'pass {path / "best.pt"} to use it as it is'
+    manifest = read_json(path / MANIFEST, fix) if (path / MANIFEST).is_file() else {}
+    if manifest.get('complete', True) is not True:
+        fail(f'{what} {path} is unfinished (its trainer is still writing it, or was stopped): let it finish, or {fix}')
+    return path / 'best.pt'
+
 def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
     """A diffusers text-to-image pipeline from a folder or a hub id; a folder whose manifest says its
     generate.py fit did not end is refused. PNDM with skip_prk_steps is the papers' PLMS."""
@@ -1124,9 +1141,11 @@ def timm_vit(spec, config):
     'timm/vit_...' names and, given num_classes beside pretrained weights, leaves a random head) or, for
     a bare state_dict, from its keys (heads of 64 dims, as every standard ViT), then loaded strictly."""
     import timm
-    weights = Path(spec) if Path(spec).is_file() else hub_file(spec, 'model.safetensors') or hub_file(spec, 'pytorch_model.bin')
+    weights = (Path(spec) if Path(spec).is_file() else
+               hub_file(spec, 'model.safetensors') or hub_file(spec, 'pytorch_model.bin'))
     if weights is None:
-        fail(f'teacher {spec} has a timm config.json but no model.safetensors or pytorch_model.bin: fetch them beside it')
+        fail(f'teacher {spec} has a timm config.json but no model.safetensors or pytorch_model.bin: fetch them '
+             f'beside it')
     try:
         if weights.suffix == '.safetensors':
             from safetensors.torch import load_file
@@ -1142,12 +1161,14 @@ def timm_vit(spec, config):
             dim, patch = state['patch_embed.proj.weight'].shape[0], state['patch_embed.proj.weight'].shape[-1]
             grid = round(math.sqrt(state['pos_embed'].shape[1] - ('cls_token' in state)))
             model = timm.models.vision_transformer.VisionTransformer(
-                img_size=grid * patch, patch_size=patch, embed_dim=dim, num_heads=dim // 64, num_classes=len(state['head.bias']),
+                img_size=grid * patch, patch_size=patch, embed_dim=dim, num_heads=dim // 64,
+                num_classes=len(state['head.bias']),
                 depth=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),
                 mlp_ratio=len(state['blocks.0.mlp.fc1.bias']) / dim, qkv_bias='blocks.0.attn.qkv.bias' in state)
         model.load_state_dict(state)
     except Exception as e:  # weights missing or unreadable, not a ViT, keys or shapes that do not fit
-        fail(f'teacher {spec} is not a timm ViT that loads strictly ({type(e).__name__}: {" ".join(str(e).split())[:240]}):'
+        why = ' '.join(str(e).split())[:240]
+        fail(f'teacher {spec} is not a timm ViT that loads strictly ({type(e).__name__}: {why}):'
              f' pass its config.json beside the weights, or another --teacher')
     return model
 
@@ -1156,12 +1177,13 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
     input size, normalised with stats (the dataset's mean and std, as OAL fed its teachers) or, when
     stats is None, with its own (from its config or checkpoint)."""
     path = Path(spec)
-    ckpt_file = path / 'best.pt' if path.is_dir() and (path / 'best.pt').exists() else path if path.suffix == '.pt' else None
+    ckpt_file = (run_file(path, 'teacher') if path.is_dir() and (path / 'best.pt').exists() else path
+                 if path.suffix == '.pt' else None)
     if path.is_dir() and not ckpt_file and (path / 'last.pt').exists():
         fail(f'teacher {path} has last.pt but no best.pt: pass {path / "last.pt"} to distil from its last epoch')
     if not path.exists() and (ckpt_file or spec.count('/') != 1 or spec.startswith(('.', '/', '~'))):
-        fail(f'cannot load teacher {spec!r}: there is no such path; pass a run directory, a .pt, a timm or transformers '
-             f'model (hub id or folder), or --teacher baseline')
+        fail(f'cannot load teacher {spec!r}: there is no such path; pass a run directory, a .pt, a timm or '
+             f'transformers model (hub id or folder), or --teacher baseline')
     if path.is_file() and path.suffix not in ('.pt', '.bin', '.pth', '.ckpt', '.safetensors'):
         fail(f'teacher {spec} is a file but no .pt of ours nor a state_dict (.bin .pth .ckpt .safetensors): pass its '
              f'run folder or another --teacher')
@@ -1190,9 +1212,10 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
         try:
             model, kind = AutoModelForImageClassification.from_pretrained(spec), 'transformers'
         except Exception as e:
-            where = (f'the folder {spec} is not a timm or transformers image classifier ({type(e).__name__})' if path.is_dir()
-                     else f'it is no local path and did not load as a hub id ({type(e).__name__}; offline?); fetch it '
-                          f'where there is a network (huggingface-cli download {spec} --local-dir DIR) and pass --teacher DIR')
+            where = (f'the folder {spec} is not a timm or transformers image classifier ({type(e).__name__})'
+                     if path.is_dir() else
+                     f'it is no local path and did not load as a hub id ({type(e).__name__}; offline?); fetch it where '
+                     f'there is a network (huggingface-cli download {spec} --local-dir DIR) and pass --teacher DIR')
             fail(f'cannot load teacher {spec!r}: {where}; or pass a run directory, a .pt, or --teacher baseline')
         try:  # the teacher's own preprocessing, from its preprocessor_config.json
             processor = AutoImageProcessor.from_pretrained(spec)
@@ -1200,7 +1223,8 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
             size = processor.size.get('height') or processor.size.get('shortest_edge') or model.config.image_size
         except Exception:  # no preprocessor config: ViT's defaults
             own, size = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), model.config.image_size
-        size, names = size if isinstance(size, int) else size[0], [model.config.id2label[i] for i in range(model.config.num_labels)]
+        size = size if isinstance(size, int) else size[0]
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         head = model.classifier if hasattr(model, 'classifier') else model.get_output_embeddings()
         captured, dim = {}, head.in_features
         head.register_forward_hook(lambda module, inputs, output: captured.__setitem__('h', inputs[0]))
@@ -1221,10 +1245,10 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
             return (logits if order is None else logits[:, order]), h
         return forward
     mean, std = stats or own
-    return feeder(mean, std), dict(kind=kind, name=str(ckpt_file or spec), feature_dim=dim, image_size=size, mean=list(mean),
-                                   std=list(std), own=own and [list(own[0]), list(own[1])], num_classes=len(classes),
-                                   class_order='as the dataset' if order is None else order.tolist(), module=model,
-                                   feeder=feeder)
+    return feeder(mean, std), dict(kind=kind, name=str(ckpt_file or spec), feature_dim=dim, image_size=size,
+                                   mean=list(mean), std=list(std), own=own and [list(own[0]), list(own[1])],
+                                   num_classes=len(classes), module=model, feeder=feeder,
+                                   class_order='as the dataset' if order is None else order.tolist())
 
 def teacher_class_order(names, classes, mode, spec):
     """Indices that put the teacher's logits in the dataset's class order, matched by name (case, '_' and
@@ -1437,6 +1461,7 @@ def get_args(argv=None):
 # owns only what its manifest records, atomic writes, one-line interrupts, torchrun.
 
 MANIFEST = 'manifest.json'  # in every output folder: its script, settings and the entries it wrote
+PATTERN = re.compile(r'[*?[]|\{\d+\.\.\d+\}')  # a manifest entry naming more than one file
 CLAIMED = {}  # resolved output folder -> [.lock file, manifest], for each folder this process holds
 STATUS = dict(kept='nothing was written', again='')  # what an interrupt reports
 
@@ -1466,8 +1491,8 @@ def number(kind, valid, ok):
 
 POSITIVE = number(int, 'an integer >= 1', lambda v: v >= 1)
 NATURAL = number(int, 'an integer >= 0', lambda v: v >= 0)
-RATE = number(float, 'a number > 0', lambda v: 0 < v < math.inf)
-WEIGHT = number(float, 'a number >= 0', lambda v: 0 <= v < math.inf)
+RATE = number(float, 'a number > 0 that float32 holds (1e-38 to 3e38)', lambda v: 1e-38 <= v <= 3e38)
+WEIGHT = number(float, 'a number >= 0 that float32 holds (at most 3e38)', lambda v: 0 <= v <= 3e38)
 SHARE = number(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
 
 def device(name):
@@ -1476,6 +1501,8 @@ def device(name):
         kind, count = torch.device(name), torch.cuda.device_count()
     except RuntimeError:
         raise argparse.ArgumentTypeError(f'{name!r} is not a device name: pass cpu, cuda or cuda:N')
+    if kind.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'{name}: pass cpu, cuda or cuda:N')
     if kind.type == 'cuda' and (kind.index or 0) >= count:
         raise argparse.ArgumentTypeError(f'{name}: this machine has {count} CUDA device(s): pass '
                                          + (f'cuda:0 .. cuda:{count - 1}' if count else '--device cpu'))
@@ -1508,10 +1535,12 @@ def on_rank0(rank, world, work):
 def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=()):
     """Take an output folder for this process by the one rule of every folder any script writes: one
     writer (an flock on OUT/.lock, dropped at any exit); none that is, holds or lies in an input; one whose
-    manifest names another script, or that holds anything its manifest does not record, is refused
-    whatever the names; output made with other settings, or at all when continues is False (or
-    'unfinished' and complete), is refused unless overwrite, which marks it stale: the new run writes
-    over it, finish() removes the rest. Returns the manifest."""
+    manifest names another script, or that holds any file its manifest does not name, is refused; output
+    made with other settings, or at all when continues is False (or 'unfinished' and complete), is refused
+    unless overwrite, which marks it stale: the new run writes over it, finish() removes the rest. Returns
+    the manifest."""
+    if str(out) in ('', '.'):
+        fail(f'{flag} {str(out)!r} names no folder of its own: pass a folder')
     out, key = Path(out), Path(out).resolve()
     for name, path in [(name, Path(path).resolve()) for name, path in inputs if path and Path(path).exists()]:
         if key == path or path in key.parents or path.parent == key:
@@ -1537,22 +1566,27 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         CLAIMED[key] = [lock, None]  # held from now on, refused or not: this process may ask again
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
-    if not blank.keys() <= manifest.keys() or manifest['script'] != script:
-        fail(f'{flag} {out} holds a {manifest.get("script", "non-synth-ood")} folder, not a {script} one: pass '
+    kinds = dict(script=str, settings=(dict, type(None)), files=list, stale=list, done=list, complete=bool)
+    if not (all(isinstance(manifest.get(k), kind) for k, kind in kinds.items())
+            and all(isinstance(e, str) for e in manifest['files'] + manifest['stale'])
+            and all(isinstance(d, list) and len(d) == 2 and all(type(v) is int for v in d) for d in manifest['done'])):
+        fail(f'{flag} {out} has a {MANIFEST} no synth-ood script wrote as it is (damaged, or another tool\'s): pass '
              f'another {flag}')
-    others = sorted(e.name for e in out.iterdir() if e.name != '.lock' and not any(fnmatch.fnmatchcase(
-        re.sub(r'\.\d+\.tmp$', '', e.name), entry.rstrip('/')) for entry in manifest['files'] + [MANIFEST]))
+    if manifest['script'] != script:
+        fail(f'{flag} {out} holds a {manifest["script"]} folder, not a {script} one: pass another {flag}')
+    files, named = contents(out), recorded(manifest['files'] + [MANIFEST])
+    others = sorted(f for f in files if not named(re.sub(r'\.\d+\.tmp$', '', f)))
     if others:
         fail(f'{flag} {out} holds files this script did not write ({", ".join(others[:3])}'
-             f'{", ..." * (len(others) > 3)}): pass a new or empty folder')
+             f'{", ..." * (len(others) > 3)}): pass a new or empty folder, or move them out')
     CLAIMED[key][1] = manifest
-    for temporary in [t for t in out.rglob('*.tmp') if re.fullmatch(r'.+\.\d+\.tmp', t.name)]:
-        temporary.unlink()  # a killed writer's: this process holds the lock now
+    for temporary in [f for f in files if re.search(r'\.\d+\.tmp$', f)]:
+        (out / temporary).unlink()  # a killed writer's: this process holds the lock now
     old, new = manifest['settings'] or {}, settings or {}
     changed = '; '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in dict(old, **new) if old.get(k) != new.get(k))
-    made = manifest['done'] or any(p.is_file() or any(q.is_file() for q in p.rglob('*')) for e in manifest['files']
-                                   if e not in manifest['stale'] for p in out.glob(e.rstrip('/')))
-    if made and not overwrite and (changed or continues is False or continues == 'unfinished' and manifest['complete']):
+    live = recorded([e for e in manifest['files'] if e not in manifest['stale']])
+    if (manifest['done'] or any(map(live, files))) and not overwrite and (
+            changed or continues is False or continues == 'unfinished' and manifest['complete']):
         fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: {hint}')
     if overwrite or changed:
         manifest.update(settings=settings, stale=list(manifest['files']), done=[], complete=False)
@@ -1560,45 +1594,73 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         save_manifest(out)
     return manifest
 
+def contents(out):
+    """The files in an output folder, as paths relative to it, but for its lock."""
+    return [p.relative_to(out).as_posix() for p in Path(out).rglob('*') if p.is_file() and p != Path(out) / '.lock']
+
+def recorded(entries):
+    """Test whether a path relative to an output folder is named by one of a manifest's entries: a name; a
+    pattern, whose '*', '?', '[...]' stay within one part of the path and '{a..b}' is a number from a to b
+    written as wide as a; or 'name/', a folder and all in it."""
+    tests = []
+    for entry in entries:
+        regex, ranges = '', []
+        for part in re.findall(r'\{\d+\.\.\d+\}|\[!?\]?[^]]*\]|.', entry.rstrip('/'), re.S):
+            if part[0] == '{' and len(part) > 1:  # {a..b}
+                ranges.append(part[1:-1].split('..'))
+                regex += r'(\d+)'
+            elif part[0] == '[' and len(part) > 1:  # one of the characters, as fnmatch reads [...] and [!...]
+                negate = part[1] == '!'
+                regex += '[' + '^' * negate + re.sub(r'([\\^[\]])', r'\\\1', part[1 + negate:-1]) + ']'
+            else:
+                regex += {'*': '[^/]*', '?': '[^/]'}.get(part, re.escape(part))
+        tests.append((re.compile(regex + '(?:/.*)?' * entry.endswith('/'), re.S), ranges))
+    within = lambda numbers, ranges: all(n == f'{int(n):0{len(a)}d}' and int(a) <= int(n) <= int(b)
+                                         for n, (a, b) in zip(numbers, ranges))
+    return lambda path: any((m := regex.fullmatch(path)) and within(m.groups(), ranges) for regex, ranges in tests)
+
 def save_manifest(out, **changes):
     manifest = CLAIMED[Path(out).resolve()][1]
     manifest.update(changes)
     write_atomic(Path(out) / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
 
 def record(out, *entries):
-    """Enter entries in out's manifest before they are written: names, 'name/' for a folder and all in it,
-    or patterns (fnmatch). A stale folder or pattern is taken over; finish() clears what this run leaves
-    out of it."""
+    """Enter entries (see recorded()) in out's manifest before they are written. A stale pattern or folder
+    is taken over: finish() removes what this run leaves out of it."""
     manifest = CLAIMED[Path(out).resolve()][1]
-    new = [e for e in entries if not any(fnmatch.fnmatchcase(e.rstrip('/'), f.rstrip('/')) for f in manifest['files'])]
-    taken = [e for e in entries if e in manifest['stale'] and (e.endswith('/') or glob.has_magic(e))]
+    new = [e for e in entries if e not in manifest['files']]
+    taken = [e for e in entries if e in manifest['stale'] and PATTERN.search(e)]
     if new or taken:
         save_manifest(out, files=sorted(set(manifest['files'] + new)),
                       stale=[e for e in manifest['stale'] if e not in taken])
 
 def finish(out, keep=None, **changes):
-    """Record out as complete once sure this process still holds it: the previous run's stale entries go,
-    and with keep (relative paths) every other file of this run's folders and patterns."""
+    """Record out as complete once sure this process still holds it. Removed: the files only the previous
+    run's stale entries name, and with keep (relative paths) every other file this run's patterns name."""
     out = Path(out)
     lock, manifest = CLAIMED[out.resolve()]
     if not (out / '.lock').exists() or os.stat(out / '.lock').st_ino != os.fstat(lock.fileno()).st_ino:
         fail(f'{out} was removed or replaced while this ran: run the same command again')
-    for path in [p for entry in manifest['stale'] for p in out.glob(entry.rstrip('/'))]:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for entry in [e for e in manifest['files'] if keep is not None and (e.endswith('/') or glob.has_magic(e))]:
-        for path in [p for q in out.glob(entry.rstrip('/')) for p in ([q] if q.is_file() else q.rglob('*'))]:
-            if path.is_file() and str(path.relative_to(out)) not in keep:
-                path.unlink()
-    save_manifest(out, stale=[], complete=True, **changes)
+    live = [e for e in manifest['files'] if e not in manifest['stale']]
+    stale, named, patterns = recorded(manifest['stale']), recorded(live), recorded(filter(PATTERN.search, live))
+    for file in contents(out):
+        if stale(file) and not named(file) or keep is not None and patterns(file) and file not in keep:
+            (out / file).unlink()
+            for folder in (out / file).parents[:len(Path(file).parts) - 1]:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
+    save_manifest(out, files=live, stale=[], complete=True, **changes)
 
 def write_atomic(path, write):
     """write(a temporary name), then rename it over path: a crash or a full disk never leaves half a file
-    under the final name. In a claimed folder the entry is recorded first and is no longer stale after."""
+    under the final name. In a claimed folder the file is recorded first and is no longer stale after."""
     path = Path(path)
-    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents and path.name != MANIFEST), None)
-    parts = path.resolve().relative_to(out).parts if out else ()
-    entry = parts and parts[0] + '/' * (len(parts) > 1)
-    if entry:
+    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents and path.name != MANIFEST),
+               None)
+    name = out and path.resolve().relative_to(out).as_posix()
+    entry = name and re.sub(r'([*?[{])', r'[\1]', name)  # as a pattern naming just this file
+    if entry and not recorded(CLAIMED[out][1]['files'])(name):
         record(out, entry)
     tmp = Path(f'{path}.{os.getpid()}.tmp')
     try:

@@ -968,7 +968,8 @@ def test_results_continue_only_while_unfinished_and_inputs_are_checked_first(run
     evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp', '--out', str(out), '--plots', str(tmp_path / 'plots'), '--cache', str(tmp_path / 'cache')])
     manifest = json.loads((out / 'manifest.json').read_text())
     assert manifest['complete'] and set(manifest['files']) == {'results.json', 'results.md', 'results.csv', 'scores.npz'}
-    assert json.loads((tmp_path / 'cache' / 'manifest.json').read_text())['files'] == ['ce_s0/']
+    cached = sorted(f'ce_s0/{f.name}' for f in (tmp_path / 'cache' / 'ce_s0').iterdir())  # each file by its name
+    assert json.loads((tmp_path / 'cache' / 'manifest.json').read_text())['files'] == cached and len(cached) > 3
     assert json.loads((tmp_path / 'plots' / 'manifest.json').read_text())['files'] == ['msp.png']
     error = main_error(capsys, evaluate.main, runs / 'ce_s0', '--detectors', 'msp', '--out', out)
     assert 'the results of an earlier evaluation' in error and '--overwrite' in error
@@ -1360,7 +1361,7 @@ def test_sio_overwrite_replaces_the_old_images_and_removes_the_rest(tiny_pipelin
 
 
 def test_non_finite_images_latents_and_outliers_stop_in_one_line(tiny_pipeline, runs, tmp_path, capsys):
-    error = main_error(capsys, generate.main, *gen_oal_args(tiny_pipeline, runs, tmp_path / 'sigma', '--knn-sigma', '1e300'))
+    error = main_error(capsys, generate.main, *gen_oal_args(tiny_pipeline, runs, tmp_path / 'sigma', '--knn-sigma', '3e38'))
     assert '--knn-sigma' in error and 'NaN' in error
     assert not (tmp_path / 'sigma' / 'knn_outliers.npy').exists()
     assert not json.loads((tmp_path / 'sigma' / 'manifest.json').read_text())['complete']
@@ -1417,7 +1418,7 @@ def test_fractals_touch_only_their_own_pictures(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / 'set').iterdir()) == ['.lock', '00000.png', '00001.png', 'manifest.json']
     assert (tmp_path / 'set' / '00001.png').read_bytes() == first
     manifest = json.loads((tmp_path / 'set' / 'manifest.json').read_text())
-    assert manifest['done'] == [[0, 1]] and manifest['complete'] and manifest['files'] == ['[0-9][0-9][0-9][0-9][0-9].png']
+    assert manifest['done'] == [[0, 1]] and manifest['complete'] and manifest['files'] == ['{00000..00001}.png']
 
 
 def test_an_interrupt_says_what_is_kept_and_how_to_continue(tiny_pipeline, tmp_path, capsys, monkeypatch):
@@ -2355,6 +2356,38 @@ def test_overwrite_replaces_only_this_scripts_files(runs, tiny_pipeline, sio_sam
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] and not list((tmp_path / 'pipe').glob('.[bo]*'))
 
 
+def test_a_file_no_manifest_names_is_never_replaced_or_deleted(runs, tiny_pipeline, sio_samples, tmp_path, capsys):
+    """Ownership is by the manifest's names, at any depth: a user's file inside a set's class folder or a pipeline's
+    unet/, or named like a picture of ours but outside the run's range, makes the folder refused; a manifest
+    entry pointing outside the folder removes nothing there."""
+    import shutil
+    shutil.copytree(sio_samples, tmp_path / 'set')
+    per_class = json.loads((sio_samples / 'meta.json').read_text())['per_class']
+    for name in ('NOTES.txt', 'extra_by_user.png', f'{per_class}.png', f'0{per_class - 1}.png'):
+        shutil.copy(tmp_path / 'set' / '000' / '0.png', tmp_path / 'set' / '000' / name)
+        before = snapshot(tmp_path / 'set')
+        assert f'000/{name}' in main_error(capsys, generate.main, *sio_args(tiny_pipeline, tmp_path / 'set'), '--overwrite')
+        assert snapshot(tmp_path / 'set') == before
+        (tmp_path / 'set' / '000' / name).unlink()
+    shutil.copytree(tiny_pipeline, tmp_path / 'pipe')
+    (tmp_path / 'pipe' / 'unet' / 'README_mine.txt').write_text('mine')
+    fit = ['fit', '--dataset', 'digits', '--out', tmp_path / 'pipe', '--steps', '1', '--vae-steps', '1', '--overwrite']
+    assert 'unet/README_mine.txt' in main_error(capsys, generate.main, *fit)
+    assert (tmp_path / 'pipe' / 'unet' / 'README_mine.txt').read_text() == 'mine'
+    generate.main(['fractals', '--out', str(tmp_path / 'fractals'), '--count', '12', '--size', '16'])
+    shutil.copy(tmp_path / 'fractals' / '00000.png', tmp_path / 'fractals' / '00012.png')  # one past the range
+    assert '00012.png' in main_error(capsys, generate.main, 'fractals', '--out', tmp_path / 'fractals', '--count', '12',
+                                     '--size', '16')
+    shutil.copytree(runs / 'ce_s0', tmp_path / 'run')
+    (tmp_path / 'victim').mkdir()
+    (tmp_path / 'victim' / 'data.txt').write_text('precious')
+    manifest = json.loads((tmp_path / 'run' / 'manifest.json').read_text())
+    (tmp_path / 'run' / 'manifest.json').write_text(json.dumps(dict(manifest, files=manifest['files'] + ['../victim/'])))
+    train_sio.main(['--dataset', 'digits', '--epochs', '1', '--out', str(tmp_path / 'run'), '--overwrite'])
+    assert (tmp_path / 'victim' / 'data.txt').read_text() == 'precious'
+    assert json.loads((tmp_path / 'run' / 'manifest.json').read_text())['files'] == ['best.pt', 'last.pt', 'log.jsonl']
+
+
 def test_cache_follows_the_content_of_each_set(runs, tmp_path):
     from PIL import Image
     for name, seed in (('a', 0), ('b', 1)):  # two OOD folders of the same size under the same set name
@@ -2477,6 +2510,12 @@ def bad(runs, tmp_path_factory):
         (root / name / 'model_index.json').write_text('{}')
     (root / 'manifest_corrupt').mkdir()
     (root / 'manifest_corrupt' / 'manifest.json').write_text('{"script": "generate.py ')
+    run = json.loads((runs / 'ce_s0' / 'manifest.json').read_text())  # a finished run's manifest, one field damaged
+    for name, changes in (('files_text', dict(files='best.pt')), ('files_numbers', dict(files=[1, 2])),
+                          ('stale_null', dict(stale=None)), ('settings_list', dict(settings=[1])),
+                          ('done_odd', dict(done=[[1]])), ('no_script', dict(script=None))):
+        shutil.copytree(runs / 'ce_s0', root / f'manifest_{name}')
+        (root / f'manifest_{name}' / 'manifest.json').write_text(json.dumps(dict(run, **changes)))
     (root / 'binary.txt').write_bytes(b'\xff\xfe\x00\x81 not text')
     for name, count in (('a', 1), ('b', 3)):  # a folder dataset whose class a has one image
         for split in ('train', 'val'):
@@ -2774,7 +2813,7 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('train_sio', SIO.replace('{out}', '{out}/{{seed!r}}'), 'may hold only {seed}'),
     ('train_sio', SIO.replace('{out}', T + '/user_log'), 'did not write'),  # the user's log.jsonl is no run of ours
     ('train_sio', SIO.replace('{out}', T + '/user_best') + ' --overwrite', 'did not write'),  # nor the user's best.pt
-    ('train_sio', SIO.replace('{out}', T + '/user_manifest'), 'holds a non-synth-ood folder'),
+    ('train_sio', SIO.replace('{out}', T + '/user_manifest'), 'no synth-ood script wrote'),
     ('train_sio', SIO.replace('{out}', T + '/broken_manifest') + ' --overwrite', 'manifest.json is unreadable'),
     ('train_sio', SIO.replace('{out}', T + '/set_folder') + ' --overwrite', 'not a train_sio.py one'),  # another script's
     ('train_sio', SIO.replace('{out}', T + '/file_link'), 'is a file'),
@@ -2836,7 +2875,11 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('train_oal', OAL + ' --outliers ' + T + '/out_inf', 'finite'),
     ('train_oal', OAL + ' --outliers ' + T + '/out_diff_3d', 'pooled latents'),
     ('train_oal', OAL.replace('{out}', T + '/eval_folder') + ' --resume', 'not a train_oal.py one'),
-]
+    ('train_oal', OAL.replace('{runs}/ce_s0 --init', '{bad}/run_unfinished --init'), 'unfinished'),  # its trainer runs
+    ('train_oal', OAL.replace('--init {runs}/ce_s0', '--init {bad}/run_unfinished'), 'unfinished'),
+    ('generate', GEN_OAL.replace('{runs}/ce_s0', '{bad}/run_unfinished'), 'unfinished'),
+] + [('train_sio', SIO.replace('{out}', '{bad}/manifest_' + name) + ' --overwrite', 'manifest.json')
+     for name in ('files_text', 'files_numbers', 'stale_null', 'settings_list', 'done_odd', 'no_script')]
 BAD_INPUTS += BAD_INPUTS_GENERATE + BAD_INPUTS_EVALUATE + BAD_INPUTS_TRAINERS
 
 

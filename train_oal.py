@@ -18,7 +18,7 @@ upper bounds on the mutual information between outliers and the student's ID fea
 Evaluate with: python evaluate.py runs/<dataset>_oal_s0 --detectors ebo (the paper's score)
 """
 import argparse
-import fcntl, fnmatch, glob, json, math, os, random, re, shlex, shutil, signal, string, sys, threading, time
+import fcntl, json, math, os, random, re, shlex, signal, string, sys, threading, time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from tqdm import tqdm
 RECIPES = {'digits': dict(epochs=30, batch_size=64, pad=1, flip=False),  # the paper's at 224: 100 epochs, B 128
            'cifar': dict(epochs=100, batch_size=128, pad=4, flip=True)}
 MIN_LR = 1e-8  # OAL's per-iteration cosine ends at 1e-8 for the student (every group scaled by the same factor)
+TERMS = ('loss', 'ce', 'kd', 'feat', 'club_knn', 'club_diff')  # the loss and its parts, as logged
 TEACHERS = {  # OAL's teacher: a timm ViT-B/16 (ImageNet-21k) fine-tuned on the ID set at 224, from the hub
     'cifar10': 'edadaltocg/vit_base_patch16_224_in21k_ft_cifar10',  # the authors' file; model card: 98.96%
     'cifar100': 'edadaltocg/vit_base_patch16_224_in21k_ft_cifar100',  # theirs is unpublished: the closest; 93.16%
@@ -60,7 +61,8 @@ class CLUB(nn.Module):
         self.logvar = nn.Sequential(nn.Linear(d_x, 256), nn.ReLU(), nn.Linear(256, d_y), nn.Tanh())
 
     def forward(self, x, y):
-        """mean_i (pos_i - neg_i): pos_i = -sum_d (mu_i - y_i)^2 / 2 var_i, neg_i = -sum_d mean_j (y_j - mu_i)^2 / 2 var_i."""
+        """mean_i (pos_i - neg_i): pos_i = -sum_d (mu_i - y_i)^2 / 2 var_i,
+        neg_i = -sum_d mean_j (y_j - mu_i)^2 / 2 var_i."""
         mu, logvar = self.mu(x), self.logvar(x)
         pos = -((mu - y) ** 2 / 2 / logvar.exp()).sum(1)
         neg = -(((y[None, :, :] - mu[:, None, :]) ** 2).mean(1) / 2 / logvar.exp()).sum(1)
@@ -128,19 +130,22 @@ def prepare(args, device, rank, world):
                                                                      args.teacher_min_acc, args.dataset))
     inits = {seed: None if args.init == 'none' else args.init.format(seed=seed) for seed in args.seed}
     for seed, spec in inits.items():  # the student starts from a cross-entropy run, as the paper's
-        file = Path(spec) / 'best.pt' if spec and Path(spec).is_dir() else Path(spec or '.')
+        file = run_file(spec or '.', '--init')
         if spec and not file.is_file():
             fail(f'--init {spec} not found: train the cross-entropy baseline first with python train_sio.py '
                  f'--dataset {args.dataset} --out {spec}, or pass --init none to start from scratch')
         inits[seed] = spec and read_checkpoint(file, '--init')
         args.arch = args.arch or (inits[seed] or {}).get('arch')
         if spec and inits[seed]['arch'] != args.arch:
-            fail(f"--init {spec} is a {inits[seed]['arch']}, not --arch {args.arch}: drop --arch or pass a matching --init")
+            fail(f"--init {spec} is a {inits[seed]['arch']}, not --arch {args.arch}: drop --arch or pass a matching "
+                 f"--init")
     args.arch = args.arch or ('cnn' if args.dataset == 'digits' else 'resnet18')
     first = next((init for init in inits.values() if init), None)
     args.image_size = args.image_size or (first['image_size'] if first else ARCH_SIZE[args.arch])
     if args.image_size < ARCH_MIN_SIZE[args.arch]:
         fail(f'--image-size must be at least {ARCH_MIN_SIZE[args.arch]} for --arch {args.arch}, got {args.image_size}')
+    check_memory(4 * 3 * args.batch_size * args.image_size ** 2, f'a batch of {args.batch_size} images at '
+                 f'{args.image_size}x{args.image_size}', 'pass a smaller --image-size or --batch-size', args.device)
     knn, diff = load_outliers(args.outliers, args.dataset, ds['classes'], info['feature_dim'])
     tensor = lambda images: torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     data = dict(ds=ds, teacher=teacher, info=info, inits=inits, knn=knn.to(device), diff=diff.to(device),
@@ -208,7 +213,7 @@ def train_epoch(args, data, modules, student, q_params, optimizer, scheduler, se
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
     student.train()
     dt.train()
-    sums = {k: torch.zeros((), device=device) for k in ('loss', 'ce', 'kd', 'feat', 'club_knn', 'club_diff', 'correct', 'seen')}
+    sums = {k: torch.zeros((), device=device) for k in TERMS + ('correct', 'seen')}
     t0 = time.time()
     bar = tqdm(range(data['steps']), desc=f'epoch {epoch + 1}/{args.epochs}', disable=rank != 0, leave=False,
                dynamic_ncols=True)
@@ -246,27 +251,29 @@ def train_epoch(args, data, modules, student, q_params, optimizer, scheduler, se
     if world > 1:
         dist.all_reduce(stats)
     totals = dict(zip(sums, stats.tolist()))
-    return dict({k: totals[k] / totals['seen'] for k in ('loss', 'ce', 'kd', 'feat', 'club_knn', 'club_diff', 'correct')},
+    return dict({k: totals[k] / totals['seen'] for k in TERMS + ('correct',)},
                 images_per_s=totals['seen'] / seconds, seconds=seconds)
 
 def end_epoch(args, data, modules, optimizer, scheduler, state, stats, val_acc, seed, epoch, out):
     """The epoch's log row; best.pt when validation accuracy improved, last.pt (all a resume needs), log."""
-    row = dict(epoch=epoch, **{k: stats[k] for k in ('loss', 'ce', 'kd', 'feat', 'club_knn', 'club_diff')},
+    row = dict(epoch=epoch, **{k: stats[k] for k in TERMS},
                train_acc=stats['correct'], val_acc=val_acc, lr=scheduler.get_last_lr()[0],
                images_per_s=stats['images_per_s'], seconds=stats['seconds'])
     state['log'].append(row)
-    print(f"{epoch:>5} {row['loss']:>8.4f} {row['ce']:>7.4f} {row['kd']:>7.4f} {row['feat']:>7.4f} {row['club_knn']:>7.3f} "
-          f"{row['club_diff']:>7.3f} {100 * row['train_acc']:>6.2f}% {100 * val_acc:>6.2f}% {row['images_per_s']:>7.0f}")
+    print(f"{epoch:>5} {row['loss']:>8.4f} {row['ce']:>7.4f} {row['kd']:>7.4f} {row['feat']:>7.4f} "
+          f"{row['club_knn']:>7.3f} {row['club_diff']:>7.3f} {100 * row['train_acc']:>6.2f}% {100 * val_acc:>6.2f}% "
+          f"{row['images_per_s']:>7.0f}")
     ds, info, init = data['ds'], data['info'], args.init.format(seed=seed)
-    ckpt = dict(model=modules['model'].state_dict(), arch=args.arch, num_classes=len(ds['classes']), classes=ds['classes'],
-                dataset=args.dataset, image_size=args.image_size, mean=ds['mean'], std=ds['std'], epoch=epoch,
-                val_acc=val_acc, args=dict(vars(args), seed=seed, out=str(out), init=init), method='oal',
+    ckpt = dict(model=modules['model'].state_dict(), arch=args.arch, num_classes=len(ds['classes']),
+                classes=ds['classes'], dataset=args.dataset, image_size=args.image_size, mean=ds['mean'], std=ds['std'],
+                epoch=epoch, val_acc=val_acc, args=dict(vars(args), seed=seed, out=str(out), init=init), method='oal',
                 teacher=dict(name=info['name'], val_acc=info['val_acc']))
     if val_acc > state['best_val_acc']:
         state['best_val_acc'] = val_acc
         write_atomic(out / 'best.pt', lambda tmp: torch.save(ckpt, tmp))
-    last = dict(ckpt, **{k: m.state_dict() for k, m in modules.items() if k != 'model'}, optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), scaler=None, best_val_acc=state['best_val_acc'],  # bf16: no scaler
+    last = dict(ckpt, **{k: m.state_dict() for k, m in modules.items() if k != 'model'},
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=None,  # bf16: no scaler
+                best_val_acc=state['best_val_acc'],
                 run=dict(data['run'], seed=seed, init=init), log=state['log'],
                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
     write_atomic(out / 'last.pt', lambda tmp: torch.save(last, tmp))
@@ -280,14 +287,15 @@ def train(args, data, seed, out, resume, device, rank, world):
         write_log(state['log'], out)
     student = torch.compile(modules['model']) if args.compile else modules['model']
     if world > 1:
-        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == 'cuda' else None)
+        ids = [device.index] if device.type == 'cuda' else None
+        student = nn.parallel.DistributedDataParallel(student, device_ids=ids)
     stop = args.epochs if args.stop_after is None else min(args.epochs, state['epoch'] + args.stop_after)
     if rank == 0:
         print(f"{'epoch':>5} {'loss':>8} {'ce':>7} {'kd':>7} {'feat':>7} {'c_knn':>7} {'c_diff':>7} {'train':>7} "
               f"{'val':>7} {'img/s':>7}")
     for epoch in range(state['epoch'], stop):
-        stats = train_epoch(args, data, modules, student, q_params, optimizer, scheduler, seed, epoch, out, device, rank,
-                            world)
+        stats = train_epoch(args, data, modules, student, q_params, optimizer, scheduler, seed, epoch, out, device,
+                            rank, world)
         val_acc = top1(modules['model'], data['val_x'], data['val_y'], data['ds'], args.image_size, device, rank, world)
         if rank == 0:
             end_epoch(args, data, modules, optimizer, scheduler, state, stats, val_acc, seed, epoch + 1, out)
@@ -498,6 +506,16 @@ def check_set(path, flag, dataset, classes, command):
         fail(f'{path} was generated for --dataset {meta["dataset"]}, not {dataset}: generate it for this --dataset')
     return meta
 
+def check_memory(nbytes, what, fix, device_name):
+    """Refuse up front what cannot fit: nbytes against the free memory (the GPU's on a CUDA device)."""
+    if torch.device(device_name).type == 'cuda':
+        free = torch.cuda.mem_get_info(torch.device(device_name))[0]
+    else:  # Linux's estimate; elsewhere not checked
+        meminfo = Path('/proc/meminfo').read_text() if Path('/proc/meminfo').exists() else 'MemAvailable: inf'
+        free = float(re.search(r'MemAvailable:\s+(\S+)', meminfo).group(1)) * 1024
+    if nbytes > free:
+        fail(f'{what} needs {nbytes / 2 ** 30:.1f} GiB and {device_name} has {free / 2 ** 30:.1f} GiB free: {fix}')
+
 def load_outliers(folder, dataset, classes, teacher_dim):
     """The outlier folder checked before any step: finished, made for these classes and the teacher's feature
     size, finite -> (k-NN outliers of all classes pooled (N, d), diffusion outliers (M, L)) as float tensors."""
@@ -590,6 +608,18 @@ def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_
         fail(f'{what} {file} {ckpt if isinstance(ckpt, str) else "is not a synth-ood checkpoint"}: {fix}')
     return ckpt
 
+def run_file(path, what):
+    """The checkpoint a run folder stands for, its best.pt, refused while its trainer has not finished; a
+    file as given."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    fix = f'pass {path / "best.pt"} to use it as it is'
+    manifest = read_json(path / MANIFEST, fix) if (path / MANIFEST).is_file() else {}
+    if manifest.get('complete', True) is not True:
+        fail(f'{what} {path} is unfinished (its trainer is still writing it, or was stopped): let it finish, or {fix}')
+    return path / 'best.pt'
+
 @torch.no_grad()
 def top1(model, images, labels, ds, size, device, rank=0, world=1):
     """Top-1 on this rank's share of (images, labels); summed across ranks under DDP."""
@@ -638,9 +668,11 @@ def timm_vit(spec, config):
     'timm/vit_...' names and, given num_classes beside pretrained weights, leaves a random head) or, for
     a bare state_dict, from its keys (heads of 64 dims, as every standard ViT), then loaded strictly."""
     import timm
-    weights = Path(spec) if Path(spec).is_file() else hub_file(spec, 'model.safetensors') or hub_file(spec, 'pytorch_model.bin')
+    weights = (Path(spec) if Path(spec).is_file() else
+               hub_file(spec, 'model.safetensors') or hub_file(spec, 'pytorch_model.bin'))
     if weights is None:
-        fail(f'teacher {spec} has a timm config.json but no model.safetensors or pytorch_model.bin: fetch them beside it')
+        fail(f'teacher {spec} has a timm config.json but no model.safetensors or pytorch_model.bin: fetch them '
+             f'beside it')
     try:
         if weights.suffix == '.safetensors':
             from safetensors.torch import load_file
@@ -656,12 +688,14 @@ def timm_vit(spec, config):
             dim, patch = state['patch_embed.proj.weight'].shape[0], state['patch_embed.proj.weight'].shape[-1]
             grid = round(math.sqrt(state['pos_embed'].shape[1] - ('cls_token' in state)))
             model = timm.models.vision_transformer.VisionTransformer(
-                img_size=grid * patch, patch_size=patch, embed_dim=dim, num_heads=dim // 64, num_classes=len(state['head.bias']),
+                img_size=grid * patch, patch_size=patch, embed_dim=dim, num_heads=dim // 64,
+                num_classes=len(state['head.bias']),
                 depth=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),
                 mlp_ratio=len(state['blocks.0.mlp.fc1.bias']) / dim, qkv_bias='blocks.0.attn.qkv.bias' in state)
         model.load_state_dict(state)
     except Exception as e:  # weights missing or unreadable, not a ViT, keys or shapes that do not fit
-        fail(f'teacher {spec} is not a timm ViT that loads strictly ({type(e).__name__}: {" ".join(str(e).split())[:240]}):'
+        why = ' '.join(str(e).split())[:240]
+        fail(f'teacher {spec} is not a timm ViT that loads strictly ({type(e).__name__}: {why}):'
              f' pass its config.json beside the weights, or another --teacher')
     return model
 
@@ -670,12 +704,13 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
     input size, normalised with stats (the dataset's mean and std, as OAL fed its teachers) or, when
     stats is None, with its own (from its config or checkpoint)."""
     path = Path(spec)
-    ckpt_file = path / 'best.pt' if path.is_dir() and (path / 'best.pt').exists() else path if path.suffix == '.pt' else None
+    ckpt_file = (run_file(path, 'teacher') if path.is_dir() and (path / 'best.pt').exists() else path
+                 if path.suffix == '.pt' else None)
     if path.is_dir() and not ckpt_file and (path / 'last.pt').exists():
         fail(f'teacher {path} has last.pt but no best.pt: pass {path / "last.pt"} to distil from its last epoch')
     if not path.exists() and (ckpt_file or spec.count('/') != 1 or spec.startswith(('.', '/', '~'))):
-        fail(f'cannot load teacher {spec!r}: there is no such path; pass a run directory, a .pt, a timm or transformers '
-             f'model (hub id or folder), or --teacher baseline')
+        fail(f'cannot load teacher {spec!r}: there is no such path; pass a run directory, a .pt, a timm or '
+             f'transformers model (hub id or folder), or --teacher baseline')
     if path.is_file() and path.suffix not in ('.pt', '.bin', '.pth', '.ckpt', '.safetensors'):
         fail(f'teacher {spec} is a file but no .pt of ours nor a state_dict (.bin .pth .ckpt .safetensors): pass its '
              f'run folder or another --teacher')
@@ -704,9 +739,10 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
         try:
             model, kind = AutoModelForImageClassification.from_pretrained(spec), 'transformers'
         except Exception as e:
-            where = (f'the folder {spec} is not a timm or transformers image classifier ({type(e).__name__})' if path.is_dir()
-                     else f'it is no local path and did not load as a hub id ({type(e).__name__}; offline?); fetch it '
-                          f'where there is a network (huggingface-cli download {spec} --local-dir DIR) and pass --teacher DIR')
+            where = (f'the folder {spec} is not a timm or transformers image classifier ({type(e).__name__})'
+                     if path.is_dir() else
+                     f'it is no local path and did not load as a hub id ({type(e).__name__}; offline?); fetch it where '
+                     f'there is a network (huggingface-cli download {spec} --local-dir DIR) and pass --teacher DIR')
             fail(f'cannot load teacher {spec!r}: {where}; or pass a run directory, a .pt, or --teacher baseline')
         try:  # the teacher's own preprocessing, from its preprocessor_config.json
             processor = AutoImageProcessor.from_pretrained(spec)
@@ -714,7 +750,8 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
             size = processor.size.get('height') or processor.size.get('shortest_edge') or model.config.image_size
         except Exception:  # no preprocessor config: ViT's defaults
             own, size = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), model.config.image_size
-        size, names = size if isinstance(size, int) else size[0], [model.config.id2label[i] for i in range(model.config.num_labels)]
+        size = size if isinstance(size, int) else size[0]
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         head = model.classifier if hasattr(model, 'classifier') else model.get_output_embeddings()
         captured, dim = {}, head.in_features
         head.register_forward_hook(lambda module, inputs, output: captured.__setitem__('h', inputs[0]))
@@ -735,10 +772,10 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
             return (logits if order is None else logits[:, order]), h
         return forward
     mean, std = stats or own
-    return feeder(mean, std), dict(kind=kind, name=str(ckpt_file or spec), feature_dim=dim, image_size=size, mean=list(mean),
-                                   std=list(std), own=own and [list(own[0]), list(own[1])], num_classes=len(classes),
-                                   class_order='as the dataset' if order is None else order.tolist(), module=model,
-                                   feeder=feeder)
+    return feeder(mean, std), dict(kind=kind, name=str(ckpt_file or spec), feature_dim=dim, image_size=size,
+                                   mean=list(mean), std=list(std), own=own and [list(own[0]), list(own[1])],
+                                   num_classes=len(classes), module=model, feeder=feeder,
+                                   class_order='as the dataset' if order is None else order.tolist())
 
 def teacher_class_order(names, classes, mode, spec):
     """Indices that put the teacher's logits in the dataset's class order, matched by name (case, '_' and
@@ -817,11 +854,12 @@ def get_args(argv=None):
                    help="published: the teacher sees the dataset's mean/std, as OAL fed it; own: its own config's")
     p.add_argument('--teacher-min-acc', type=SHARE, default=0.5, help="stop when the teacher's val top-1 is below this")
     p.add_argument('--crop', default='published', choices=['published', 'native'],
-                   help='published: resize to the training size, then flip and pad-crop there; native: crop, then resize')
+                   help='published: resize to the training size, then flip and pad-crop there; native: crop, '
+                   'then resize')
     p.add_argument('--init', help="the student's start (default runs/<dataset>_ce_s0; 'none': scratch); {seed} allowed")
     p.add_argument('--outliers', help='folder from generate.py oal (default outliers/<dataset>)')
     p.add_argument('--arch', choices=ARCH_SIZE, help="student arch (default: the --init checkpoint's)")
-    p.add_argument('--image-size', type=POSITIVE, help="student resolution (default: --init's; the paper trains at 224)")
+    p.add_argument('--image-size', type=POSITIVE, help="student resolution (default: --init's; the paper: 224)")
     for flag, value in (('--w-kd', 4.0), ('--w-feat', 8.0), ('--w-knn', 0.1), ('--w-diff', 0.2)):
         p.add_argument(flag, type=WEIGHT, default=value, help='weight of its term in the OAL loss')
     p.add_argument('--club', default='joint', choices=['joint', 'alternating'],
@@ -852,7 +890,7 @@ def get_args(argv=None):
     args.teacher = args.teacher or TEACHERS.get(args.dataset, 'baseline')
     args.teacher = f'runs/{args.dataset}_ce_s0' if args.teacher == 'baseline' else args.teacher
     args.init, args.outliers = args.init or f'runs/{args.dataset}_ce_s0', args.outliers or f'outliers/{args.dataset}'
-    args.out = args.out or f'runs/{args.dataset}_oal_s{{seed}}'
+    args.out = f'runs/{args.dataset}_oal_s{{seed}}' if args.out is None else args.out
     template('--init', args.init, ['seed'])
     if 'seed' not in template('--out', args.out, ['seed']) and len(args.seed) > 1:
         fail(f'--seed {",".join(map(str, args.seed))} makes one run per seed: put {{seed}} in --out '
@@ -865,6 +903,7 @@ def get_args(argv=None):
 # owns only what its manifest records, atomic writes, one-line interrupts, torchrun.
 
 MANIFEST = 'manifest.json'  # in every output folder: its script, settings and the entries it wrote
+PATTERN = re.compile(r'[*?[]|\{\d+\.\.\d+\}')  # a manifest entry naming more than one file
 CLAIMED = {}  # resolved output folder -> [.lock file, manifest], for each folder this process holds
 STATUS = dict(kept='nothing was written', again='')  # what an interrupt reports
 
@@ -894,8 +933,8 @@ def number(kind, valid, ok):
 
 POSITIVE = number(int, 'an integer >= 1', lambda v: v >= 1)
 NATURAL = number(int, 'an integer >= 0', lambda v: v >= 0)
-RATE = number(float, 'a number > 0', lambda v: 0 < v < math.inf)
-WEIGHT = number(float, 'a number >= 0', lambda v: 0 <= v < math.inf)
+RATE = number(float, 'a number > 0 that float32 holds (1e-38 to 3e38)', lambda v: 1e-38 <= v <= 3e38)
+WEIGHT = number(float, 'a number >= 0 that float32 holds (at most 3e38)', lambda v: 0 <= v <= 3e38)
 SHARE = number(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
 
 def device(name):
@@ -904,6 +943,8 @@ def device(name):
         kind, count = torch.device(name), torch.cuda.device_count()
     except RuntimeError:
         raise argparse.ArgumentTypeError(f'{name!r} is not a device name: pass cpu, cuda or cuda:N')
+    if kind.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'{name}: pass cpu, cuda or cuda:N')
     if kind.type == 'cuda' and (kind.index or 0) >= count:
         raise argparse.ArgumentTypeError(f'{name}: this machine has {count} CUDA device(s): pass '
                                          + (f'cuda:0 .. cuda:{count - 1}' if count else '--device cpu'))
@@ -936,10 +977,12 @@ def on_rank0(rank, world, work):
 def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=()):
     """Take an output folder for this process by the one rule of every folder any script writes: one
     writer (an flock on OUT/.lock, dropped at any exit); none that is, holds or lies in an input; one whose
-    manifest names another script, or that holds anything its manifest does not record, is refused
-    whatever the names; output made with other settings, or at all when continues is False (or
-    'unfinished' and complete), is refused unless overwrite, which marks it stale: the new run writes
-    over it, finish() removes the rest. Returns the manifest."""
+    manifest names another script, or that holds any file its manifest does not name, is refused; output
+    made with other settings, or at all when continues is False (or 'unfinished' and complete), is refused
+    unless overwrite, which marks it stale: the new run writes over it, finish() removes the rest. Returns
+    the manifest."""
+    if str(out) in ('', '.'):
+        fail(f'{flag} {str(out)!r} names no folder of its own: pass a folder')
     out, key = Path(out), Path(out).resolve()
     for name, path in [(name, Path(path).resolve()) for name, path in inputs if path and Path(path).exists()]:
         if key == path or path in key.parents or path.parent == key:
@@ -965,22 +1008,27 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         CLAIMED[key] = [lock, None]  # held from now on, refused or not: this process may ask again
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
-    if not blank.keys() <= manifest.keys() or manifest['script'] != script:
-        fail(f'{flag} {out} holds a {manifest.get("script", "non-synth-ood")} folder, not a {script} one: pass '
+    kinds = dict(script=str, settings=(dict, type(None)), files=list, stale=list, done=list, complete=bool)
+    if not (all(isinstance(manifest.get(k), kind) for k, kind in kinds.items())
+            and all(isinstance(e, str) for e in manifest['files'] + manifest['stale'])
+            and all(isinstance(d, list) and len(d) == 2 and all(type(v) is int for v in d) for d in manifest['done'])):
+        fail(f'{flag} {out} has a {MANIFEST} no synth-ood script wrote as it is (damaged, or another tool\'s): pass '
              f'another {flag}')
-    others = sorted(e.name for e in out.iterdir() if e.name != '.lock' and not any(fnmatch.fnmatchcase(
-        re.sub(r'\.\d+\.tmp$', '', e.name), entry.rstrip('/')) for entry in manifest['files'] + [MANIFEST]))
+    if manifest['script'] != script:
+        fail(f'{flag} {out} holds a {manifest["script"]} folder, not a {script} one: pass another {flag}')
+    files, named = contents(out), recorded(manifest['files'] + [MANIFEST])
+    others = sorted(f for f in files if not named(re.sub(r'\.\d+\.tmp$', '', f)))
     if others:
         fail(f'{flag} {out} holds files this script did not write ({", ".join(others[:3])}'
-             f'{", ..." * (len(others) > 3)}): pass a new or empty folder')
+             f'{", ..." * (len(others) > 3)}): pass a new or empty folder, or move them out')
     CLAIMED[key][1] = manifest
-    for temporary in [t for t in out.rglob('*.tmp') if re.fullmatch(r'.+\.\d+\.tmp', t.name)]:
-        temporary.unlink()  # a killed writer's: this process holds the lock now
+    for temporary in [f for f in files if re.search(r'\.\d+\.tmp$', f)]:
+        (out / temporary).unlink()  # a killed writer's: this process holds the lock now
     old, new = manifest['settings'] or {}, settings or {}
     changed = '; '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in dict(old, **new) if old.get(k) != new.get(k))
-    made = manifest['done'] or any(p.is_file() or any(q.is_file() for q in p.rglob('*')) for e in manifest['files']
-                                   if e not in manifest['stale'] for p in out.glob(e.rstrip('/')))
-    if made and not overwrite and (changed or continues is False or continues == 'unfinished' and manifest['complete']):
+    live = recorded([e for e in manifest['files'] if e not in manifest['stale']])
+    if (manifest['done'] or any(map(live, files))) and not overwrite and (
+            changed or continues is False or continues == 'unfinished' and manifest['complete']):
         fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: {hint}')
     if overwrite or changed:
         manifest.update(settings=settings, stale=list(manifest['files']), done=[], complete=False)
@@ -988,45 +1036,73 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         save_manifest(out)
     return manifest
 
+def contents(out):
+    """The files in an output folder, as paths relative to it, but for its lock."""
+    return [p.relative_to(out).as_posix() for p in Path(out).rglob('*') if p.is_file() and p != Path(out) / '.lock']
+
+def recorded(entries):
+    """Test whether a path relative to an output folder is named by one of a manifest's entries: a name; a
+    pattern, whose '*', '?', '[...]' stay within one part of the path and '{a..b}' is a number from a to b
+    written as wide as a; or 'name/', a folder and all in it."""
+    tests = []
+    for entry in entries:
+        regex, ranges = '', []
+        for part in re.findall(r'\{\d+\.\.\d+\}|\[!?\]?[^]]*\]|.', entry.rstrip('/'), re.S):
+            if part[0] == '{' and len(part) > 1:  # {a..b}
+                ranges.append(part[1:-1].split('..'))
+                regex += r'(\d+)'
+            elif part[0] == '[' and len(part) > 1:  # one of the characters, as fnmatch reads [...] and [!...]
+                negate = part[1] == '!'
+                regex += '[' + '^' * negate + re.sub(r'([\\^[\]])', r'\\\1', part[1 + negate:-1]) + ']'
+            else:
+                regex += {'*': '[^/]*', '?': '[^/]'}.get(part, re.escape(part))
+        tests.append((re.compile(regex + '(?:/.*)?' * entry.endswith('/'), re.S), ranges))
+    within = lambda numbers, ranges: all(n == f'{int(n):0{len(a)}d}' and int(a) <= int(n) <= int(b)
+                                         for n, (a, b) in zip(numbers, ranges))
+    return lambda path: any((m := regex.fullmatch(path)) and within(m.groups(), ranges) for regex, ranges in tests)
+
 def save_manifest(out, **changes):
     manifest = CLAIMED[Path(out).resolve()][1]
     manifest.update(changes)
     write_atomic(Path(out) / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
 
 def record(out, *entries):
-    """Enter entries in out's manifest before they are written: names, 'name/' for a folder and all in it,
-    or patterns (fnmatch). A stale folder or pattern is taken over; finish() clears what this run leaves
-    out of it."""
+    """Enter entries (see recorded()) in out's manifest before they are written. A stale pattern or folder
+    is taken over: finish() removes what this run leaves out of it."""
     manifest = CLAIMED[Path(out).resolve()][1]
-    new = [e for e in entries if not any(fnmatch.fnmatchcase(e.rstrip('/'), f.rstrip('/')) for f in manifest['files'])]
-    taken = [e for e in entries if e in manifest['stale'] and (e.endswith('/') or glob.has_magic(e))]
+    new = [e for e in entries if e not in manifest['files']]
+    taken = [e for e in entries if e in manifest['stale'] and PATTERN.search(e)]
     if new or taken:
         save_manifest(out, files=sorted(set(manifest['files'] + new)),
                       stale=[e for e in manifest['stale'] if e not in taken])
 
 def finish(out, keep=None, **changes):
-    """Record out as complete once sure this process still holds it: the previous run's stale entries go,
-    and with keep (relative paths) every other file of this run's folders and patterns."""
+    """Record out as complete once sure this process still holds it. Removed: the files only the previous
+    run's stale entries name, and with keep (relative paths) every other file this run's patterns name."""
     out = Path(out)
     lock, manifest = CLAIMED[out.resolve()]
     if not (out / '.lock').exists() or os.stat(out / '.lock').st_ino != os.fstat(lock.fileno()).st_ino:
         fail(f'{out} was removed or replaced while this ran: run the same command again')
-    for path in [p for entry in manifest['stale'] for p in out.glob(entry.rstrip('/'))]:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for entry in [e for e in manifest['files'] if keep is not None and (e.endswith('/') or glob.has_magic(e))]:
-        for path in [p for q in out.glob(entry.rstrip('/')) for p in ([q] if q.is_file() else q.rglob('*'))]:
-            if path.is_file() and str(path.relative_to(out)) not in keep:
-                path.unlink()
-    save_manifest(out, stale=[], complete=True, **changes)
+    live = [e for e in manifest['files'] if e not in manifest['stale']]
+    stale, named, patterns = recorded(manifest['stale']), recorded(live), recorded(filter(PATTERN.search, live))
+    for file in contents(out):
+        if stale(file) and not named(file) or keep is not None and patterns(file) and file not in keep:
+            (out / file).unlink()
+            for folder in (out / file).parents[:len(Path(file).parts) - 1]:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
+    save_manifest(out, files=live, stale=[], complete=True, **changes)
 
 def write_atomic(path, write):
     """write(a temporary name), then rename it over path: a crash or a full disk never leaves half a file
-    under the final name. In a claimed folder the entry is recorded first and is no longer stale after."""
+    under the final name. In a claimed folder the file is recorded first and is no longer stale after."""
     path = Path(path)
-    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents and path.name != MANIFEST), None)
-    parts = path.resolve().relative_to(out).parts if out else ()
-    entry = parts and parts[0] + '/' * (len(parts) > 1)
-    if entry:
+    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents and path.name != MANIFEST),
+               None)
+    name = out and path.resolve().relative_to(out).as_posix()
+    entry = name and re.sub(r'([*?[{])', r'[\1]', name)  # as a pattern naming just this file
+    if entry and not recorded(CLAIMED[out][1]['files'])(name):
         record(out, entry)
     tmp = Path(f'{path}.{os.getpid()}.tmp')
     try:
@@ -1082,16 +1158,18 @@ def main(argv=None):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         data = prepare(args, device, rank, world)
         outs = {seed: Path(args.out.format(seed=seed)) for seed in args.seed}
-        inputs = [('--teacher run', args.teacher), ('--outliers set', args.outliers), ('--openood-root', args.openood_root)]
+        inputs = [('--teacher run', args.teacher), ('--outliers set', args.outliers),
+                  ('--openood-root', args.openood_root)]
 
         def claim_runs():  # every seed's folder before the first step: none is refused half-way
             resumable = {}
             for seed, out in outs.items():
                 run = {('--' + k.replace('_', '-') if k in vars(args) else k): v for k, v in data['run'].items()}
                 init = args.init.format(seed=seed)
-                manifest = claim(out, '--out', 'train_oal.py', dict(run, **{'--seed': seed, '--init': init}), args.overwrite,
-                                 args.resume, 'a run', 'pass --resume to continue it, --overwrite to start afresh, or '
-                                 'another --out', inputs + [('--init run', init if init != 'none' else None)])
+                manifest = claim(out, '--out', 'train_oal.py', dict(run, **{'--seed': seed, '--init': init}),
+                                 args.overwrite, args.resume, 'a run', 'pass --resume to continue it, --overwrite to '
+                                 'start afresh, or another --out',
+                                 inputs + [('--init run', init if init != 'none' else None)])
                 resumable[seed] = 'last.pt' in set(manifest['files']) - set(manifest['stale']) and \
                     (out / 'last.pt').exists()
             return resumable

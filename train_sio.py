@@ -17,7 +17,7 @@ Without --synthetic it is the plain cross-entropy baseline (and the teacher / in
     torchrun --nproc_per_node=4 train_sio.py --dataset cifar100 --synthetic PATH
 """
 import argparse
-import fcntl, fnmatch, glob, json, math, os, random, re, shlex, shutil, signal, string, sys, threading, time
+import fcntl, json, math, os, random, re, shlex, signal, string, sys, threading, time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -250,6 +250,8 @@ def prepare(args, device, rank):
     pictures. Sets that fit in memory become uint8 tensors on the training device."""
     ds = load_dataset(args.dataset, args.data_root, args.openood_root, args.classes)
     args.image_size = args.image_size or (ds['image_size'] if args.dataset == 'digits' else ARCH_SIZE[args.arch])
+    check_memory(4 * 3 * args.batch_size * args.image_size ** 2, f'a batch of {args.batch_size} images at '
+                 f'{args.image_size}x{args.image_size}', 'pass a smaller --image-size or --batch-size', args.device)
     in_memory = not args.dataset.startswith('folder:')
     size = ds['image_size'] if in_memory else args.image_size  # in memory: native size, resized on the device
     meta = check_set(args.synthetic, '--synthetic', args.dataset, ds['classes'], 'sio') if args.synthetic else None
@@ -358,7 +360,8 @@ def train_epoch(args, data, net, optimizer, scheduler, seed, epoch, out, device,
         with autocast:
             logits = net(normalize(x, data['ds']['mean'], data['ds']['std'], args.image_size))
             loss = method_loss(args.method, logits.float(), y, args.tau, args.oe_weight, mix_labels, lam)
-        check_finite(loss, epoch, step, out, world, lambda: 'lower --lr, or check the data')
+        check_finite(loss, epoch, step, out, world, lambda: f'lower --lr {args.lr:g}'
+                     + f', raise --tau {args.tau:g}' * (args.method == 'logitnorm') + ', or check the data')
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -944,7 +947,8 @@ def get_args(argv=None):
     if args.resume and args.overwrite:
         fail('--resume continues the run in --out and --overwrite starts it afresh: pass one of them')
     tag = args.dataset.replace(':', '_').replace('/', '_')
-    args.out = args.out or f"runs/{tag}_{args.method}{'_sio' if args.synthetic else ''}_s{{seed}}"
+    if args.out is None:
+        args.out = f"runs/{tag}_{args.method}{'_sio' if args.synthetic else ''}_s{{seed}}"
     if 'seed' not in template('--out', args.out, ['seed']) and len(args.seed) > 1:
         fail(f'--seed {",".join(map(str, args.seed))} makes one run per seed: put {{seed}} in --out '
              f'(e.g. {args.out}_s{{seed}})')
@@ -956,6 +960,7 @@ def get_args(argv=None):
 # owns only what its manifest records, atomic writes, one-line interrupts, torchrun.
 
 MANIFEST = 'manifest.json'  # in every output folder: its script, settings and the entries it wrote
+PATTERN = re.compile(r'[*?[]|\{\d+\.\.\d+\}')  # a manifest entry naming more than one file
 CLAIMED = {}  # resolved output folder -> [.lock file, manifest], for each folder this process holds
 STATUS = dict(kept='nothing was written', again='')  # what an interrupt reports
 
@@ -985,8 +990,8 @@ def number(kind, valid, ok):
 
 POSITIVE = number(int, 'an integer >= 1', lambda v: v >= 1)
 NATURAL = number(int, 'an integer >= 0', lambda v: v >= 0)
-RATE = number(float, 'a number > 0', lambda v: 0 < v < math.inf)
-WEIGHT = number(float, 'a number >= 0', lambda v: 0 <= v < math.inf)
+RATE = number(float, 'a number > 0 that float32 holds (1e-38 to 3e38)', lambda v: 1e-38 <= v <= 3e38)
+WEIGHT = number(float, 'a number >= 0 that float32 holds (at most 3e38)', lambda v: 0 <= v <= 3e38)
 SHARE = number(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
 
 def device(name):
@@ -995,6 +1000,8 @@ def device(name):
         kind, count = torch.device(name), torch.cuda.device_count()
     except RuntimeError:
         raise argparse.ArgumentTypeError(f'{name!r} is not a device name: pass cpu, cuda or cuda:N')
+    if kind.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'{name}: pass cpu, cuda or cuda:N')
     if kind.type == 'cuda' and (kind.index or 0) >= count:
         raise argparse.ArgumentTypeError(f'{name}: this machine has {count} CUDA device(s): pass '
                                          + (f'cuda:0 .. cuda:{count - 1}' if count else '--device cpu'))
@@ -1027,10 +1034,12 @@ def on_rank0(rank, world, work):
 def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=()):
     """Take an output folder for this process by the one rule of every folder any script writes: one
     writer (an flock on OUT/.lock, dropped at any exit); none that is, holds or lies in an input; one whose
-    manifest names another script, or that holds anything its manifest does not record, is refused
-    whatever the names; output made with other settings, or at all when continues is False (or
-    'unfinished' and complete), is refused unless overwrite, which marks it stale: the new run writes
-    over it, finish() removes the rest. Returns the manifest."""
+    manifest names another script, or that holds any file its manifest does not name, is refused; output
+    made with other settings, or at all when continues is False (or 'unfinished' and complete), is refused
+    unless overwrite, which marks it stale: the new run writes over it, finish() removes the rest. Returns
+    the manifest."""
+    if str(out) in ('', '.'):
+        fail(f'{flag} {str(out)!r} names no folder of its own: pass a folder')
     out, key = Path(out), Path(out).resolve()
     for name, path in [(name, Path(path).resolve()) for name, path in inputs if path and Path(path).exists()]:
         if key == path or path in key.parents or path.parent == key:
@@ -1056,22 +1065,27 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         CLAIMED[key] = [lock, None]  # held from now on, refused or not: this process may ask again
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
-    if not blank.keys() <= manifest.keys() or manifest['script'] != script:
-        fail(f'{flag} {out} holds a {manifest.get("script", "non-synth-ood")} folder, not a {script} one: pass '
+    kinds = dict(script=str, settings=(dict, type(None)), files=list, stale=list, done=list, complete=bool)
+    if not (all(isinstance(manifest.get(k), kind) for k, kind in kinds.items())
+            and all(isinstance(e, str) for e in manifest['files'] + manifest['stale'])
+            and all(isinstance(d, list) and len(d) == 2 and all(type(v) is int for v in d) for d in manifest['done'])):
+        fail(f'{flag} {out} has a {MANIFEST} no synth-ood script wrote as it is (damaged, or another tool\'s): pass '
              f'another {flag}')
-    others = sorted(e.name for e in out.iterdir() if e.name != '.lock' and not any(fnmatch.fnmatchcase(
-        re.sub(r'\.\d+\.tmp$', '', e.name), entry.rstrip('/')) for entry in manifest['files'] + [MANIFEST]))
+    if manifest['script'] != script:
+        fail(f'{flag} {out} holds a {manifest["script"]} folder, not a {script} one: pass another {flag}')
+    files, named = contents(out), recorded(manifest['files'] + [MANIFEST])
+    others = sorted(f for f in files if not named(re.sub(r'\.\d+\.tmp$', '', f)))
     if others:
         fail(f'{flag} {out} holds files this script did not write ({", ".join(others[:3])}'
-             f'{", ..." * (len(others) > 3)}): pass a new or empty folder')
+             f'{", ..." * (len(others) > 3)}): pass a new or empty folder, or move them out')
     CLAIMED[key][1] = manifest
-    for temporary in [t for t in out.rglob('*.tmp') if re.fullmatch(r'.+\.\d+\.tmp', t.name)]:
-        temporary.unlink()  # a killed writer's: this process holds the lock now
+    for temporary in [f for f in files if re.search(r'\.\d+\.tmp$', f)]:
+        (out / temporary).unlink()  # a killed writer's: this process holds the lock now
     old, new = manifest['settings'] or {}, settings or {}
     changed = '; '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in dict(old, **new) if old.get(k) != new.get(k))
-    made = manifest['done'] or any(p.is_file() or any(q.is_file() for q in p.rglob('*')) for e in manifest['files']
-                                   if e not in manifest['stale'] for p in out.glob(e.rstrip('/')))
-    if made and not overwrite and (changed or continues is False or continues == 'unfinished' and manifest['complete']):
+    live = recorded([e for e in manifest['files'] if e not in manifest['stale']])
+    if (manifest['done'] or any(map(live, files))) and not overwrite and (
+            changed or continues is False or continues == 'unfinished' and manifest['complete']):
         fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: {hint}')
     if overwrite or changed:
         manifest.update(settings=settings, stale=list(manifest['files']), done=[], complete=False)
@@ -1079,45 +1093,73 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         save_manifest(out)
     return manifest
 
+def contents(out):
+    """The files in an output folder, as paths relative to it, but for its lock."""
+    return [p.relative_to(out).as_posix() for p in Path(out).rglob('*') if p.is_file() and p != Path(out) / '.lock']
+
+def recorded(entries):
+    """Test whether a path relative to an output folder is named by one of a manifest's entries: a name; a
+    pattern, whose '*', '?', '[...]' stay within one part of the path and '{a..b}' is a number from a to b
+    written as wide as a; or 'name/', a folder and all in it."""
+    tests = []
+    for entry in entries:
+        regex, ranges = '', []
+        for part in re.findall(r'\{\d+\.\.\d+\}|\[!?\]?[^]]*\]|.', entry.rstrip('/'), re.S):
+            if part[0] == '{' and len(part) > 1:  # {a..b}
+                ranges.append(part[1:-1].split('..'))
+                regex += r'(\d+)'
+            elif part[0] == '[' and len(part) > 1:  # one of the characters, as fnmatch reads [...] and [!...]
+                negate = part[1] == '!'
+                regex += '[' + '^' * negate + re.sub(r'([\\^[\]])', r'\\\1', part[1 + negate:-1]) + ']'
+            else:
+                regex += {'*': '[^/]*', '?': '[^/]'}.get(part, re.escape(part))
+        tests.append((re.compile(regex + '(?:/.*)?' * entry.endswith('/'), re.S), ranges))
+    within = lambda numbers, ranges: all(n == f'{int(n):0{len(a)}d}' and int(a) <= int(n) <= int(b)
+                                         for n, (a, b) in zip(numbers, ranges))
+    return lambda path: any((m := regex.fullmatch(path)) and within(m.groups(), ranges) for regex, ranges in tests)
+
 def save_manifest(out, **changes):
     manifest = CLAIMED[Path(out).resolve()][1]
     manifest.update(changes)
     write_atomic(Path(out) / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
 
 def record(out, *entries):
-    """Enter entries in out's manifest before they are written: names, 'name/' for a folder and all in it,
-    or patterns (fnmatch). A stale folder or pattern is taken over; finish() clears what this run leaves
-    out of it."""
+    """Enter entries (see recorded()) in out's manifest before they are written. A stale pattern or folder
+    is taken over: finish() removes what this run leaves out of it."""
     manifest = CLAIMED[Path(out).resolve()][1]
-    new = [e for e in entries if not any(fnmatch.fnmatchcase(e.rstrip('/'), f.rstrip('/')) for f in manifest['files'])]
-    taken = [e for e in entries if e in manifest['stale'] and (e.endswith('/') or glob.has_magic(e))]
+    new = [e for e in entries if e not in manifest['files']]
+    taken = [e for e in entries if e in manifest['stale'] and PATTERN.search(e)]
     if new or taken:
         save_manifest(out, files=sorted(set(manifest['files'] + new)),
                       stale=[e for e in manifest['stale'] if e not in taken])
 
 def finish(out, keep=None, **changes):
-    """Record out as complete once sure this process still holds it: the previous run's stale entries go,
-    and with keep (relative paths) every other file of this run's folders and patterns."""
+    """Record out as complete once sure this process still holds it. Removed: the files only the previous
+    run's stale entries name, and with keep (relative paths) every other file this run's patterns name."""
     out = Path(out)
     lock, manifest = CLAIMED[out.resolve()]
     if not (out / '.lock').exists() or os.stat(out / '.lock').st_ino != os.fstat(lock.fileno()).st_ino:
         fail(f'{out} was removed or replaced while this ran: run the same command again')
-    for path in [p for entry in manifest['stale'] for p in out.glob(entry.rstrip('/'))]:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for entry in [e for e in manifest['files'] if keep is not None and (e.endswith('/') or glob.has_magic(e))]:
-        for path in [p for q in out.glob(entry.rstrip('/')) for p in ([q] if q.is_file() else q.rglob('*'))]:
-            if path.is_file() and str(path.relative_to(out)) not in keep:
-                path.unlink()
-    save_manifest(out, stale=[], complete=True, **changes)
+    live = [e for e in manifest['files'] if e not in manifest['stale']]
+    stale, named, patterns = recorded(manifest['stale']), recorded(live), recorded(filter(PATTERN.search, live))
+    for file in contents(out):
+        if stale(file) and not named(file) or keep is not None and patterns(file) and file not in keep:
+            (out / file).unlink()
+            for folder in (out / file).parents[:len(Path(file).parts) - 1]:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
+    save_manifest(out, files=live, stale=[], complete=True, **changes)
 
 def write_atomic(path, write):
     """write(a temporary name), then rename it over path: a crash or a full disk never leaves half a file
-    under the final name. In a claimed folder the entry is recorded first and is no longer stale after."""
+    under the final name. In a claimed folder the file is recorded first and is no longer stale after."""
     path = Path(path)
-    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents and path.name != MANIFEST), None)
-    parts = path.resolve().relative_to(out).parts if out else ()
-    entry = parts and parts[0] + '/' * (len(parts) > 1)
-    if entry:
+    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents and path.name != MANIFEST),
+               None)
+    name = out and path.resolve().relative_to(out).as_posix()
+    entry = name and re.sub(r'([*?[{])', r'[\1]', name)  # as a pattern naming just this file
+    if entry and not recorded(CLAIMED[out][1]['files'])(name):
         record(out, entry)
     tmp = Path(f'{path}.{os.getpid()}.tmp')
     try:
