@@ -28,6 +28,9 @@ import argparse
 import fcntl, hashlib, json, math, os, re, shlex, shutil, signal, string, sys, threading, time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+if __name__ == '__main__':  # Ctrl-C while the libraries below load ends in one line as well
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print('\ninterrupted while starting: nothing was written',
+                                                           file=sys.stderr) or 130))
 
 import numpy as np
 import torch
@@ -367,11 +370,16 @@ def fit_pipeline(args):
     check_memory(3 * ds['train'][0].size * 4, f'the {args.dataset} training set as float', 'use a pretrained '
                  'pipeline', args.device)
     before = read_json(out / MANIFEST, 'pass another --out') if (out / MANIFEST).is_file() else None
-    claim(out, '--out', 'generate.py fit', {k: getattr(args, k) for k in FIT_FLAGS}, args.overwrite, 'unfinished',
-          'a pipeline made by generate.py fit', 'pass --overwrite to replace it once the new one is complete, or '
-          'another --out')
+    settings, scratch = {k: getattr(args, k) for k in FIT_FLAGS}, ['.building/', '.old/']
+    # --overwrite of a finished pipeline claims it as it is: on disk it stays complete, and in use, until the swap
+    replacing = args.overwrite and before and before.get('complete') is True and isinstance(before.get('settings'), dict)
+    manifest = claim(out, '--out', 'generate.py fit', before['settings'] if replacing else settings,
+                     args.overwrite and not replacing, True if replacing else 'unfinished', 'a pipeline made by '
+                     'generate.py fit', 'pass --overwrite to replace it once the new one is complete, or another --out')
     building, old = out / '.building', out / '.old'
-    record(out, '.building/', '.old/')
+    record(out, *scratch)  # nothing is written if the manifest names them already
+    if replacing:  # the new settings go to disk with the swap's first entry
+        manifest.update(settings=settings, stale=[e for e in manifest['files'] if e not in scratch], complete=False)
     for leftover in (building, old):  # a killed fit's; this process holds the folder now
         shutil.rmtree(leftover, ignore_errors=True)
     STATUS['kept'] = f'{out} is as it was' + (' (the pipeline in it unchanged)' if before else '')
@@ -909,9 +917,14 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
         position = {all_classes.index(n): i for i, n in enumerate(names)}
         keep = [j for j, y in enumerate(labels) if y in position]
         return [files[j] for j in keep], np.array([position[labels[j]] for j in keep], dtype=np.int64)
+    train, val = select(train_files, train_y, classes), select(*val[:2], classes)
+    for split, (_, labels) in (('train', train), ('val', val)):  # val picks best.pt: it must see every class
+        if missing := [c for i, c in enumerate(classes) if i not in labels]:
+            fail(f'{root / split} has no image of class {missing[0]}: add some, or leave the class out '
+                 f'(--classes FILE)')
     other = [c for c in all_classes if c not in classes]
-    return dict(train=select(train_files, train_y, classes), val=select(*val[:2], classes), classes=classes,
-                test=select(*test[:2], classes), other_classes=select(*test[:2], other)[0] if other else [],
+    return dict(train=train, val=val, classes=classes, test=select(*test[:2], classes),
+                other_classes=select(*test[:2], other)[0] if other else [],
                 image_size=224, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1])
 
 # Class names in prompts, and the files generate.py writes.
@@ -1682,7 +1695,8 @@ def user_errors(argv, add=(), drop=()):
     words = [a for a in argv if a not in drop] + [a for a in add if a not in argv]
     STATUS.update(kept='nothing was written', again=shlex.join(['python', Path(__file__).name] + words))
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
+    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+    previous = [signal.signal(s, signal.default_int_handler) for s in signals]
     try:
         yield
     except KeyboardInterrupt:
@@ -1692,8 +1706,8 @@ def user_errors(argv, add=(), drop=()):
     except BadImage as e:  # from a worker, the message is the last line of its traceback's text
         fail(str(e).strip().splitlines()[-1].split('BadImage: ')[-1])
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in zip(signals, previous):
+            signal.signal(s, handler)
 
 def setup_distributed(device_name):
     """torchrun's environment -> (rank, world, device): NCCL on CUDA, else gloo; one process without it."""

@@ -1322,6 +1322,24 @@ def test_an_interrupted_fit_is_refused_until_it_is_run_again(tiny_pipeline, tmp_
     generate.main(sio_args(tmp_path / 'pipe', tmp_path / 'set', '--per-class', '1'))
 
 
+def test_fit_overwrite_killed_before_its_swap_leaves_the_old_pipeline_complete_and_in_use(tiny_pipeline, tmp_path,
+                                                                                          one_thread):
+    import shutil
+    old = json.loads((tiny_pipeline / 'manifest.json').read_text())
+    for n in range(1, 30):
+        shutil.rmtree(tmp_path / 'pipe', ignore_errors=True)
+        shutil.copytree(tiny_pipeline, tmp_path / 'pipe')
+        assert killed_after_write(n, generate.main, fit_args(tmp_path / 'pipe', '--seed', '7', '--overwrite'))
+        manifest = json.loads((tmp_path / 'pipe' / 'manifest.json').read_text())
+        if manifest['settings']['seed'] == 7:  # the swap has begun: unfinished from here on
+            assert not manifest['complete'] and n > 1
+            break
+        assert manifest == old, n
+        generate.load_pipeline(str(tmp_path / 'pipe'), torch.device('cpu'), 'fp32')  # still the old one, complete
+    generate.main(fit_args(tmp_path / 'pipe', '--seed', '7', '--overwrite'))  # the same command ends it
+    assert json.loads((tmp_path / 'pipe' / 'fit.json').read_text())['args']['seed'] == 7
+
+
 def test_a_huge_set_starts_without_checking_every_path(tiny_pipeline, tmp_path, monkeypatch):
     checked, readable = [], generate.readable_image
     monkeypatch.setattr(generate, 'readable_image', lambda path: checked.append(path) or readable(path))
@@ -2330,6 +2348,15 @@ def test_interrupts_are_one_line_with_the_command_that_continues(tmp_path):
         assert kept.startswith(f'interrupted: {out}/last.pt holds epoch') and command.startswith('python train_sio.py ')
         train_sio.main(command.split()[2:] + ['--stop-after', '1'])  # the printed command continues where it stopped
         assert json.loads((out / 'log.jsonl').read_text().splitlines()[-1])['epoch'] in (epoch + 1, epoch + 2)
+    for script in SCRIPTS:  # Ctrl-C while torch loads, before main(): one line too
+        proc = subprocess.Popen([sys.executable, str(REPO / script), '--help'], env=OFFLINE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        while 'numpy' not in Path(f'/proc/{proc.pid}/maps').read_text():  # past the handler, into the libraries
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 130 and err.split() and 'Traceback' not in err and 'interrupted' in err, err[-2000:]
 
 
 def test_overwrite_replaces_only_this_scripts_files(runs, tiny_pipeline, sio_samples, tmp_path, capsys):
@@ -2840,6 +2867,7 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('train_sio', SIO + ' --method pixmix --mixing-set ' + T + '/oe_float.npy', 'no images found'),
     ('train_sio', SIO.replace('digits', 'folder:' + T + '/folder_test_extra'), 'which train/ lacks'),
     ('train_sio', SIO.replace('digits', 'folder:' + T + '/folder_no_val'), 'val'),
+    ('train_sio', SIO.replace('digits', 'folder:' + T + '/folder_val_lacks_b'), 'no image of class b'),
     ('train_sio', SIO.replace('{out}', T + '/eval_folder') + ' --resume', 'not a train_sio.py one'),
     ('train_oal', OAL + ' --w-knn inf', '--w-knn'),
     ('train_oal', OAL + ' --w-diff -0.1', '--w-diff'),
@@ -2951,6 +2979,11 @@ def bad_trainer_inputs(bad, runs):
             Image.fromarray(images[0]).save(root / 'folder_test_extra' / split / name / '0.png')
     (root / 'folder_no_val' / 'train' / 'a').mkdir(parents=True)
     Image.fromarray(images[0]).save(root / 'folder_no_val' / 'train' / 'a' / '0.png')
+    for split, names in (('train', ['a', 'b']), ('val', ['a'])):  # val/b is there but empty
+        (root / 'folder_val_lacks_b' / split / 'b').mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (root / 'folder_val_lacks_b' / split / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[0]).save(root / 'folder_val_lacks_b' / split / name / '0.png')
     vit = tiny_timm_vit()
     save_timm(vit, root / 'timm_no_weights')
     (root / 'timm_no_weights' / 'pytorch_model.bin').unlink()
