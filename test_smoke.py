@@ -928,7 +928,7 @@ def test_openood_trees_score_two_seeds_on_its_lists(tmp_path, capsys):
             assert {name: len(scores[f'{seeds.name}_s1/msp/{name}']) for name in {**near, **far}} == {**near, **far}
             assert len(scores[f'{seeds.name}_s0/msp/id']) == id_count
     picks = json.loads((tmp_path / 'eval_cifar10' / 'results.json').read_text())['_meta']['aps']
-    assert picks['ood'] == 'val_tin (OpenOOD list)' and picks['picks'][f'cifar10_resnet18_base_default_s0']['knn']['knn_k'] == 50
+    assert picks['ood'] == 'val_tin (OpenOOD list)' and picks['picks']['cifar10_resnet18_base_default_s0']['knn']['knn_k'] == 50
     assert 'images_largescale/imagenet_1k' not in capsys.readouterr().err  # ImageNet's train list is not needed by msp / ebo
 
 
@@ -2522,6 +2522,9 @@ def bad(runs, tmp_path_factory):
     ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
     torch.save(dict(ckpt, model=dict(ckpt['model'], **{'fc.bias': torch.full((6,), float('nan'))})), root / 'nan.pt')
     torch.save(dict(ckpt, arch='resnet18'), root / 'wrong_arch.pt')
+    torch.save(dict(ckpt, model={k: v for k, v in ckpt['model'].items() if k != 'fc.bias'}), root / 'no_fc_bias.pt')
+    torch.save(dict(ckpt, image_size=True), root / 'bool_size.pt')
+    torch.save(dict(ckpt, image_size=10 ** 6), root / 'huge_size.pt')
     torch.save(dict(ckpt, std=(0.0, 0.0, 0.0)), root / 'zero_std.pt')
     torch.save(ckpt['model'], root / 'foreign.ckpt')  # a state_dict, as OpenOOD saves them, of no ResNet
     (root / 'openood_lists_only' / 'benchmark_imglist' / 'imagenet').mkdir(parents=True)
@@ -2906,6 +2909,11 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('train_oal', OAL.replace('{runs}/ce_s0 --init', '{bad}/run_unfinished --init'), 'unfinished'),  # its trainer runs
     ('train_oal', OAL.replace('--init {runs}/ce_s0', '--init {bad}/run_unfinished'), 'unfinished'),
     ('generate', GEN_OAL.replace('{runs}/ce_s0', '{bad}/run_unfinished'), 'unfinished'),
+    ('train_oal', OAL.replace('--teacher {runs}/ce_s0', '--teacher {bad}/no_fc_bias.pt'), 'holds no cnn'),
+    ('train_oal', OAL.replace('--init {runs}/ce_s0', '--init {bad}/wrong_arch.pt'), 'holds no resnet18'),
+    ('train_oal', OAL.replace('--teacher {runs}/ce_s0', '--teacher {bad}/bool_size.pt'), 'image_size'),
+    ('train_oal', OAL.replace('--init {runs}/ce_s0', '--init {bad}/huge_size.pt'), 'image_size'),
+    ('generate', GEN_OAL.replace('{runs}/ce_s0', '{bad}/no_fc_bias.pt'), 'holds no cnn'),
 ] + [('train_sio', SIO.replace('{out}', '{bad}/manifest_' + name) + ' --overwrite', 'manifest.json')
      for name in ('files_text', 'files_numbers', 'stale_null', 'settings_list', 'done_odd', 'no_script')]
 BAD_INPUTS += BAD_INPUTS_GENERATE + BAD_INPUTS_EVALUATE + BAD_INPUTS_TRAINERS
@@ -2922,7 +2930,6 @@ def snapshot(path):
 @pytest.fixture(scope='session')
 def bad_trainer_inputs(bad, runs):
     """More broken inputs for the trainers, in bad/t (so the snapshot of bad covers them)."""
-    import shutil
     from PIL import Image
     root = bad / 't'
     images, labels = digits_train_set()

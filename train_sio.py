@@ -20,9 +20,10 @@ import argparse
 import fcntl, json, math, os, random, re, shlex, signal, string, sys, threading, time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-if __name__ == '__main__':  # Ctrl-C while the libraries below load ends in one line as well
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(print('\ninterrupted while starting: nothing was written',
-                                                           file=sys.stderr) or 130))
+if __name__ == '__main__':  # Ctrl-C while the libraries below load: one line, and out at once (an exception
+    # raised inside a C extension's import would surface as that library's ImportError instead)
+    signal.signal(signal.SIGINT, lambda *_: (print('\ninterrupted while starting: nothing was written',
+                                                   file=sys.stderr, flush=True), os._exit(130)))
 
 import numpy as np
 import torch
@@ -831,14 +832,33 @@ def normalize(x, mean, std, size):
     return x.contiguous(memory_format=torch.channels_last)
 
 def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_sio.py or train_oal.py'):
-    """torch.load with one line for a file that is cut short, not a checkpoint, or not one of ours."""
+    """torch.load with one line for a file that is cut short, not a checkpoint, not one of ours, or one whose
+    fields or weights do not make the Net it names."""
     try:
         ckpt = torch.load(file, map_location='cpu', weights_only=False)
     except Exception as e:  # truncated zip, pickle garbage, empty file...
         ckpt = f'cannot be read ({type(e).__name__}; cut short?)'
     if not isinstance(ckpt, dict) or not {'model', 'arch', 'num_classes', 'dataset'} <= ckpt.keys():
         fail(f'{what} {file} {ckpt if isinstance(ckpt, str) else "is not a synth-ood checkpoint"}: {fix}')
+    try:  # every field a run needs, of the right kind
+        mean, std = (np.asarray(ckpt[k], dtype=np.float64) for k in ('mean', 'std'))
+        usable = (ckpt['arch'] in ARCH_SIZE and isinstance(ckpt['dataset'], str) and isinstance(ckpt['classes'], list)
+                  and len(ckpt['classes']) == ckpt['num_classes']
+                  and type(ckpt['image_size']) is int and ARCH_MIN_SIZE[ckpt['arch']] <= ckpt['image_size'] <= 2048
+                  and mean.shape == std.shape == (3,) and np.isfinite(mean).all() and (std > 0).all())
+    except (KeyError, TypeError, ValueError):
+        usable = False
+    if not usable or not weights_fit(ckpt['model'], ckpt['arch'], ckpt['num_classes']):
+        why = (f"holds no {ckpt['arch']} with {ckpt['num_classes']} classes" if usable else
+               'lacks a usable arch, dataset, classes, image_size, mean or std')
+        fail(f'{what} {file} {why}: {fix}')
     return ckpt
+
+def weights_fit(state, arch, num_classes):
+    """Whether state has exactly the keys and shapes of Net(arch, num_classes)'s state_dict."""
+    expected = Net(arch, num_classes).state_dict() if type(num_classes) is int and num_classes > 0 else {}
+    return isinstance(state, dict) and state.keys() == expected.keys() and all(
+        isinstance(state[k], torch.Tensor) and state[k].shape == v.shape for k, v in expected.items())
 
 @torch.no_grad()
 def accuracy(model, images, labels, args, ds, device, rank=0, world=1):
