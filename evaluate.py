@@ -15,7 +15,7 @@ penultimate features, with statistics fitted only for the detectors asked for.
     python evaluate.py torchvision:resnet50 --dataset imagenet --openood-root data --aps openood
     torchrun --nproc_per_node=4 evaluate.py runs/c100_sio_s0    # rank-sharded network passes
 
-Detectors: msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim (SPEC section 4).
+Detectors: msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim (OpenOOD v1.5's).
 """
 import argparse
 import csv, fcntl, hashlib, json, math, os, re, shlex, signal, sys, threading, time
@@ -39,7 +39,7 @@ TRAIN_DETECTORS = {'dice', 'mds', 'rmds', 'knn', 'vim'}  # fitted on the ID trai
 METRICS = ['FPR95', 'AUROC', 'AUPR_IN', 'AUPR_OUT', 'ACC', 'FPR95_ID']
 METRIC_TITLES = dict(FPR95='FPR@95', AUROC='AUROC', AUPR_IN='AUPR-In', AUPR_OUT='AUPR-Out', ACC='ACC',
                      FPR95_ID='FPR95(ID+)')
-# OpenOOD v1.5's benchmarks (SPEC 4): OOD sets named as their lists test_<name>.txt, the ID classes and
+# OpenOOD v1.5's benchmarks: OOD sets named as their lists test_<name>.txt, the ID classes and
 # the validation OOD list val_<name>.txt of its parameter search
 CIFAR_FAR = ['mnist', 'svhn', 'texture', 'places365']
 IMAGENET_OOD = dict(near=['ssb_hard', 'ninco'], far=['inaturalist', 'textures', 'openimage_o'], val_ood='openimage_o')
@@ -972,7 +972,7 @@ def run_file(path, what):
     return path / 'best.pt'
 
 
-# Checkpoints: our runs (SPEC 1), OpenOOD v1.5's (openood:PATH) and torchvision's (torchvision:NAME),
+# Checkpoints: our runs (best.pt, last.pt), OpenOOD v1.5's (openood:PATH) and torchvision's (torchvision:NAME),
 # all loaded strictly into Net. OpenOOD's ResNet18_32x32 has torchvision's resnet18 keys with a 3x3
 # conv1, no max-pool and `shortcut` for `downsample`; its ResNet18_224x224 and ResNet50 are torchvision's.
 TORCHVISION = {'resnet18': 'ResNet18_Weights', 'resnet50': 'ResNet50_Weights'}  # their IMAGENET1K_V1

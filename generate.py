@@ -71,7 +71,7 @@ def knn_outliers(class_feats, k=300, select=50, sigma=0.07, draws=1500, keep=2, 
                  generator=None):
     """(select * keep * repeats, d) unit-norm outlier embeddings around one class's low-density boundary."""
     X = F.normalize(class_feats.float(), dim=1)
-    k = min(k, len(X) - 1)  # SPEC 3.3: clipped to n - 1 for small classes
+    k = min(k, len(X) - 1)  # clipped to n - 1 for small classes (the papers are silent)
     boundary = X[kth_distance(X, X, k).topk(select).indices]  # the most isolated points, most isolated first
     out = []
     for _ in range(repeats):
@@ -556,7 +556,7 @@ def end_sio(args, ds, names, pipe, done, npy, out, t0, made):
 
 def check_class_sizes(args, labels, classes):
     """The k-NN sampler against the smallest class: every class gives as many teacher features as it (OAL stacks
-    them); K is clipped to n - 1 (SPEC 3.3), the boundary cannot be."""
+    them); K is clipped to n - 1, the boundary cannot be."""
     sizes = np.bincount(labels, minlength=len(classes))
     c = int(sizes.argmin())
     n, where = min(args.features_per_class, int(sizes[c])), f'class {classes[c]} has {sizes[c]} training images'
@@ -1386,7 +1386,7 @@ def add_fit_flags(f):
     f.add_argument('--unet-channels', type=number(str, 'a comma list of multiples of 8 (GroupNorm with 8 groups), '
                    'e.g. 16,32', lambda v: all(c.strip().isdigit() and int(c) >= 8 and int(c) % 8 == 0
                                                for c in v.split(','))),
-                   help='UNet level widths (default 16,16 for digits: 93-99%% agreement over 5 seeds; else 16,32)')
+                   help='UNet level widths (default 16,16 for digits: 94-99.7%% agreement over 5 seeds; else 16,32)')
     f.add_argument('--vae-channels', type=number(int, 'a multiple of 8 (GroupNorm with 8 groups)',
                                                  lambda v: v >= 8 and v % 8 == 0), default=16)
     f.add_argument('--text-dim', type=number(int, 'an even integer >= 2 (two attention heads)',
@@ -1409,7 +1409,7 @@ def add_oal_flags(o):
                    help="published: the first token of OAL's CIFAR-100 label of the class; fixed: the prompt's class")
     o.add_argument('--features-per-class', type=POSITIVE, default=500)
     o.add_argument('--knn-select', default='faithful', choices=['faithful', 'fixed'],
-                   help='faithful = the published (mis)indexing (SPEC 3.3)')
+                   help='faithful = the published (mis)indexing of the OAL code')
     o.add_argument('--knn-k', type=POSITIVE, default=300)
     o.add_argument('--knn-sigma', type=RATE, default=0.07)
     o.add_argument('--knn-draws', type=POSITIVE, default=1500, help='Gaussian candidates per boundary point')

@@ -526,7 +526,7 @@ def test_evaluate_writes_every_output(evaluated):
 
 
 def test_detectors_match_their_formulas(runs, evaluated):
-    """Each detector's score recomputed from the cached logits/features with numpy, from SPEC section 4."""
+    """Each detector's score recomputed from the cached logits/features with numpy, from OpenOOD's definitions."""
     cache = {s: np.load(evaluated / 'cache' / 'ce_s0' / f'{s}.npz') for s in ('train', 'val', 'id')}
     scores = np.load(evaluated / 'cached1' / 'scores.npz')
     ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
@@ -1134,7 +1134,7 @@ def test_sio_hub_id_offline_is_one_line(tmp_path, capsys):
 
 
 def brute_force_knn(points, k, select, sigma, draws, keep, seed):
-    """The k-NN sampler of SPEC 3.3 written out with numpy loops, returning (candidates, scores, boundary order)."""
+    """The OAL code's k-NN sampler written out with numpy loops, returning (candidates, scores, boundary order)."""
     X = points / np.linalg.norm(points, axis=1, keepdims=True)
     k = min(k, len(X) - 1)
     kth = lambda q: np.sort(((q[:, None, :] - X[None]) ** 2).sum(-1), axis=1)[:, k - 1]
@@ -1582,8 +1582,8 @@ def save_vit(model, folder, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
 
 def train_vit_teacher(folder, epochs=60, seed=0):
     """A small ViT (2 layers, 64-d, 2x2 patches) trained on the digits training split at 8x8 with the digits
-    recipe's augmentation and saved as a transformers folder: a teacher that is not our CNN. Also the command
-    behind README's transformers-teacher rows: python -c "import test_smoke; test_smoke.train_vit_teacher('teachers/digits_vit')"."""
+    recipe's augmentation and saved as a transformers folder: a teacher that is not our CNN. To try one with
+    train_oal.py --teacher: python -c "import test_smoke; test_smoke.train_vit_teacher('teachers/digits_vit')"."""
     from transformers import ViTConfig, ViTForImageClassification
     ds = train_sio.load_dataset('digits')
     torch.manual_seed(seed)

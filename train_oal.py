@@ -82,7 +82,7 @@ def kl_teacher_student(student_logits, teacher_logits):
     return F.kl_div(F.log_softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1), reduction='batchmean')
 
 def oal_loss(z_s, h_s, y, z_t, dt_h_t, o_knn, o_diff, club_knn, club_diff, args):
-    """The OAL objective (SPEC 3.5), term by term; returns (total, {term: value})."""
+    """The OAL objective, term by term; returns (total, {term: value})."""
     terms = dict(
         ce=F.cross_entropy(z_s, y),
         kd=kl_teacher_student(z_s, z_t),

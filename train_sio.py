@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# The papers' recipes per kind of dataset (SPEC 2); every flag overrides its entry.
+# The papers' recipes per kind of dataset; every flag overrides its entry.
 RECIPES = {
     'cifar': dict(epochs=200, batch_size=128, lr=0.1, weight_decay=5e-4, nesterov=True, alpha=0.8, pad=4, flip=True),
     'folder': dict(epochs=60, batch_size=256, lr=0.1, weight_decay=1e-4, nesterov=False, alpha=0.9, pad=0, flip=True),
@@ -603,7 +603,7 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
                 image_size=224, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1])
 
 
-# Synthetic ID sets (SPEC 1): images.npy + labels.npy, or <class index, zero-padded>/<n>.png + meta.json.
+# Synthetic ID sets: images.npy + labels.npy, or <class index, zero-padded>/<n>.png + meta.json.
 
 def load_npy(file, mmap_mode=None):
     """np.load with one line for a truncated or pickled (object) array (mmap_mode='r': read as used)."""

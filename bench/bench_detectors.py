@@ -5,7 +5,7 @@ Fits and scores each detector alone on N train rows of D-dim ReLU features aroun
 every detector holds anyway (resident memory on a CPU, allocated GPU memory on CUDA). ODIN needs a
 network and is left out.
 
-    python bench/bench_detectors.py 200000,2048,1000           # README's table (2-core CPU)
+    python bench/bench_detectors.py 200000,2048,1000           # RESULTS.md, detectors at scale
     python bench/bench_detectors.py 1281167,2048,1000,1000     # ImageNet-1K's train set (~16 GB held)
     python bench/bench_detectors.py 2000,64,10,300 --detectors msp,knn --device cuda
 The flags after the shape are evaluate.py's detector flags (--detectors, --knn-k, --vim-dim, ...).
