@@ -651,6 +651,18 @@ def test_evaluate_errors(runs, tmp_path, capsys):
     assert 'extra' in error and f'--far extra={tmp_path}/none does not exist' in error  # a folder named by hand must be there
 
 
+def test_a_checkpoint_with_tensor_statistics_scores_as_with_floats(runs, tmp_path):
+    """mean/std saved as tensors (a checkpoint written by hand) are read as the floats our runs save."""
+    ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
+    (tmp_path / 'ck').mkdir()
+    torch.save(dict(ckpt, mean=torch.tensor(ckpt['mean']), std=torch.tensor(ckpt['std'])), tmp_path / 'ck' / 'tensors.pt')
+    torch.save(ckpt, tmp_path / 'ck' / 'floats.pt')
+    for name in ('tensors', 'floats'):
+        evaluate.main([str(tmp_path / 'ck' / f'{name}.pt'), '--detectors', 'msp', '--out', str(tmp_path / f'eval_{name}')])
+    results = [json.loads((tmp_path / f'eval_{n}' / 'results.json').read_text()) for n in ('tensors', 'floats')]
+    assert results[0]['msp'] == results[1]['msp'] and results[0]['msp']['near']['AUROC'] > 50
+
+
 def test_scoring_is_float32_by_default_and_bf16_on_request(runs, evaluated, tmp_path):
     """fp32 outputs equal a plain float32 forward; --bf16 is keyed apart in the cache and moves the outputs a little."""
     import shutil

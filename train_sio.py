@@ -852,7 +852,7 @@ def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_
         why = (f"holds no {ckpt['arch']} with {ckpt['num_classes']} classes" if usable else
                'lacks a usable arch, dataset, classes, image_size, mean or std')
         fail(f'{what} {file} {why}: {fix}')
-    return ckpt
+    return dict(ckpt, mean=tuple(mean.tolist()), std=tuple(std.tolist()))  # tensors or arrays become plain floats
 
 def weights_fit(state, arch, num_classes):
     """Whether state has exactly the keys and shapes of Net(arch, num_classes)'s state_dict."""
