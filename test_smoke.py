@@ -2538,6 +2538,8 @@ def bad(runs, tmp_path_factory):
     torch.save(dict(ckpt, image_size=True), root / 'bool_size.pt')
     torch.save(dict(ckpt, image_size=10 ** 6), root / 'huge_size.pt')
     torch.save(dict(ckpt, std=(0.0, 0.0, 0.0)), root / 'zero_std.pt')
+    torch.save(dict(ckpt, std=(float('inf'), 1.0, 1.0)), root / 'inf_std.pt')
+    torch.save(dict(ckpt, classes=ckpt['classes'][:3]), root / 'three_names.pt')  # 6 outputs, 3 class names
     torch.save(ckpt['model'], root / 'foreign.ckpt')  # a state_dict, as OpenOOD saves them, of no ResNet
     (root / 'openood_lists_only' / 'benchmark_imglist' / 'imagenet').mkdir(parents=True)
     for split in ('val', 'test'):
@@ -2817,6 +2819,8 @@ BAD_INPUTS_EVALUATE = [  # evaluate.py: more kinds of bad input
     ('evaluate', '{bad}/tensor.pt --out {out}', 'not a synth-ood checkpoint'),
     ('evaluate', '{bad}/wrong_arch.pt --out {out}', 'holds no resnet18'),
     ('evaluate', '{bad}/zero_std.pt --out {out}', 'usable arch, dataset, classes, image_size, mean or std'),
+    ('evaluate', '{bad}/inf_std.pt --out {out}', 'usable arch, dataset, classes, image_size, mean or std'),
+    ('evaluate', '{bad}/three_names.pt --out {out}', 'usable arch, dataset, classes, image_size, mean or std'),
     ('evaluate', 'openood:{bad}/foreign.ckpt --out {out}', '--dataset'),
     ('evaluate', 'openood:{bad}/foreign.ckpt --dataset cifar10 --out {out}', 'fits none'),
     ('evaluate', 'openood:{bad}/no_images --dataset cifar10 --out {out}', 's<seed>/best.ckpt'),

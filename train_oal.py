@@ -621,7 +621,7 @@ def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_
         usable = (ckpt['arch'] in ARCH_SIZE and isinstance(ckpt['dataset'], str) and isinstance(ckpt['classes'], list)
                   and len(ckpt['classes']) == ckpt['num_classes']
                   and type(ckpt['image_size']) is int and ARCH_MIN_SIZE[ckpt['arch']] <= ckpt['image_size'] <= 2048
-                  and mean.shape == std.shape == (3,) and np.isfinite(mean).all() and (std > 0).all())
+                  and mean.shape == std.shape == (3,) and np.isfinite(np.r_[mean, std]).all() and (std > 0).all())
     except (KeyError, TypeError, ValueError):
         usable = False
     if not usable or not weights_fit(ckpt['model'], ckpt['arch'], ckpt['num_classes']):
