@@ -301,8 +301,10 @@ def prepare(args, device, rank):
 def needs_train(args):
     return bool(TRAIN_DETECTORS & set(args.detectors))
 
-def claim_outputs(args, settings, data):
-    """--out, --plots and --cache, each taken by the one rule (none is, holds or lies in an input)."""
+def claim_outputs(args, settings, data, step):
+    """--out, --plots and --cache by the one rule (none is, holds or lies in an input). step 'check': all three
+    checked, nothing made; 'cache': the cache taken, before the network passes; 'results': --out and --plots
+    taken, once every image has been read."""
     inputs = [(f"run {run['name']}", run['folder']) for runs in settings.values() for run in runs] + [
         (f'--{group} {name} folder', path) for group in ('near', 'far') for name, path in getattr(args, group)] + [
         ('--aps-ood folder', args.aps_ood), ('--openood-root folder', args.openood_root),
@@ -312,12 +314,13 @@ def claim_outputs(args, settings, data):
         {'--' + k.replace('_', '-'): v for k, v in vars(args).items() if k not in skip}, dataset=data['dataset'],
         runs={s: [run['source'] for run in runs] for s, runs in settings.items()})))
     for flag, folder, made in (('--out', args.out, 'results'), ('--plots', args.plots, 'plots')):
-        if folder:
+        if folder and step != 'cache':
             claim(folder, flag, 'evaluate.py' + ' plots' * (made == 'plots'), made_by, args.overwrite, 'unfinished',
                   f'the {made} of an earlier evaluation', f'pass --overwrite to replace them, or another {flag}',
-                  inputs)
-    if args.cache:  # entries keyed by their content: any evaluation continues it
-        claim(args.cache, '--cache', 'evaluate.py cache', None, False, True, 'a cache', 'pass another --cache', inputs)
+                  inputs, step == 'check')
+    if args.cache and step != 'results':  # entries keyed by their content: any evaluation continues it
+        claim(args.cache, '--cache', 'evaluate.py cache', None, False, True, 'a cache', 'pass another --cache', inputs,
+              step == 'check')
 
 def network_outputs(run, data, args, device, rank, world):
     """Logits and features of every split the detectors need, from the cache where its key (weights,
@@ -651,7 +654,7 @@ def image_folder(path, classes=None):
              f'remove it')
     classes = found if classes is None else classes
     files = [(str(f), classes.index(c)) for c in found for f in sorted((Path(path) / c).rglob('*'))
-             if f.suffix.lower() in IMAGE_EXTENSIONS]
+             if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]  # not a folder, pipe or device so named
     return [f for f, _ in files], np.array([y for _, y in files], dtype=np.int64), classes
 
 def subset_classes(spec, classes):
@@ -763,7 +766,7 @@ def read_batch(items):
 def image_files(path):
     """Every image file under a folder, searched recursively, as sorted strings ([] when it is no folder)."""
     files = Path(path).rglob('*') if Path(path).is_dir() else []
-    return sorted(str(f) for f in files if f.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(str(f) for f in files if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
 
 def folder_images(flag, path, what='images'):
     """A folder named on the command line (flag: '--far NAME=PATH', '--aps-ood PATH'): its image files."""
@@ -951,6 +954,9 @@ def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_
         why = (f"holds no {ckpt['arch']} with {ckpt['num_classes']} classes" if usable else
                'lacks a usable arch, dataset, classes, image_size, mean or std')
         fail(f'{what} {file} {why}: {fix}')
+    if broken := next((k for k, v in ckpt['model'].items() if not (v.is_floating_point() and torch.isfinite(v).all()
+                                                                    or k.endswith('num_batches_tracked'))), None):
+        fail(f'{what} {file} has NaN, infinite or integer weights ({broken}): {fix}')
     return dict(ckpt, mean=tuple(mean.tolist()), std=tuple(std.tolist()))  # tensors or arrays become plain floats
 
 def weights_fit(state, arch, num_classes):
@@ -1080,6 +1086,8 @@ def ood_folder(text):
     name, _, path = text.partition('=')
     if not name or not path:
         raise argparse.ArgumentTypeError(f'takes NAME=PATH (e.g. tin=data/tin), got {text!r}')
+    if not re.fullmatch(r'\w[\w.+-]*', name):  # it names files in --cache and --out
+        raise argparse.ArgumentTypeError(f'NAME {name!r} must be letters, digits and . _ + - (e.g. tin=data/tin)')
     if name in RESERVED:
         raise argparse.ArgumentTypeError(f'{name} is reserved (it names a split or a row: {", ".join(RESERVED)}): '
                                          f'pick another NAME')
@@ -1169,7 +1177,7 @@ def get_args(argv=None):
 MANIFEST = 'manifest.json'  # in every output folder: its script, settings and the entries it wrote
 PATTERN = re.compile(r'[*?[]|\{\d+\.\.\d+\}')  # a manifest entry naming more than one file
 CLAIMED = {}  # resolved output folder -> [.lock file, manifest], for each folder this process holds
-STATUS = dict(kept='nothing was written', again='')  # what an interrupt reports
+STATUS = dict(kept='nothing was written', again='', stop=False)  # what an interrupt reports; one was asked for
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors as the same one line, flag first
@@ -1238,30 +1246,38 @@ def on_rank0(rank, world, work):
         sys.exit(shared[0])
     return shared[1]
 
-def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=()):
+def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=(), dry=False):
     """Take an output folder for this process by the one rule of every folder any script writes: one
     writer (an flock on OUT/.lock, dropped at any exit); none that is, holds or lies in an input; one whose
     manifest names another script, or that holds any file its manifest does not name, is refused; output
     made with other settings, or at all when continues is False (or 'unfinished' and complete), is refused
-    unless overwrite, which marks it stale: the new run writes over it, finish() removes the rest. Returns
-    the manifest."""
+    unless overwrite, which marks it stale: the new run writes over it, finish() removes the rest. Every
+    check runs before the folder is made or locked; dry=True stops there (several folders: check them all
+    before taking the first). Returns the manifest."""
     if str(out) in ('', '.'):
         fail(f'{flag} {str(out)!r} names no folder of its own: pass a folder')
-    out, key = Path(out), Path(out).resolve()
-    for name, path in [(name, Path(path).resolve()) for name, path in inputs if path and Path(path).exists()]:
-        if key == path or path in key.parents or path.parent == key:
-            fail(f"{flag} {out} {'is' if key == path else 'lies in' if path in key.parents else 'holds'} the {name} "
-                 f'{path}: pass another {flag}')
-    if out.exists() and not out.is_dir():
-        fail(f'{flag} {out} is a file, not a folder: pass a folder')
+    out = Path(out)
+    try:
+        key = out.resolve()
+        for name, path in [(name, Path(path).resolve()) for name, path in inputs if path and Path(path).exists()]:
+            if key == path or path in key.parents or path.parent == key:
+                fail(f"{flag} {out} {'is' if key == path else 'lies in' if path in key.parents else 'holds'} the "
+                     f'{name} {path}: pass another {flag}')
+        if key == Path(key.anchor) or out.exists() and not out.is_dir():
+            fail(f'{flag} {out} is {"a file" if out.is_file() else "not a folder of its own"}: pass a folder')
+        if out.is_dir():
+            inspect(out, flag, script, settings, overwrite, continues, what, hint)
+    except (OSError, RuntimeError) as e:  # a name too long, a loop of links, a folder that cannot be read
+        fail(f'{flag} {out} cannot be used ({getattr(e, "strerror", None) or e}): pass another {flag}')
+    if dry:
+        return None
     lock = CLAIMED.get(key, [None])[0]
     if not (lock and (out / '.lock').exists() and os.stat(out / '.lock').st_ino == os.fstat(lock.fileno()).st_ino):
         try:
             out.mkdir(parents=True, exist_ok=True)
-            lock = open(out / '.lock', 'a+')
+            lock = os.fdopen(os.open(out / '.lock', os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), 'r+')
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
             fail(f'{out} is in use by another process (pid {lock.read().strip() or "?"}): wait for it to end, '
                  f'or pass another {flag}')
         except OSError as e:
@@ -1270,6 +1286,18 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         lock.write(str(os.getpid()))
         lock.flush()
         CLAIMED[key] = [lock, None]  # held from now on, refused or not: this process may ask again
+    manifest, files, changed = inspect(out, flag, script, settings, overwrite, continues, what, hint)  # locked now
+    CLAIMED[key][1] = manifest
+    for temporary in [f for f in files if re.search(r'\.\d+\.tmp$', f)]:
+        (out / temporary).unlink()  # a killed writer's: this process holds the lock now
+    if overwrite or changed:
+        manifest.update(settings=settings, stale=list(manifest['files']), done=[], complete=False)
+    if overwrite or changed or not (out / MANIFEST).exists():  # else nothing is written yet
+        save_manifest(out)
+    return manifest
+
+def inspect(out, flag, script, settings, overwrite, continues, what, hint):
+    """claim()'s checks of a folder's contents -> (manifest, files, changed settings); nothing is written."""
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
     kinds = dict(script=str, settings=(dict, type(None)), files=list, stale=list, done=list, complete=bool)
@@ -1281,28 +1309,24 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
     if manifest['script'] != script:
         fail(f'{flag} {out} holds a {manifest["script"]} folder, not a {script} one: pass another {flag}')
     files, named = contents(out), recorded(manifest['files'] + [MANIFEST])
-    others = sorted(f for f in files if not named(re.sub(r'\.\d+\.tmp$', '', f)))
+    lock = out / '.lock'  # ours holds a pid or nothing
+    others = ['.lock'] * (lock.is_symlink() or lock.exists() and not re.fullmatch(r'\d*', lock.read_text().strip()))
+    others += sorted(f for f in files if not named(re.sub(r'\.\d+\.tmp$', '', f)))
     if others:
         fail(f'{flag} {out} holds files this script did not write ({", ".join(others[:3])}'
              f'{", ..." * (len(others) > 3)}): pass a new or empty folder, or move them out')
-    CLAIMED[key][1] = manifest
-    for temporary in [f for f in files if re.search(r'\.\d+\.tmp$', f)]:
-        (out / temporary).unlink()  # a killed writer's: this process holds the lock now
     old, new = manifest['settings'] or {}, settings or {}
     changed = '; '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in dict(old, **new) if old.get(k) != new.get(k))
     live = recorded([e for e in manifest['files'] if e not in manifest['stale']])
     if (manifest['done'] or any(map(live, files))) and not overwrite and (
             changed or continues is False or continues == 'unfinished' and manifest['complete']):
         fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: {hint}')
-    if overwrite or changed:
-        manifest.update(settings=settings, stale=list(manifest['files']), done=[], complete=False)
-    if overwrite or changed or not (out / MANIFEST).exists():  # else nothing is written yet
-        save_manifest(out)
-    return manifest
+    return manifest, files, changed
 
 def contents(out):
-    """The files in an output folder, as paths relative to it, but for its lock."""
-    return [p.relative_to(out).as_posix() for p in Path(out).rglob('*') if p.is_file() and p != Path(out) / '.lock']
+    """The files and links in an output folder, as paths relative to it, but for its lock."""
+    return [p.relative_to(out).as_posix() for p in Path(out).rglob('*')  # a link is listed, never followed
+            if (p.is_file() or p.is_symlink()) and p != Path(out) / '.lock']
 
 def recorded(entries):
     """Test whether a path relative to an output folder is named by one of a manifest's entries: a name; a
@@ -1386,12 +1410,18 @@ def user_errors(argv, add=(), drop=()):
     """Ctrl-C and SIGTERM end in one line saying what is kept and the command that continues (exit 130); a
     bad image found anywhere, in its own one line (exit 2)."""
     words = [a for a in argv if a not in drop] + [a for a in add if a not in argv]
-    STATUS.update(kept='nothing was written', again=shlex.join(['python', Path(__file__).name] + words))
+    STATUS.update(kept='nothing was written', again=shlex.join(['python', Path(__file__).name] + words), stop=False)
     main_thread = threading.current_thread() is threading.main_thread()
     signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
-    previous = [signal.signal(s, signal.default_int_handler) for s in signals]
+
+    def interrupt(*_):
+        STATUS['stop'] = True
+        raise KeyboardInterrupt
+    previous = [signal.signal(s, interrupt) for s in signals]
     try:
         yield
+        if STATUS['stop']:  # raised inside a finalizer, where Python prints and drops it: a stop all the same
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         if not dist.is_initialized() or dist.get_rank() == 0:
             tqdm.write(f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}', file=sys.stderr)
@@ -1402,12 +1432,23 @@ def user_errors(argv, add=(), drop=()):
         for s, handler in zip(signals, previous):
             signal.signal(s, handler)
 
+def world_size():
+    """torchrun's WORLD_SIZE, 1 without it; one line when it is no process count."""
+    text = os.environ.get('WORLD_SIZE', '1')
+    if not text.isdigit() or int(text) < 1:
+        fail(f'WORLD_SIZE={text} is no process count: launch with torchrun, or unset WORLD_SIZE')
+    return int(text)
+
 def setup_distributed(device_name):
     """torchrun's environment -> (rank, world, device): NCCL on CUDA, else gloo; one process without it."""
-    if int(os.environ.get('WORLD_SIZE', 1)) == 1:
+    if world_size() == 1:
         return 0, 1, torch.device(device_name)
     cuda = torch.device(device_name).type == 'cuda'
-    dist.init_process_group('nccl' if cuda else 'gloo')
+    try:
+        dist.init_process_group('nccl' if cuda else 'gloo')
+    except (ValueError, RuntimeError) as e:  # WORLD_SIZE set by hand, without torchrun's other variables
+        fail(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no process group can start ({str(e).splitlines()[0]}): "
+             f'launch with torchrun, or unset WORLD_SIZE')
     local = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else 'cpu')
     if cuda:
         torch.cuda.set_device(local)
@@ -1422,7 +1463,7 @@ def main(argv=None):
         rank, world, device = setup_distributed(args.device)
         t_start = time.time()
         settings, data = prepare(args, device, rank)
-        on_rank0(rank, world, lambda: claim_outputs(args, settings, data))
+        on_rank0(rank, world, lambda: [claim_outputs(args, settings, data, step) for step in ('check', 'cache')])
         tables, all_scores, aps_picks, seconds = {}, {}, {}, [0.0, 0.0]
         for setting, runs in settings.items():
             tables[setting] = {det: [] for det in args.detectors}
@@ -1439,6 +1480,7 @@ def main(argv=None):
                         all_scores.update({f"{run['name']}/{det}/{split}": s for split, s in scores[det].items()})
                 seconds = [seconds[0] + t1 - t0, seconds[1] + time.time() - t1]
         if rank == 0:
+            claim_outputs(args, settings, data, 'results')
             count = sum(len(runs) for runs in settings.values())
             report(args, settings, data, tables, all_scores, aps_picks,
                    f'time: {time.time() - t_start:.1f}s in all; network passes {seconds[0]:.1f}s, detectors '

@@ -1077,6 +1077,8 @@ def test_class_names_for_prompts(sio_samples, tmp_path, capsys):
     assert generate.class_prompt_names(wnids, 'folder:x', tmp_path / 'loc.txt') == ['tench', 'Chihuahua']
     (tmp_path / 'plain.txt').write_text('goldfish\ngreat_white shark\n')  # one per line, in class order
     assert generate.class_prompt_names(wnids, 'folder:x', tmp_path / 'plain.txt') == ['goldfish', 'great white shark']
+    (tmp_path / 'windows.txt').write_bytes(b'\xef\xbb\xbfgoldfish\r\nshark\r\n')  # a BOM and CRLF, as Notepad saves
+    assert generate.class_prompt_names(wnids, 'folder:x', tmp_path / 'windows.txt') == ['goldfish', 'shark']
     assert generate.class_prompt_names(['aquarium_fish'], 'cifar100') == ['aquarium fish']
     (tmp_path / 'root').mkdir()  # a mapping file in the folder dataset's root is found without the flag
     (tmp_path / 'root' / 'LOC_synset_mapping.txt').write_text((tmp_path / 'loc.txt').read_text())
@@ -1280,9 +1282,12 @@ def test_fit_is_refused_while_another_script_writes_the_folder(tmp_path, capsys)
     out = tmp_path / 'shared'
     train_sio.claim(out, '--out', 'train_sio.py', {}, False, False, 'a run', 'hint')  # train_sio.py holds OUT/.lock now
     error = main_error(capsys, generate.main, *fit_args(out))
-    assert f'in use by another process (pid {os.getpid()})' in error
+    assert 'holds a train_sio.py folder' in error  # refused before it would wait for the lock
     assert sorted(p.name for p in out.iterdir()) == ['.lock', 'manifest.json']  # nothing of fit's
     assert json.loads((out / 'manifest.json').read_text())['script'] == 'train_sio.py'
+    other = tmp_path / 'other'  # a folder another process is starting a fit in: the same lock, OUT/.lock
+    train_sio.claim(other, '--out', 'generate.py fit', {}, False, True, 'a pipeline', 'hint')
+    assert f'in use by another process (pid {os.getpid()})' in main_error(capsys, generate.main, *fit_args(other))
 
 
 def test_a_users_file_written_during_a_fit_survives_it(tmp_path, monkeypatch):
@@ -2427,6 +2432,52 @@ def test_a_file_no_manifest_names_is_never_replaced_or_deleted(runs, tiny_pipeli
     assert json.loads((tmp_path / 'run' / 'manifest.json').read_text())['files'] == ['best.pt', 'last.pt', 'log.jsonl']
 
 
+def test_refusals_leave_no_trace_and_nothing_outside_out_is_written(runs, tmp_path, capsys):
+    """A refused command makes or locks no folder (every seed's folder is checked before the first is taken);
+    a .lock or a link the user put in a folder refuses it; a refused --overwrite keeps the user's *.N.tmp files;
+    an --near name cannot point outside the cache; odd paths and environments are one line."""
+    import shutil
+    (tmp_path / 'm2').mkdir()
+    (tmp_path / 'm2' / 'notes.txt').write_text('mine')
+    assert 'notes.txt' in main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '1', '--seed', '3,2',
+                                     '--out', f'{tmp_path}/m{{seed}}')
+    assert not (tmp_path / 'm3').exists() and sorted(p.name for p in (tmp_path / 'm2').iterdir()) == ['notes.txt']
+    (tmp_path / 'lk').mkdir()
+    (tmp_path / 'lk' / '.lock').write_text('my notes')
+    assert '.lock' in main_error(capsys, generate.main, 'fractals', '--count', '1', '--size', '8', '--out', tmp_path / 'lk')
+    (tmp_path / 'victim.txt').write_text('precious')
+    (tmp_path / 'lk' / '.lock').unlink()
+    (tmp_path / 'lk' / '.lock').symlink_to(tmp_path / 'victim.txt')
+    assert '.lock' in main_error(capsys, generate.main, 'fractals', '--count', '1', '--size', '8', '--out', tmp_path / 'lk')
+    (tmp_path / 'ui').mkdir()
+    (tmp_path / 'sl').mkdir()
+    (tmp_path / 'sl' / '00000.png').symlink_to(tmp_path / 'victim.txt')  # named as ours, but a link
+    (tmp_path / 'sl' / 'folder').symlink_to(tmp_path / 'ui')
+    error = main_error(capsys, generate.main, 'fractals', '--count', '1', '--size', '8', '--out', tmp_path / 'sl')
+    assert '00000.png' in error and 'folder' in error and (tmp_path / 'victim.txt').read_text() == 'precious'
+    shutil.copytree(runs / 'ce_s0', tmp_path / 'run')
+    (tmp_path / 'run' / 'best.pt.42.tmp').write_text('my backup')
+    assert 'other settings' in main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '1', '--out',
+                                          tmp_path / 'run')
+    assert (tmp_path / 'run' / 'best.pt.42.tmp').read_text() == 'my backup'
+    assert 'NAME' in main_error(capsys, evaluate.main, runs / 'ce_s0', '--near', f'../../victim={tmp_path / "ui"}',
+                                '--cache', tmp_path / 'cache', '--out', tmp_path / 'e')
+    (tmp_path / 'far').mkdir()
+    os.mkfifo(tmp_path / 'far' / 'a.png')  # read, it would wait forever
+    (tmp_path / 'far' / 'b.png').write_bytes(b'')  # found only when decoded: --out stays as it was
+    (tmp_path / 'e').mkdir()
+    assert 'b.png' in main_error(capsys, evaluate.main, runs / 'ce_s0', '--detectors', 'msp', '--far',
+                                 f'x={tmp_path / "far"}', '--out', tmp_path / 'e')
+    assert not list((tmp_path / 'e').iterdir())
+    assert 'cannot be used' in main_error(capsys, train_sio.main, '--dataset', 'digits', '--out', tmp_path / ('a' * 300))
+    (tmp_path / 'loop').symlink_to(tmp_path / 'loop')
+    assert 'cannot be used' in main_error(capsys, train_sio.main, '--dataset', 'digits', '--out', tmp_path / 'loop')
+    proc = subprocess.run([sys.executable, str(REPO / 'train_sio.py'), '--dataset', 'digits', '--epochs', '1', '--out',
+                           str(tmp_path / 'ws')], env=dict(OFFLINE, WORLD_SIZE='abc'), capture_output=True, text=True,
+                          timeout=300)
+    assert_user_error(proc, 'WORLD_SIZE', 'torchrun')
+
+
 def test_cache_follows_the_content_of_each_set(runs, tmp_path):
     from PIL import Image
     for name, seed in (('a', 0), ('b', 1)):  # two OOD folders of the same size under the same set name
@@ -2533,6 +2584,7 @@ def bad(runs, tmp_path_factory):
     (root / 'run_unfinished' / 'manifest.json').write_text(json.dumps(dict(manifest, complete=False)))
     ckpt = torch.load(runs / 'ce_s0' / 'best.pt', weights_only=False)
     torch.save(dict(ckpt, model=dict(ckpt['model'], **{'fc.bias': torch.full((6,), float('nan'))})), root / 'nan.pt')
+    torch.save(dict(ckpt, model={k: v.long() for k, v in ckpt['model'].items()}), root / 'int_weights.pt')
     torch.save(dict(ckpt, arch='resnet18'), root / 'wrong_arch.pt')
     torch.save(dict(ckpt, model={k: v for k, v in ckpt['model'].items() if k != 'fc.bias'}), root / 'no_fc_bias.pt')
     torch.save(dict(ckpt, image_size=True), root / 'bool_size.pt')
@@ -2815,6 +2867,8 @@ BAD_INPUTS_EVALUATE = [  # evaluate.py: more kinds of bad input
     ('evaluate', '{runs}/ce_s0 --detectors msp --far broken={bad}/syn_corrupt_png', '1.png'),  # read by the network pass
     ('evaluate', '{bad}/run_unfinished --out {out}', 'unfinished'),
     ('evaluate', '{bad}/nan.pt --out {out}', 'NaN'),
+    ('evaluate', '{bad}/int_weights.pt --out {out}', 'integer weights'),
+    ('train_oal', '--dataset digits --teacher {bad}/nan.pt --out {out}', 'NaN'),
     ('evaluate', '{bad}/truncated.pt --out {out}', 'cannot be read'),
     ('evaluate', '{bad}/tensor.pt --out {out}', 'not a synth-ood checkpoint'),
     ('evaluate', '{bad}/wrong_arch.pt --out {out}', 'holds no resnet18'),
