@@ -1187,8 +1187,8 @@ class BadImage(ValueError):
     """An image file that cannot be decoded, wherever it is found (a DataLoader worker too)."""
 
 def fail(message):
-    """One line for the user, exit code 2, no traceback (on a line of its own under a progress bar)."""
-    tqdm.write(f'error: {message}', file=sys.stderr)
+    """One line for the user, exit code 2, no traceback (on a line of its own under a progress bar, in a file too)."""
+    tqdm.write('\n' * bool(getattr(tqdm, '_instances', None)) + f'error: {message}', file=sys.stderr)
     sys.exit(2)
 
 def number(kind, valid, ok):
@@ -1424,7 +1424,8 @@ def user_errors(argv, add=(), drop=()):
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            tqdm.write(f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}', file=sys.stderr)
+            tqdm.write('\n' * bool(getattr(tqdm, '_instances', None))
+                       + f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}', file=sys.stderr)
         sys.exit(130)
     except BadImage as e:  # from a worker, the message is the last line of its traceback's text
         fail(str(e).strip().splitlines()[-1].split('BadImage: ')[-1])

@@ -143,6 +143,28 @@ def test_runs_write_checkpoint_contract(runs):
         assert max(r['val_acc'] for r in log) == pytest.approx(best['val_acc'])
 
 
+def test_a_damaged_last_pt_is_refused_on_resume(tmp_path, capsys):
+    """A last.pt edited by hand (an epoch beyond the run, a float epoch, no best accuracy, a learning rate that is no
+    number, another scheduler) is one line on --resume, never a traceback or a run marked finished too early."""
+    args = ['--dataset', 'digits', '--epochs', '3', '--out', tmp_path / 'run']
+    train_sio.main([str(a) for a in args + ['--stop-after', '1']])
+    good = torch.load(tmp_path / 'run' / 'last.pt', weights_only=False)
+    lr_text = dict(good['optimizer'], param_groups=[dict(good['optimizer']['param_groups'][0], lr='x')])
+    for change in (dict(epoch=7), dict(epoch=1.0), dict(epoch=-1), dict(best_val_acc=None), dict(optimizer=lr_text),
+                   dict(scheduler={'a': 1})):
+        torch.save(dict(good, **change), tmp_path / 'run' / 'last.pt')
+        assert 'damaged' in main_error(capsys, train_sio.main, *args, '--resume'), change
+    torch.save(good, tmp_path / 'run' / 'last.pt')
+    train_sio.main([str(a) for a in args + ['--resume']])
+    assert json.loads((tmp_path / 'run' / 'log.jsonl').read_text().splitlines()[-1])['epoch'] == 3
+
+
+def test_an_error_under_a_progress_bar_starts_its_own_line(tmp_path):
+    """stderr to a file: the bar's carriage returns do not hide the error from a reader of whole lines."""
+    assert_user_error(run_script('train_sio.py', '--dataset', 'digits', '--epochs', '2', '--lr', '3e38', '--out',
+                                 tmp_path / 'run'), 'loss is nan')
+
+
 def test_resume_gives_identical_weights(tmp_path):
     common = ['--dataset', 'digits', '--epochs', '4', '--seed', '3']
     # straight: seeds 2 and 3 one after the other in one process, each run exactly as if started alone

@@ -201,12 +201,26 @@ def start(args, data, seed, out, resume, device, rank):
     state = read_checkpoint(out / 'last.pt', '--resume:', 'pass --overwrite to start afresh, or another --out')
     if state.get('method') != 'oal' or 'dt' not in state:
         fail(f'--resume: {out}/last.pt holds a train_sio.py run, not a train_oal.py one: pass another --out')
-    for key, module in modules.items():
-        module.load_state_dict(state[key])
-    optimizer.load_state_dict(state['optimizer'])
-    scheduler.load_state_dict(state['scheduler'])
+    try:
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        intact = resumable(state, args, optimizer)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        intact = False
+    if not intact:
+        fail(f'--resume: {out}/last.pt is damaged (epoch, log, optimizer or scheduler): pass --overwrite to start '
+             f'afresh, or another --out')
     print(f'resumed from {out}/last.pt after epoch {state["epoch"]}')
     return modules, q_params, optimizer, scheduler, state
+
+def resumable(state, args, optimizer):
+    """Whether a last.pt's epoch, log and learning rates are what a run of these settings saves."""
+    return (type(state['epoch']) is int and 1 <= state['epoch'] <= args.epochs
+            and isinstance(state['best_val_acc'], float) and isinstance(state['log'], list)
+            and len(state['log']) == state['epoch']
+            and all(isinstance(g['lr'], float) and math.isfinite(g['lr']) for g in optimizer.param_groups))
 
 def train_epoch(args, data, modules, student, q_params, optimizer, scheduler, seed, epoch, out, device, rank, world):
     """One epoch; every random draw derives from (seed, epoch, rank), so a resumed run repeats it exactly."""
@@ -946,8 +960,8 @@ class BadImage(ValueError):
     """An image file that cannot be decoded, wherever it is found (a DataLoader worker too)."""
 
 def fail(message):
-    """One line for the user, exit code 2, no traceback (on a line of its own under a progress bar)."""
-    tqdm.write(f'error: {message}', file=sys.stderr)
+    """One line for the user, exit code 2, no traceback (on a line of its own under a progress bar, in a file too)."""
+    tqdm.write('\n' * bool(getattr(tqdm, '_instances', None)) + f'error: {message}', file=sys.stderr)
     sys.exit(2)
 
 def number(kind, valid, ok):
@@ -1183,7 +1197,8 @@ def user_errors(argv, add=(), drop=()):
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            tqdm.write(f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}', file=sys.stderr)
+            tqdm.write('\n' * bool(getattr(tqdm, '_instances', None))
+                       + f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}', file=sys.stderr)
         sys.exit(130)
     except BadImage as e:  # from a worker, the message is the last line of its traceback's text
         fail(str(e).strip().splitlines()[-1].split('BadImage: ')[-1])

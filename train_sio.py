@@ -311,11 +311,25 @@ def start(args, data, seed, out, resume, device):
     state = read_checkpoint(out / 'last.pt', '--resume:', 'pass --overwrite to start afresh, or another --out')
     if state.get('method') == 'oal' or 'optimizer' not in state:
         fail(f'--resume: {out}/last.pt holds a train_oal.py run, not a train_sio.py one: pass another --out')
-    model.load_state_dict(state['model'])
-    optimizer.load_state_dict(state['optimizer'])
-    scheduler.load_state_dict(state['scheduler'])
+    try:
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        intact = resumable(state, args, optimizer)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        intact = False
+    if not intact:
+        fail(f'--resume: {out}/last.pt is damaged (epoch, log, optimizer or scheduler): pass --overwrite to start '
+             f'afresh, or another --out')
     print(f'resumed from {out}/last.pt after epoch {state["epoch"]} (best val acc {100 * state["best_val_acc"]:.2f}%)')
     return model, optimizer, scheduler, state
+
+def resumable(state, args, optimizer):
+    """Whether a last.pt's epoch, log and learning rates are what a run of these settings saves."""
+    return (type(state['epoch']) is int and 1 <= state['epoch'] <= args.epochs
+            and isinstance(state['best_val_acc'], float) and isinstance(state['log'], list)
+            and len(state['log']) == state['epoch']
+            and all(isinstance(g['lr'], float) and math.isfinite(g['lr']) for g in optimizer.param_groups))
 
 def batches(args, data, plan, device, rank, world):
     """This rank's share of every planned batch, with the same real/synthetic proportion."""
@@ -1003,8 +1017,8 @@ class BadImage(ValueError):
     """An image file that cannot be decoded, wherever it is found (a DataLoader worker too)."""
 
 def fail(message):
-    """One line for the user, exit code 2, no traceback (on a line of its own under a progress bar)."""
-    tqdm.write(f'error: {message}', file=sys.stderr)
+    """One line for the user, exit code 2, no traceback (on a line of its own under a progress bar, in a file too)."""
+    tqdm.write('\n' * bool(getattr(tqdm, '_instances', None)) + f'error: {message}', file=sys.stderr)
     sys.exit(2)
 
 def number(kind, valid, ok):
@@ -1240,7 +1254,8 @@ def user_errors(argv, add=(), drop=()):
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            tqdm.write(f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}', file=sys.stderr)
+            tqdm.write('\n' * bool(getattr(tqdm, '_instances', None))
+                       + f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}', file=sys.stderr)
         sys.exit(130)
     except BadImage as e:  # from a worker, the message is the last line of its traceback's text
         fail(str(e).strip().splitlines()[-1].split('BadImage: ')[-1])
