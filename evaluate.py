@@ -1299,6 +1299,8 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
 def inspect(out, flag, script, settings, overwrite, continues, what, hint):
     """claim()'s checks of a folder's contents -> (manifest, files, changed settings); nothing is written."""
     blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
+    if (out / MANIFEST).is_symlink() or (out / MANIFEST).exists() and not (out / MANIFEST).is_file():
+        fail(f'{flag} {out} has a {MANIFEST} that is no plain file (a link, pipe or folder): pass another {flag}')
     manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
     kinds = dict(script=str, settings=(dict, type(None)), files=list, stale=list, done=list, complete=bool)
     if not (all(isinstance(manifest.get(k), kind) for k, kind in kinds.items())
@@ -1309,9 +1311,10 @@ def inspect(out, flag, script, settings, overwrite, continues, what, hint):
     if manifest['script'] != script:
         fail(f'{flag} {out} holds a {manifest["script"]} folder, not a {script} one: pass another {flag}')
     files, named = contents(out), recorded(manifest['files'] + [MANIFEST])
-    lock = out / '.lock'  # ours holds a pid or nothing
-    others = ['.lock'] * (lock.is_symlink() or lock.exists() and not re.fullmatch(r'\d*', lock.read_text().strip()))
-    others += sorted(f for f in files if not named(re.sub(r'\.\d+\.tmp$', '', f)))
+    lock = out / '.lock'  # ours: a plain file of one name that holds a pid or nothing
+    ours = lambda: lock.is_file() and lock.stat().st_nlink == 1 and re.fullmatch(r'\d*', lock.read_text().strip())
+    others = ['.lock'] * (lock.is_symlink() or lock.exists() and not ours())
+    others += sorted(f for f in files if not named(re.sub(r'\.\d+\.tmp$', '', f)) or (out / f).is_symlink())
     if others:
         fail(f'{flag} {out} holds files this script did not write ({", ".join(others[:3])}'
              f'{", ..." * (len(others) > 3)}): pass a new or empty folder, or move them out')
@@ -1324,9 +1327,9 @@ def inspect(out, flag, script, settings, overwrite, continues, what, hint):
     return manifest, files, changed
 
 def contents(out):
-    """The files and links in an output folder, as paths relative to it, but for its lock."""
+    """All but the folders in an output folder (files, links, pipes...), as paths relative to it, but its lock."""
     return [p.relative_to(out).as_posix() for p in Path(out).rglob('*')  # a link is listed, never followed
-            if (p.is_file() or p.is_symlink()) and p != Path(out) / '.lock']
+            if (not p.is_dir() or p.is_symlink()) and p != Path(out) / '.lock']
 
 def recorded(entries):
     """Test whether a path relative to an output folder is named by one of a manifest's entries: a name; a

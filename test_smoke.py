@@ -2471,6 +2471,18 @@ def test_refusals_leave_no_trace_and_nothing_outside_out_is_written(runs, tmp_pa
     (tmp_path / 'lk' / '.lock').unlink()
     (tmp_path / 'lk' / '.lock').symlink_to(tmp_path / 'victim.txt')
     assert '.lock' in main_error(capsys, generate.main, 'fractals', '--count', '1', '--size', '8', '--out', tmp_path / 'lk')
+    for make in (lambda lock: os.mkfifo(lock), lambda lock: os.link(tmp_path / 'victim.txt', lock)):  # a pipe, a hard link
+        (tmp_path / 'lk' / '.lock').unlink()
+        make(tmp_path / 'lk' / '.lock')
+        assert '.lock' in main_error(capsys, generate.main, 'fractals', '--count', '1', '--size', '8', '--out',
+                                     tmp_path / 'lk')
+    assert 'one folder' in main_error(capsys, train_sio.main, '--dataset', 'digits', '--seed', '0,1', '--out',
+                                      f'{tmp_path}/x{{seed}}/..')
+    generate.main(['fractals', '--count', '2', '--size', '8', '--out', str(tmp_path / 'done')])
+    (tmp_path / 'done' / '00001.png').unlink()
+    (tmp_path / 'done' / '00001.png').symlink_to(tmp_path / 'victim.txt')  # at a name the manifest records
+    assert '00001.png' in main_error(capsys, generate.main, 'fractals', '--count', '2', '--size', '8', '--overwrite',
+                                     '--out', tmp_path / 'done')
     (tmp_path / 'ui').mkdir()
     (tmp_path / 'sl').mkdir()
     (tmp_path / 'sl' / '00000.png').symlink_to(tmp_path / 'victim.txt')  # named as ours, but a link
@@ -2482,6 +2494,7 @@ def test_refusals_leave_no_trace_and_nothing_outside_out_is_written(runs, tmp_pa
     assert 'other settings' in main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '1', '--out',
                                           tmp_path / 'run')
     assert (tmp_path / 'run' / 'best.pt.42.tmp').read_text() == 'my backup'
+    assert (tmp_path / 'victim.txt').read_text() == 'precious'
     assert 'NAME' in main_error(capsys, evaluate.main, runs / 'ce_s0', '--near', f'../../victim={tmp_path / "ui"}',
                                 '--cache', tmp_path / 'cache', '--out', tmp_path / 'e')
     (tmp_path / 'far').mkdir()
