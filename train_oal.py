@@ -649,7 +649,8 @@ def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_
 
 def weights_fit(state, arch, num_classes):
     """Whether state has exactly the keys and shapes of Net(arch, num_classes)'s state_dict."""
-    expected = Net(arch, num_classes).state_dict() if type(num_classes) is int and num_classes > 0 else {}
+    with torch.device('meta'):  # shapes only: no memory, no initialisation
+        expected = Net(arch, num_classes).state_dict() if type(num_classes) is int and num_classes > 0 else {}
     return isinstance(state, dict) and state.keys() == expected.keys() and all(
         isinstance(state[k], torch.Tensor) and state[k].shape == v.shape for k, v in expected.items())
 
@@ -962,9 +963,13 @@ class BadImage(ValueError):
     """An image file that cannot be decoded, wherever it is found (a DataLoader worker too)."""
 
 def fail(message):
-    """One line for the user, exit code 2, no traceback (on a line of its own under a progress bar, in a file too)."""
-    tqdm.write('\n' * bool(getattr(tqdm, '_instances', None)) + f'error: {message}', file=sys.stderr)
+    """One line for the user, exit code 2, no traceback."""
+    say(f'error: {message}')
     sys.exit(2)
+
+def say(line):
+    """A line on stderr, on a line of its own under a progress bar (in a log file too, past its carriage returns)."""
+    tqdm.write('\n' * bool(getattr(tqdm, '_instances', None)) + line, file=sys.stderr)
 
 def number(kind, valid, ok):
     """A flag type: kind(text) that passes ok, else 'must be VALID' (NaN fails every comparison)."""
@@ -1073,10 +1078,10 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
 
 def inspect(out, flag, script, settings, overwrite, continues, what, hint):
     """claim()'s checks of a folder's contents -> (manifest, files, changed settings); nothing is written."""
-    blank = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False)
-    if (out / MANIFEST).is_symlink() or (out / MANIFEST).exists() and not (out / MANIFEST).is_file():
+    blank, file = dict(script=script, settings=None, files=[], stale=[], done=[], complete=False), out / MANIFEST
+    if file.is_symlink() or file.exists() and not file.is_file():
         fail(f'{flag} {out} has a {MANIFEST} that is no plain file (a link, pipe or folder): pass another {flag}')
-    manifest = read_json(out / MANIFEST, f'pass another {flag}') if (out / MANIFEST).exists() else blank
+    manifest = read_json(file, f'pass another {flag}') if file.exists() else blank
     kinds = dict(script=str, settings=(dict, type(None)), files=list, stale=list, done=list, complete=bool)
     if not (all(isinstance(manifest.get(k), kind) for k, kind in kinds.items())
             and all(isinstance(e, str) for e in manifest['files'] + manifest['stale'])
@@ -1202,8 +1207,7 @@ def user_errors(argv, add=(), drop=()):
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            tqdm.write('\n' * bool(getattr(tqdm, '_instances', None))
-                       + f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}', file=sys.stderr)
+            say(f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}')
         sys.exit(130)
     except BadImage as e:  # from a worker, the message is the last line of its traceback's text
         fail(str(e).strip().splitlines()[-1].split('BadImage: ')[-1])
