@@ -90,21 +90,17 @@ def knn_outliers(class_feats, k=300, select=50, sigma=0.07, draws=1500, keep=2, 
         out.append(candidates[picked])
     return torch.cat(out)
 
+@torch.no_grad()
 def class_anchor_norms(pipe, names, kind):
-    """Norm of each class's anchor in the generator's text encoder: 'pooled' = mean-pooled encoder output of
-    the class name (OAL on CIFAR-10, about 27 for SD v1.4), 'token' = mean input token embedding of its
-    tokens (OAL on CIFAR-100, about 0.39). The k-NN outliers are unit vectors scaled to it."""
-    norms, table = [], pipe.text_encoder.get_input_embeddings().weight
-    for name in names:
-        with torch.no_grad():
-            if kind == 'token':
-                ids = pipe.tokenizer(name, add_special_tokens=False).input_ids
-                norms.append(table[ids].float().mean(0).norm().item())
-            else:
-                ids = pipe.tokenizer(name, padding='max_length', max_length=pipe.tokenizer.model_max_length,
-                                     truncation=True, return_tensors='pt').input_ids.to(table.device)
-                norms.append(pipe.text_encoder(ids)[0].float().mean(1).norm().item())
-    return norms
+    """Norm of each class's anchor in the generator's text encoder, which the unit k-NN outliers are scaled to:
+    'token' = mean input embedding of the name's tokens (OAL on CIFAR-100, about 0.39), 'pooled' = mean-pooled
+    encoder output of the name (OAL on CIFAR-10, about 27 for SD v1.4)."""
+    tok, table = pipe.tokenizer, pipe.text_encoder.get_input_embeddings().weight
+    if kind == 'token':
+        return [table[tok(name, add_special_tokens=False).input_ids].float().mean(0).norm().item() for name in names]
+    ids = [tok(name, padding='max_length', max_length=tok.model_max_length, truncation=True, return_tensors='pt')
+           .input_ids.to(table.device) for name in names]
+    return [pipe.text_encoder(name_ids)[0].float().mean(1).norm().item() for name_ids in ids]
 
 # OAL's outlier_generate.py prompts CIFAR-100 with these names (CIFAR-100's class order) ...
 OAL_CIFAR100_NAMES = (
@@ -140,8 +136,8 @@ def injected_tokens(tokenizer, names, c, mode):
     return tokenizer(names[c], add_special_tokens=False).input_ids
 
 def projection(d_from, d_to, seed):
-    """A fixed, seeded random map (d_from, d_to) with orthonormal rows or columns: keeps norms when d_from <= d_to.
-    Maps teacher features to the token-embedding size when the two differ."""
+    """A fixed, seeded random map (d_from, d_to) from teacher features to the token-embedding size when the two
+    differ, with orthonormal rows or columns: it keeps norms when d_from <= d_to."""
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(max(d_from, d_to), min(d_from, d_to), generator=g))
     return q if d_from >= d_to else q.T
@@ -149,8 +145,7 @@ def projection(d_from, d_to, seed):
 def oal_draw(i, seed, num_classes, pool):
     """Iteration i's class and outlier row (among the first 1,000 of the class, as OAL), from (seed, i) alone."""
     rng = np.random.RandomState(seed * 1000 + i)
-    c = rng.randint(num_classes)
-    return c, rng.randint(min(1000, pool))
+    return rng.randint(num_classes), rng.randint(min(1000, pool))
 
 def pooled_latents(latents):
     """OAL's diffusion outlier: the final denoised latent (before the VAE decodes it) averaged over its channels,
@@ -170,14 +165,13 @@ def ifs_fractal(rng, size, points=50000):
     shift = rng.uniform(-1, 1, (maps, 2))
     weights = np.abs(np.linalg.det(linear)) + 1e-3
     colours = rng.uniform(0.2, 1, (maps, 3))
-    xy, hits, which = rng.uniform(-1, 1, (1000, 2)), [], []
+    xy, hits = rng.uniform(-1, 1, (1000, 2)), []
     for step in range(20 + points // 1000):
         k = rng.choice(maps, size=len(xy), p=weights / weights.sum())
         xy = np.einsum('nij,nj->ni', linear[k], xy) + shift[k]
         if step >= 20:  # past the transient, the chains lie on the attractor
-            hits.append(xy.copy())
-            which.append(k)
-    xy, which = np.concatenate(hits), np.concatenate(which)
+            hits.append((xy, k))
+    xy, which = map(np.concatenate, zip(*hits))
     low, high = xy.min(0), xy.max(0)
     pixel = ((xy - low) / np.maximum(high - low, 1e-9) * (size - 1)).round().astype(int)
     image, counts = np.zeros((size, size, 3)), np.zeros((size, size))
@@ -188,51 +182,44 @@ def ifs_fractal(rng, size, points=50000):
 
 
 # ------------------------------------------------------------------------------------------------
-# fit, in named steps: a Stable-Diffusion-layout pipeline small enough to train on a CPU in minutes:
-# the native resolution (8x8 for digits), a one-level VAE (latent = image size), two UNet levels of
-# 16/16 channels (digits; 16/32 for larger images) without attention, the text added to the time
-# embedding (addition_embed_type="text") plus cross-attention only in the middle block (4x4 for digits).
+# fit, in named steps: a Stable-Diffusion-layout pipeline small enough to train on a CPU in minutes: the native
+# resolution (8x8 for digits), a one-level VAE (latent = image size), two UNet levels of 16/16 channels (digits;
+# 16/32 for larger images) without attention, the text added to the time embedding (addition_embed_type="text")
+# plus cross-attention only in the middle block (4x4 for digits).
 
 def build_tokenizer(words, folder, max_length):
     """A CLIP tokenizer whose vocabulary is every byte plus whole-word tokens for `words`."""
     from transformers import CLIPTokenizer
     printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
     alphabet = [chr(c) for c in printable + list(range(256, 512 - len(printable)))]  # GPT-2's byte-level alphabet
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab.update({c + '</w>': len(alphabet) + i for i, c in enumerate(alphabet)})
-    merges = []
+    vocab, merges = {c: i for i, c in enumerate(alphabet + [c + '</w>' for c in alphabet])}, {}  # merges: ordered set
     for word in words:  # merges that build each word left to right, so it becomes one token
-        pieces = list(word[:-1]) + [word[-1] + '</w>']
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            if f'{merged} {piece}' not in merges:
-                merges.append(f'{merged} {piece}')
+        merged, *pieces = list(word[:-1]) + [word[-1] + '</w>']
+        for piece in pieces:
+            merges.setdefault(f'{merged} {piece}')
             merged += piece
             vocab.setdefault(merged, len(vocab))
-    vocab['<|startoftext|>'] = len(vocab)
-    vocab['<|endoftext|>'] = len(vocab)  # the highest id: CLIP pools the text at argmax(input_ids)
+    vocab.update({'<|startoftext|>': len(vocab), '<|endoftext|>': len(vocab) + 1})  # CLIP pools at the highest id
     folder.mkdir(parents=True, exist_ok=True)
     (folder / 'vocab.json').write_text(json.dumps(vocab))
     (folder / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n')
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
 
 def build_parts(args, classes, size, folder, device):
-    """Step 1: a tokenizer with whole-word tokens for the prompts and class names, a 2-layer CLIP text
-    encoder, the one-level VAE and the small UNet (seeded: built in this order)."""
+    """Step 1: tokenizer, 2-layer CLIP text encoder, one-level VAE and small UNet (seeded: built in this order)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     words = sorted({w for t in FIT_TEMPLATES for w in t.replace('-', ' ').replace('{}', ' ').lower().split()} |
                    {w for c in classes for w in prompt_name(c).lower().split()})
     tokenizer = build_tokenizer(words, folder / 'tokenizer_build', max_length=16)
-    n = len(tokenizer)
+    n, channels = len(tokenizer), tuple(int(c) for c in args.unet_channels.split(','))
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=n, hidden_size=args.text_dim, intermediate_size=2 * args.text_dim, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=16, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',),
-                        up_block_types=('UpDecoderBlock2D',), block_out_channels=(args.vae_channels,),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=size,
-                        mid_block_add_attention=False)
-    channels = tuple(int(c) for c in args.unet_channels.split(','))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=('DownEncoderBlock2D',), up_block_types=('UpDecoderBlock2D',),
+        block_out_channels=(args.vae_channels,), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        sample_size=size, mid_block_add_attention=False)
     unet = UNet2DConditionModel(
         sample_size=size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=channels,
         down_block_types=('DownBlock2D',) * len(channels), up_block_types=('UpBlock2D',) * len(channels),
@@ -240,15 +227,13 @@ def build_parts(args, classes, size, folder, device):
         norm_num_groups=8, addition_embed_type='text', addition_embed_type_num_heads=2)
     return tokenizer, text_encoder.to(device), vae.to(device), unet.to(device)
 
-def check_loss(loss, what, step, args):
-    """A NaN/inf loss stops fit in one line; nothing is saved."""
+def check_loss(loss, what, step, args):  # a NaN/inf loss stops fit in one line; nothing is saved
     if not torch.isfinite(loss).all():
         fail(f'fit: the {what} is {loss.float().mean().item()} at step {step}; nothing was saved (--lr {args.lr:g}: '
              f'lower it)')
 
 def train_vae(args, vae, images, device, t_start):
-    """Step 2: the VAE, reconstruction + the tiny KL weight of Stable Diffusion's VAE. Returns the training
-    set's latents, scaled to unit variance (SD's 0.18215 plays this part)."""
+    """Step 2: the VAE (reconstruction + SD's tiny KL weight) -> training latents at unit variance (SD's 0.18215)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr)
     for step in tqdm(range(args.vae_steps), desc='fit vae', leave=False):
         x = images[torch.randint(len(images), (min(128, args.batch_size),), device=device)]
@@ -268,15 +253,13 @@ def train_vae(args, vae, images, device, t_start):
     return latents * vae.config.scaling_factor
 
 def train_unet(args, tokenizer, text_encoder, unet, latents, labels, classes, device, t_start):
-    """Step 3: UNet + text encoder, epsilon prediction on SD's noise schedule; prompts from every template,
-    dropped to '' at --prompt-dropout for classifier-free guidance."""
+    """Step 3: UNet + text encoder, epsilon prediction on SD's schedule; all templates, '' at --prompt-dropout (CFG)."""
     from diffusers import DDPMScheduler
     noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule='scaled_linear', beta_start=0.00085,
                                    beta_end=0.012)
-    ids_of = lambda text: tokenizer(text, padding='max_length', max_length=16, truncation=True,
-                                    return_tensors='pt').input_ids[0]
-    prompt_ids = torch.stack([torch.stack([ids_of(t.format(prompt_name(c))) for t in FIT_TEMPLATES])
-                              for c in classes]).to(device)
+    prompts = [t.format(prompt_name(c)) for c in classes for t in FIT_TEMPLATES]  # in (class, template) order
+    prompt_ids = tokenizer(prompts, padding='max_length', max_length=16, truncation=True,
+                           return_tensors='pt').input_ids.view(len(classes), len(FIT_TEMPLATES), -1).to(device)
     # called last and without truncation: the saved tokenizer.json keeps the last call's truncation setting
     empty_ids = tokenizer('', padding='max_length', max_length=16, return_tensors='pt').input_ids[0].to(device)
     opt = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=args.lr)
@@ -301,19 +284,18 @@ def train_unet(args, tokenizer, text_encoder, unet, latents, labels, classes, de
             bar.set_postfix(loss=f'{loss.item():.4f}')
     print(f'unet: {steps} steps, last loss {loss.item():.4f} ({time.time() - t_start:.0f}s)')
 
+@torch.no_grad()
 def check_agreement(args, pipe, ds, device):
-    """Step 5: a classifier fitted on the real training pixels labels 25-step samples at guidance 4: the share
-    it puts in their prompt's class."""
+    """Step 5: the share of 25-step, guidance-4 samples that a real-pixel classifier puts in their prompt's class."""
     from sklearn.linear_model import LogisticRegression
     pipe.set_progress_bar_config(disable=True)
     grey = lambda x: x.reshape(len(x), -1, 3).mean(-1) / 255
     clf = LogisticRegression(max_iter=3000).fit(grey(ds['train'][0]), ds['train'][1])
     agree = []
     for c, name in enumerate(ds['classes']):
-        with torch.no_grad():
-            images = pipe([f'a photo of a {prompt_name(name)}'] * args.check_per_class, num_inference_steps=25,
-                          guidance_scale=4.0, output_type='np',
-                          generator=torch.Generator(device).manual_seed(args.seed + c)).images
+        images = pipe([f'a photo of a {prompt_name(name)}'] * args.check_per_class, num_inference_steps=25,
+                      guidance_scale=4.0, output_type='np',
+                      generator=torch.Generator(device).manual_seed(args.seed + c)).images
         agree.append(clf.predict(grey(resize_uint8(images, ds['image_size']))) == c)
     return float(np.concatenate(agree).mean())
 
@@ -344,16 +326,15 @@ def train_pipeline(args, ds, folder, device, t_start):
     return agreement
 
 def swap_in(out, building, old):
-    """Step 6: each entry of the new pipeline into out, one by one, the old one (if any) first set aside in old;
-    out stays marked unfinished until all are in, so a reader never loads a mix."""
+    """Step 6: the new pipeline's entries into out, old ones set aside in old; out is unfinished until all are in."""
     STATUS['kept'] = f'{out} is unfinished (its pipeline was being replaced)'
     old.mkdir(exist_ok=True)
-    for new in sorted(building.iterdir()):
-        manifest = CLAIMED[out.resolve()][1]  # each file by its name, escaped as write_atomic() does
+    manifest = CLAIMED[out.resolve()][1]
+    for new in sorted(building.iterdir()):  # each file by its name, escaped as write_atomic() does
         names = [re.sub(r'([*?[{])', r'[\1]', f.relative_to(building).as_posix()) for f in [new, *new.rglob('*')]
                  if f.is_file()]
-        save_manifest(out, files=sorted(set(manifest['files'] + names)),
-                      stale=[e for e in manifest['stale'] if e not in names])
+        stale = [e for e in manifest['stale'] if e not in names]
+        save_manifest(out, files=sorted({*manifest['files'], *names}), stale=stale)
         if (out / new.name).exists():
             os.replace(out / new.name, old / new.name)
         os.replace(new, out / new.name)
@@ -361,15 +342,13 @@ def swap_in(out, building, old):
     shutil.rmtree(building)
 
 def fit_pipeline(args):
-    """Claim --out, build the new pipeline in OUT/.building, swap it in, finish. A fit that fails before the
-    swap leaves --out as it found it: the old pipeline in use, or nothing."""
+    """Claim --out, build in OUT/.building, swap in, finish; a fit failing before the swap leaves --out as it was."""
     t_start, out, device = time.time(), Path(args.out), torch.device(args.device)
     ds = load_dataset(args.dataset, args.data_root, classes=args.classes)
     if args.dataset.startswith('folder:'):
-        fail('fit keeps the training set in memory and suits small images (digits, CIFAR); for image folders use a '
-             'pretrained pipeline')
-    check_memory(3 * ds['train'][0].size * 4, f'the {args.dataset} training set as float', 'use a pretrained '
-                 'pipeline', args.device)
+        fail('fit keeps the training set in memory (digits, CIFAR): for image folders use a pretrained pipeline')
+    check_memory(3 * ds['train'][0].size * 4, f'the {args.dataset} training set as float', 'use a pretrained pipeline',
+                 args.device)
     before = read_json(out / MANIFEST, 'pass another --out') if (out / MANIFEST).is_file() else None
     settings, scratch = {k: getattr(args, k) for k in FIT_FLAGS}, ['.building/', '.old/']
     # --overwrite of a finished pipeline claims it as it is: on disk it stays complete, and in use, until the swap
@@ -394,8 +373,7 @@ def fit_pipeline(args):
         elif before['complete']:
             save_manifest(out, **before)
         if isinstance(e, OSError):  # e.g. a full disk in save_pretrained
-            fail(f'could not write the pipeline in {out} ({e}); {STATUS["kept"]}: free some space or pass another '
-                 f'--out')
+            fail(f'could not write the pipeline in {out} ({e}); {STATUS["kept"]}: free space or pass another --out')
         raise
     swap_in(out, building, old)
     finish(out)
@@ -404,8 +382,8 @@ def fit_pipeline(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# sio, oal, fractals: fixed units of work (batches, pipeline calls, chunks), unit r*world + rank in
-# round r of each rank; the finished ones are recorded as `done` in the folder's manifest.
+# sio, oal, fractals: fixed units of work (batches, pipeline calls, chunks), unit r*world + rank in round r of each
+# rank; the finished ones are recorded as `done` in the folder's manifest.
 
 def add_done(done, first, stop):
     """done: sorted, disjoint [first, stop) spans of finished units; returned with [first, stop) added."""
@@ -423,8 +401,8 @@ def is_done(done, unit):
 def verified(done, finished):
     """The recorded units whose files are all there and readable (finished(unit)): the rest are made again."""
     kept = []
-    for unit in [u for a, b in done for u in range(a, b)]:
-        kept = add_done(kept, unit, unit + 1) if finished(unit) else kept
+    for unit in [u for a, b in done for u in range(a, b) if finished(u)]:
+        kept = add_done(kept, unit, unit + 1)
     return kept
 
 def run_units(num_units, done, work, args, out, kept, rank, world, device):
@@ -454,8 +432,7 @@ def run_units(num_units, done, work, args, out, kept, rank, world, device):
             bar.update()
     return done
 
-def check_disk(out, nbytes, what, fix):
-    """Refuse up front what the disk under out cannot hold, with the estimate."""
+def check_disk(out, nbytes, what, fix):  # refuse up front what the disk under out cannot hold, with the estimate
     folder = next(p for p in [Path(out).absolute(), *Path(out).absolute().parents] if p.exists())
     free = shutil.disk_usage(folder).free
     if nbytes > free:
@@ -475,7 +452,7 @@ def sio(args):
     names = class_prompt_names(classes, args.dataset, args.class_names)
     pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     total, npy = len(classes) * per_class, args.npy if args.npy is not None else not args.dataset.startswith('folder:')
-    num_batches, side = math.ceil(total / B), pipe.unet.config.sample_size * pipe.vae_scale_factor
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = dict(dataset=args.dataset, pipeline=pipeline_stamp(args.pipeline), prompt_template=args.prompt,
                     class_names=names, seed=args.seed, steps=args.steps, guidance=args.guidance,
                     scheduler=args.scheduler, per_class=per_class, batch_size=B, npy=npy,
@@ -505,13 +482,13 @@ def sio(args):
               f'"{args.prompt}", {args.steps} steps, guidance {args.guidance}, {world} process(es)')
     t0, written, made_before = time.time(), [0], count(done)
 
+    @torch.no_grad()
     def make_batch(b):
         batch = batch_of(b)
         prompts = [args.prompt.format(names[sio_image(i, per_class, args.seed)[0]]) for i in batch]
         generators = [torch.Generator(device).manual_seed(sio_image(i, per_class, args.seed)[2]) for i in batch]
-        with torch.no_grad():
-            images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators,
-                          output_type='np').images
+        images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators,
+                      output_type='np').images
         if not np.isfinite(images).all():
             return (f'--pipeline {args.pipeline} gives NaN/inf images (batch {b}); nothing of it was kept: pass '
                     f'--dtype fp32, or another --pipeline')
@@ -519,7 +496,7 @@ def sio(args):
             save_png(image, path_of(i))
         written[0] += len(batch)
     kept = lambda done: f'{count(done):,} of {total:,} images in {out}'
-    done = run_units(num_batches, done, make_batch, args, out, kept, rank, world, device)
+    done = run_units(math.ceil(total / B), done, make_batch, args, out, kept, rank, world, device)
     if world > 1:
         print(f'sio rank {rank}: wrote {written[0]} files')
     on_rank0(rank, world, lambda: end_sio(args, ds, names, pipe, done, npy, out, t0, count(done) - made_before))
@@ -570,11 +547,10 @@ def check_class_sizes(args, labels, classes):
               + f' and --knn-k {args.knn_k} is clipped to {n - 1}' * (args.knn_k > n - 1), file=sys.stderr)
 
 def prepare_oal(args, device, rank):
-    """Every input of oal, read and checked before --out is claimed: the dataset and its class words, the
-    teacher (its val accuracy), the pipeline; and the settings the outliers depend on."""
+    """Every input of oal (dataset, class words, teacher and its val accuracy, pipeline) and the outliers' settings,
+    read and checked before --out is claimed."""
     ds = load_dataset(args.dataset, args.data_root, classes=args.classes)
-    classes = ds['classes']
-    names = class_prompt_names(classes, args.dataset, args.class_names)
+    classes, names = ds['classes'], class_prompt_names(ds['classes'], args.dataset, args.class_names)
     if args.dataset == 'cifar100' and args.class_names is None and args.inject == 'published':
         names = OAL_CIFAR100_NAMES  # the authors' prompt words ('apples', 'computer keyboard'), their tokens' words
     if args.inject == 'published' and len(classes) > len(OAL_INJECT_LABELS):
@@ -689,33 +665,29 @@ def knn_step(args, job, out, device):
     print(f'knn: teacher features {tuple(feats.shape)} -> outliers {tuple(knn.shape)} ({args.knn_select} selection, '
           f"{job['anchor']} anchor, mean norm {np.mean(norms):.3f}) in {time.time() - t0:.1f}s")
 
+@torch.no_grad()
 def diffusion_call(args, job, knn, proj, call, out, device):
-    """Step 3, one pipeline call for the iterations in call: each draws its class and outlier from (seed, i),
-    encodes the prompt with the outlier written into the class tokens, and has its own noise; the final
-    latents, pooled, are the outliers (the decoded images are for looking at). With --batch-size =
-    --samples-per-iteration it is the paper's one call per iteration, bit for bit (a larger batch changes
-    only float rounding)."""
+    """Step 3, one pipeline call for the iterations in call: each draws its class and outlier from (seed, i), encodes
+    the prompt with the outlier written into the class tokens and has its own noise; the pooled final latents are the
+    outliers (the images are for looking at). --batch-size = --samples-per-iteration is the paper's one call per
+    iteration, bit for bit (a larger batch changes only float rounding)."""
     from diffusers.utils.torch_utils import randn_tensor
-    n, drawn, embeds, negatives, noise = args.samples_per_iteration, [], [], [], []
-    pipe, names, classes = job['pipe'], job['names'], job['classes']
+    n, pipe, names, classes = args.samples_per_iteration, job['pipe'], job['names'], job['classes']
     cfg = args.guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
     shape = (n, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    for i in call:
+
+    def encode(i):  # iteration i's class, prompt embeddings (outlier injected) and noise
         c, row = oal_draw(i, args.seed, len(classes), knn.shape[1])
         vector = knn[c, row] @ proj if proj is not None else knn[c, row]
-        with injected(pipe.text_encoder, injected_tokens(pipe.tokenizer, names, c, args.inject), vector), \
-                torch.no_grad():
+        with injected(pipe.text_encoder, injected_tokens(pipe.tokenizer, names, c, args.inject), vector):
             embed, negative = pipe.encode_prompt(args.prompt.format(names[c]), device, n, cfg)
-        drawn.append(c)
-        embeds.append(embed)
-        negatives.append(negative)
-        noise.append(randn_tensor(shape, generator=torch.Generator(device).manual_seed(args.seed * 1000 + i),
-                                  device=device, dtype=embed.dtype))
-    with torch.no_grad():
-        latents = pipe(prompt_embeds=torch.cat(embeds), negative_prompt_embeds=torch.cat(negatives) if cfg else None,
-                       latents=torch.cat(noise), num_inference_steps=args.steps, guidance_scale=args.guidance,
-                       output_type='latent').images
-        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        generator = torch.Generator(device).manual_seed(args.seed * 1000 + i)
+        return c, embed, negative, randn_tensor(shape, generator=generator, device=device, dtype=embed.dtype)
+    drawn, embeds, negatives, noise = zip(*[encode(i) for i in call])
+    latents = pipe(prompt_embeds=torch.cat(embeds), negative_prompt_embeds=torch.cat(negatives) if cfg else None,
+                   latents=torch.cat(noise), num_inference_steps=args.steps, guidance_scale=args.guidance,
+                   output_type='latent').images
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     if not torch.isfinite(latents).all():
         return (f'--pipeline {args.pipeline} gives NaN/inf latents (iterations {call.start}-{call.stop - 1}); nothing '
                 f'of them was kept: pass --dtype fp32, or another --pipeline')
@@ -741,8 +713,7 @@ def end_oal(args, meta, complete, files_of, out, made):
           + f' -> {out}')
 
 def fractals(args):
-    """--count IFS fractal PNGs, picture i from (seed, i) alone, made in chunks of 100 recorded as done; a
-    missing or damaged picture of a done chunk is made again."""
+    """--count IFS fractal PNGs, picture i from (seed, i), in chunks of 100 recorded done (damaged ones remade)."""
     out, chunk, t0, made = Path(args.out), 100, time.time(), [0]
     settings = dict(count=args.count, size=args.size, seed=args.seed)
     todo = args.count - min(args.count, chunk * sum(b - a for a, b in peek_done(out, settings, args.overwrite)))
