@@ -752,43 +752,36 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
 IMAGENET_SUBSETS = {'imagenet-10': [404, 751, 94, 281, 62, 207, 31, 949, 814, 569],
                     'imagenet-dogs': list(range(151, 251))}
 
-def digits_images():
-    """sklearn's 1,797 8x8 digits as uint8 (N, 8, 8, 3): value * 255 / 16, grey on 3 channels, read from
-    the CSV scikit-learn ships, as load_digits does, without importing sklearn.datasets (1.4 s)."""
+def digits_images():  # sklearn's digits as load_digits reads its CSV, without importing sklearn.datasets (1.4 s)
     import importlib.util
     csv = Path(importlib.util.find_spec('sklearn').origin).parent / 'datasets' / 'data' / 'digits.csv.gz'
     data = np.loadtxt(csv, delimiter=',')
-    images = np.rint(data[:, :-1].reshape(-1, 8, 8, 1) * 255 / 16).astype(np.uint8)
+    images = np.rint(data[:, :-1].reshape(-1, 8, 8, 1) * 255 / 16).astype(np.uint8)  # uint8 (N, 8, 8, 3), grey
     return np.repeat(images, 3, axis=-1), data[:, -1].astype(np.int64)
 
-def load_digits_splits():
-    """ID = digits 0-5; per class RandomState(0).permutation of its indices: 60% train, 10% val, 30% test."""
-    (images, labels), split = digits_images(), {'train': [], 'val': [], 'test': []}
+def load_digits_splits():  # ID = digits 0-5; per class a RandomState(0) permutation: 60% train, 10% val, 30% test
+    (images, labels), parts = digits_images(), []
     for c in range(6):
         idx = np.flatnonzero(labels == c)
-        idx = idx[np.random.RandomState(0).permutation(len(idx))]
         n_train, n_val = int(0.6 * len(idx)), int(0.1 * len(idx))
-        for name, part in zip(split, (idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:])):
-            split[name].append(part)
-    out = {name: (images[np.concatenate(ix)], labels[np.concatenate(ix)]) for name, ix in split.items()}
+        parts.append(np.split(idx[np.random.RandomState(0).permutation(len(idx))], [n_train, n_train + n_val]))
+    splits = map(np.concatenate, zip(*parts))  # train, val, test indices
+    out = {name: (images[ix], labels[ix]) for name, ix in zip(('train', 'val', 'test'), splits)}
     train = out['train'][0].astype(np.float64) / 255
     mean, std = tuple(map(float, train.mean(axis=(0, 1, 2)))), tuple(map(float, train.std(axis=(0, 1, 2))))
     return dict(out, classes=DIGIT_NAMES[:6], image_size=8, mean=mean, std=std)
 
-def torchvision_set(cls, root, **kwargs):
-    """A torchvision dataset, downloaded if absent; None when absent and it cannot be downloaded."""
+def torchvision_set(cls, root, **kwargs):  # downloaded if absent; None when it cannot be
     for download in (False, True):
         try:
             return cls(root, download=download, **kwargs)
         except Exception:
             pass
 
-def read_imglist(root, list_name, images='images_classic'):
-    """OpenOOD's benchmark_imglist/LIST: 'relative/path label' per line -> (paths, labels)."""
+def read_imglist(root, list_name, images='images_classic'):  # OpenOOD's 'relative/path label' lines -> (paths, labels)
     path = Path(root) / 'benchmark_imglist' / list_name
     if not path.is_file():
-        fail(f'{path} does not exist: --openood-root takes the folder of OpenOOD v1.5 downloads holding '
-             f'benchmark_imglist/ (download entry benchmark_imglist) and {images}/')
+        fail(f'{path} does not exist: --openood-root takes the OpenOOD v1.5 folder of benchmark_imglist/ and {images}/')
     rows = [line.rsplit(' ', 1) for line in path.read_text().splitlines() if line.strip()]
     if not all(len(row) == 2 and row[1].lstrip('-').isdigit() for row in rows):
         fail(f'{path} has a line that is not "relative/path label": download it again')
@@ -800,22 +793,19 @@ def read_image(path):
     from PIL import Image
     try:
         with Image.open(path) as image:
-            if image.mode.startswith('I'):
-                grey = np.asarray(image).astype(np.int64)
-                if grey.min() < 0 or grey.max() > 65535:
-                    raise BadImage(f'{path} holds 32-bit values outside 0..65535: save it as an 8-bit image')
-                return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=-1)
-            if image.mode == 'F':
-                raise BadImage(f'{path} holds floating-point pixels: save it as an 8-bit image')
-            return np.asarray(image.convert('RGB'))
+            mode = image.mode  # 'F' (floating-point) is refused below, undecoded
+            pixels = None if mode == 'F' else np.asarray(image if mode.startswith('I') else image.convert('RGB'))
     except Image.DecompressionBombError as e:
         raise BadImage(f'{path} is too large to decode safely ({e}): shrink it or remove it')
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for damaged and unknown files
-        raise e if isinstance(e, BadImage) else BadImage(f'cannot read image {path} ({type(e).__name__}): replace '
-                                                         f'or remove that file')
+        raise BadImage(f'cannot read image {path} ({type(e).__name__}): replace or remove that file')
+    if mode == 'F':
+        raise BadImage(f'{path} holds floating-point pixels: save it as an 8-bit image')
+    if mode.startswith('I') and (pixels.min() < 0 or pixels.max() > 65535):
+        raise BadImage(f'{path} holds 32-bit values outside 0..65535: save it as an 8-bit image')
+    return np.repeat((pixels >> 8).astype(np.uint8)[..., None], 3, axis=-1) if mode.startswith('I') else pixels
 
-def read_images(paths, size):
-    """Image files -> uint8 (N, size, size, 3) (bilinear resize only where the size differs)."""
+def read_images(paths, size):  # -> uint8 (N, size, size, 3), resized by PIL only where the size differs
     from PIL import Image
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
@@ -823,33 +813,25 @@ def read_images(paths, size):
         out[i] = image if image.shape[:2] == (size, size) else np.asarray(Image.fromarray(image).resize((size, size)))
     return out
 
-def image_folder(path, classes=None):
-    """ImageFolder layout: classes = sorted sub-folders (or given ones, matched by name), files sorted."""
+def image_folder(path, train_classes=None):  # ImageFolder layout: sorted class folders, sorted [(file, class folder)]
     if not Path(path).is_dir():
-        fail(f'{path} does not exist or is no folder: a folder dataset needs PATH/train/<class>/* and '
-             f'PATH/val/<class>/*')
+        fail(f'{path} is missing or no folder: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
     found = sorted(d.name for d in Path(path).iterdir() if d.is_dir())
-    if classes is not None and set(found) - set(classes):
-        fail(f'{path} has class folder {sorted(set(found) - set(classes))[0]}, which train/ lacks: add it there or '
-             f'remove it')
-    classes = found if classes is None else classes
-    files = [(str(f), classes.index(c)) for c in found for f in sorted((Path(path) / c).rglob('*'))
-             if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]  # not a folder, pipe or device so named
-    return [f for f, _ in files], np.array([y for _, y in files], dtype=np.int64), classes
+    if train_classes is not None and (extra := sorted(set(found) - set(train_classes))):
+        fail(f'{path} has class folder {extra[0]}, which train/ lacks: add it there or remove it')
+    return found, [(str(f), c) for c in found for f in sorted((Path(path) / c).rglob('*'))
+                   if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]  # not a folder, pipe or device so named
 
 def subset_classes(spec, classes):
-    """--classes imagenet-10 / imagenet-dogs, or a file of class folder names (first word of each line, so
-    LOC_synset_mapping.txt works), sorted: labels follow that order, as in the SIO code."""
+    """imagenet-10 / imagenet-dogs or a file's first words (LOC_synset_mapping.txt works), sorted: SIO's label order."""
     if spec in IMAGENET_SUBSETS:
         if len(classes) != 1000:
-            fail(f'--classes {spec} takes ImageNet-1K classes by position, but the folder has {len(classes)} classes: '
-                 f'point --dataset folder:PATH at 1,000 class folders, or pass a file of class names')
+            fail(f'--classes {spec} needs 1,000 class folders, not {len(classes)}: point --dataset at ImageNet-1K')
         return sorted(classes[i] for i in IMAGENET_SUBSETS[spec])
     try:
         names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
     except (OSError, UnicodeDecodeError) as e:
-        fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a text '
-             f'file of class folder names')
+        fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a class list')
     if len(names) < 2:
         fail(f'--classes {spec}: {len(names)} class named, a classifier needs 2 or more: fix the list')
     return names
@@ -861,43 +843,38 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
         return load_digits_splits()
     if name in ('cifar10', 'cifar100'):
         import torchvision  # imported where it is used: 1.6 s at every start, and digits needs none of it
-        cls = torchvision.datasets.CIFAR10 if name == 'cifar10' else torchvision.datasets.CIFAR100
-        train, test = torchvision_set(cls, data_root, train=True), torchvision_set(cls, data_root, train=False)
+        cls = getattr(torchvision.datasets, name.upper())
+        train, test = (torchvision_set(cls, data_root, train=is_train) for is_train in (True, False))
         if train is None or test is None:
-            fail(f'{cls.__name__} is not under {os.path.abspath(data_root)} and could not be downloaded (offline?): '
-                 f'put it there or point --data-root at the folder that holds it')
-        test_x, test_y = test.data, np.array(test.targets, dtype=np.int64)
+            fail(f'{cls.__name__} is not under {os.path.abspath(data_root)} and cannot be downloaded: fix --data-root')
         if openood_root:  # OpenOOD v1.5's own split of the official test set, exactly
-            val, test = (read_imglist(openood_root, f'{name}/{split}_{name}.txt') for split in ('val', 'test'))
-            val, test = (read_images(val[0], 32), val[1]), (read_images(test[0], 32), test[1])
+            lists = [read_imglist(openood_root, f'{name}/{split}_{name}.txt') for split in ('val', 'test')]
+            val, test = ((read_images(files, 32), labels) for files, labels in lists)
         else:  # OpenOOD v1.5: 1,000 test images are validation, the other 9,000 the ID test set
-            perm = np.random.RandomState(0).permutation(len(test_x))
-            val, test = (test_x[perm[:1000]], test_y[perm[:1000]]), (test_x[perm[1000:]], test_y[perm[1000:]])
+            perm, test_y = np.random.RandomState(0).permutation(len(test.data)), np.array(test.targets, dtype=np.int64)
+            val, test = (test.data[perm[:1000]], test_y[perm[:1000]]), (test.data[perm[1000:]], test_y[perm[1000:]])
         return dict(train=(train.data, np.array(train.targets, dtype=np.int64)), val=val, test=test, image_size=32,
                     classes=list(train.classes), mean=CIFAR_STATS[name][0], std=CIFAR_STATS[name][1])
     if not name.startswith('folder:'):
         fail(f'unknown --dataset {name!r}: use digits, cifar10, cifar100 or folder:PATH')
     root = Path(name[len('folder:'):])
-    train_files, train_y, all_classes = image_folder(root / 'train')
-    val = image_folder(root / 'val', all_classes)  # labels by class name: a split may lack a class
-    test = image_folder(root / 'test', all_classes) if (root / 'test').is_dir() else val
+    all_classes, train = image_folder(root / 'train')
+    val = image_folder(root / 'val', all_classes)[1]  # labelled by class name: a split may lack a class
+    test = image_folder(root / 'test', all_classes)[1] if (root / 'test').is_dir() else val
     classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
-    if set(classes) - set(all_classes):
-        fail(f'{root} has no class folder {sorted(set(classes) - set(all_classes))[0]}: fix the class list, or pass '
-             f'the dataset it comes from')
+    if unknown := sorted(set(classes) - set(all_classes)):
+        fail(f'{root} has no class folder {unknown[0]}: fix the class list, or pass the dataset it comes from')
 
-    def select(files, labels, names):  # the images of these classes, labelled by their position in names
-        position = {all_classes.index(n): i for i, n in enumerate(names)}
-        keep = [j for j, y in enumerate(labels) if y in position]
-        return [files[j] for j in keep], np.array([position[labels[j]] for j in keep], dtype=np.int64)
-    train, val = select(train_files, train_y, classes), select(*val[:2], classes)
-    for split, (_, labels) in (('train', train), ('val', val)):  # val picks best.pt: it must see every class
+    def select(files, names):  # the images of these classes, labelled by their position in names
+        position = {c: i for i, c in enumerate(names)}
+        kept = [(f, position[c]) for f, c in files if c in position]
+        return [f for f, _ in kept], np.array([y for _, y in kept], dtype=np.int64)
+    splits = dict(train=select(train, classes), val=select(val, classes))
+    for split, (_, labels) in splits.items():  # val picks best.pt: it must see every class
         if missing := [c for i, c in enumerate(classes) if i not in labels]:
-            fail(f'{root / split} has no image of class {missing[0]}: add some, or leave the class out '
-                 f'(--classes FILE)')
+            fail(f'{root / split} has no image of class {missing[0]}: add some, or leave it out (--classes FILE)')
     other = [c for c in all_classes if c not in classes]
-    return dict(train=train, val=val, classes=classes, test=select(*test[:2], classes),
-                other_classes=select(*test[:2], other)[0] if other else [],
+    return dict(splits, classes=classes, test=select(test, classes), other_classes=select(test, other)[0],
                 image_size=224, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1])
 
 # Class names in prompts, and the files generate.py writes.
@@ -940,8 +917,7 @@ def class_prompt_names(classes, dataset, names_file=None):
              f'(sorted folder names), or "wnid name" lines')
     return [prompt_name(line) for line in lines]
 
-def check_memory(nbytes, what, fix, device_name):
-    """Refuse up front what cannot fit: nbytes against the free memory (the GPU's on a CUDA device)."""
+def check_memory(nbytes, what, fix, device_name):  # refused up front: nbytes over the free memory (the GPU's on CUDA)
     if torch.device(device_name).type == 'cuda':
         free = torch.cuda.mem_get_info(torch.device(device_name))[0]
     else:  # Linux's estimate; elsewhere not checked
@@ -995,8 +971,7 @@ def pipeline_stamp(name):
 
 
 # ------------------------------------------------------------------------------------------------
-# Model, the same in every script: torchvision ResNets with the two-line CIFAR stem change, a small
-# CNN for 8x8 digits; forward(x, features=True) also returns the penultimate feature h.
+# Model, the same in every script: torchvision ResNets with the two-line CIFAR stem change, a small CNN for 8x8 digits.
 
 ARCH_SIZE = {'cnn': 8, 'resnet18': 32, 'resnet18_224': 224, 'resnet50': 224}  # native input sizes
 ARCH_MIN_SIZE = {'cnn': 8, 'resnet18': 8, 'resnet18_224': 32, 'resnet50': 32}  # below: nothing left to pool
@@ -1014,19 +989,15 @@ class Net(nn.Module):
             import torchvision
             self.body = getattr(torchvision.models, arch.replace('_224', ''))()
             if arch == 'resnet18':  # CIFAR stem: 3x3 stride-1 conv, no max-pool (32x32 input)
-                self.body.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-                self.body.maxpool = nn.Identity()
+                self.body.conv1, self.body.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
             dim, self.body.fc = self.body.fc.in_features, nn.Identity()
-        self.fc = nn.Linear(dim, num_classes)
-        self.feature_dim = dim
+        self.fc, self.feature_dim = nn.Linear(dim, num_classes), dim
 
-    def forward(self, x, features=False):
+    def forward(self, x, features=False):  # features=True: also the penultimate feature h
         h = self.body(x)
-        z = self.fc(h)
-        return (z, h) if features else z
+        return (self.fc(h), h) if features else self.fc(h)
 
-def normalize(x, mean, std, size):
-    """uint8 images (or floats on the same 0..255 scale) -> normalised float at size, channels_last."""
+def normalize(x, mean, std, size):  # uint8 images (or floats on the same 0..255 scale) -> normalised, channels_last
     x = x.float().div_(255)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
@@ -1034,8 +1005,7 @@ def normalize(x, mean, std, size):
     return x.contiguous(memory_format=torch.channels_last)
 
 def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_sio.py or train_oal.py'):
-    """torch.load with one line for a file that is cut short, not a checkpoint, not one of ours, or one whose
-    fields or weights do not make the Net it names."""
+    """torch.load with one line for a file that is cut short, not one of ours, or not the Net it names."""
     try:
         ckpt = torch.load(file, map_location='cpu', weights_only=False)
     except Exception as e:  # truncated zip, pickle garbage, empty file...
@@ -1050,25 +1020,23 @@ def read_checkpoint(file, what, fix='pass a best.pt or last.pt written by train_
                   and mean.shape == std.shape == (3,) and np.isfinite(np.r_[mean, std]).all() and (std > 0).all())
     except (KeyError, TypeError, ValueError):
         usable = False
-    if not usable or not weights_fit(ckpt['model'], ckpt['arch'], ckpt['num_classes']):
-        why = (f"holds no {ckpt['arch']} with {ckpt['num_classes']} classes" if usable else
-               'lacks a usable arch, dataset, classes, image_size, mean or std')
-        fail(f'{what} {file} {why}: {fix}')
+    if not usable:
+        fail(f'{what} {file} lacks a usable arch, dataset, classes, image_size, mean or std: {fix}')
+    if not weights_fit(ckpt['model'], ckpt['arch'], ckpt['num_classes']):
+        fail(f"{what} {file} holds no {ckpt['arch']} with {ckpt['num_classes']} classes: {fix}")
     if broken := next((k for k, v in ckpt['model'].items() if not (v.is_floating_point() and torch.isfinite(v).all()
                                                                     or k.endswith('num_batches_tracked'))), None):
         fail(f'{what} {file} has NaN, infinite or integer weights ({broken}): {fix}')
     return dict(ckpt, mean=tuple(mean.tolist()), std=tuple(std.tolist()))  # tensors or arrays become plain floats
 
-def weights_fit(state, arch, num_classes):
-    """Whether state has exactly the keys and shapes of Net(arch, num_classes)'s state_dict."""
+def weights_fit(state, arch, num_classes):  # exactly the keys and shapes of Net(arch, num_classes)'s state_dict
     with torch.device('meta'):  # shapes only: no memory, no initialisation
         expected = Net(arch, num_classes).state_dict() if type(num_classes) is int and num_classes > 0 else {}
     return isinstance(state, dict) and state.keys() == expected.keys() and all(
         isinstance(state[k], torch.Tensor) and state[k].shape == v.shape for k, v in expected.items())
 
 def run_file(path, what):
-    """The checkpoint a run folder stands for, its best.pt, refused while its trainer has not finished; a
-    file as given."""
+    """A file as given; a run folder's best.pt, refused while its trainer has not finished."""
     path = Path(path)
     if not path.is_dir():
         return path
@@ -1319,21 +1287,17 @@ def teacher_features(forward, images, labels, num_classes, per_class, pad, flip,
     return torch.stack([f[:n] for f in feats])
 
 def augment(x, pad, flip, size=None):
-    """Random crop with zero padding + horizontal flip, per image, on x's device (uint8 in and out). With
-    size, the images are resized to it first, so the crop shifts them by +-pad pixels at that size:
-    OpenOOD's Resize(224), RandomHorizontalFlip, RandomCrop(224, padding=4), which OAL trained with."""
+    """Random zero-padded crop + horizontal flip per image, uint8 on x's device. With size, resized to it first, so
+    the crop shifts by +-pad pixels at that size: OpenOOD's Resize(224), RandomCrop(224, padding=4), as OAL trained."""
     if size is not None and x.shape[-1] != size:
-        x = F.interpolate(x.float(), size=(size, size), mode='bilinear', align_corners=False).round().clamp(0, 255)
-        x = x.to(torch.uint8)
+        x = F.interpolate(x.float(), size=size, mode='bilinear', align_corners=False).round().clamp(0, 255).byte()
     n, _, h, w = x.shape
     if pad:
-        padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
-        dx = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        dy, dx = (torch.randint(0, 2 * pad + 1, (n, 1), device=x.device) for _ in 'yx')
         rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
-        x = padded[torch.arange(n, device=x.device)[:, None, None, None],
-                   torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+        x = F.pad(x, (pad, pad, pad, pad))[torch.arange(n, device=x.device)[:, None, None, None],
+                                          torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
     if flip:
         x = torch.where(torch.rand(n, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     return x
