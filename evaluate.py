@@ -19,7 +19,7 @@ Detectors: msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim (O
 """
 import argparse
 import csv, fcntl, hashlib, json, math, os, re, shlex, signal, sys, threading, time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 if __name__ == '__main__':  # Ctrl-C while the libraries below load: one line, and out at once (an exception
     # raised inside a C extension's import would surface as that library's ImportError instead)
@@ -1144,6 +1144,7 @@ def get_args(argv=None):
 
 MANIFEST = 'manifest.json'  # in every output folder: its script, settings and the entries it wrote
 PATTERN = re.compile(r'[*?[]|\{\d+\.\.\d+\}')  # a manifest entry naming more than one file
+TEMPORARY = re.compile(r'\.\d+\.tmp$')  # the end of write_atomic's name for a file it is writing
 CLAIMED = {}  # resolved output folder -> [.lock file, manifest], for each folder this process holds
 STATUS = dict(kept='nothing was written', again='', stop=False)  # what an interrupt reports; one was asked for
 
@@ -1154,22 +1155,18 @@ class Parser(argparse.ArgumentParser):
 class BadImage(ValueError):
     """An image file that cannot be decoded, wherever it is found (a DataLoader worker too)."""
 
-def fail(message):
-    """One line for the user, exit code 2, no traceback."""
+def fail(message):  # one line for the user, exit code 2, no traceback
     say(f'error: {message}')
     sys.exit(2)
 
-def say(line):
-    """A line on stderr, on a line of its own under a progress bar (in a log file too, past its carriage returns)."""
+def say(line):  # on stderr, on a line of its own under a progress bar (in a log file too, past its carriage returns)
     tqdm.write('\n' * bool(getattr(tqdm, '_instances', None)) + line, file=sys.stderr)
 
-def number(kind, valid, ok):
-    """A flag type: kind(text) that passes ok, else 'must be VALID' (NaN fails every comparison)."""
+def number(kind, valid, ok):  # flag type: kind(text) that passes ok, else 'must be VALID' (NaN fails every comparison)
     def parse(text):
-        try:
+        value = None
+        with suppress(ValueError):
             value = kind(text)
-        except ValueError:
-            value = None
         if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f'must be {valid}, got {text}')
         return value
@@ -1181,8 +1178,7 @@ RATE = number(float, 'a number > 0 that float32 holds (1e-38 to 3e38)', lambda v
 WEIGHT = number(float, 'a number >= 0 that float32 holds (at most 3e38)', lambda v: 0 <= v <= 3e38)
 SHARE = number(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
 
-def device(name):
-    """--device: one this machine has, said now rather than deep inside a run."""
+def device(name):  # --device: one this machine has, said now rather than deep inside a run
     try:
         kind, count = torch.device(name), torch.cuda.device_count()
     except RuntimeError:
@@ -1190,12 +1186,11 @@ def device(name):
     if kind.type not in ('cpu', 'cuda'):
         raise argparse.ArgumentTypeError(f'{name}: pass cpu, cuda or cuda:N')
     if kind.type == 'cuda' and (kind.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f'{name}: this machine has {count} CUDA device(s): pass '
-                                         + (f'cuda:0 .. cuda:{count - 1}' if count else '--device cpu'))
+        fix = f'cuda:0 .. cuda:{count - 1}' if count else '--device cpu'
+        raise argparse.ArgumentTypeError(f'{name}: this machine has {count} CUDA device(s): pass {fix}')
     return name
 
-def read_json(path, fix):
-    """A JSON object from a file, or one line saying it is damaged and what to do."""
+def read_json(path, fix):  # a JSON object from a file, or one line saying it is damaged and what to do
     try:
         value = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -1204,14 +1199,12 @@ def read_json(path, fix):
         fail(f'{path} is {value if isinstance(value, str) else "not a JSON object"}: {fix}')
     return value
 
-def on_rank0(rank, world, work):
-    """work() on rank 0; the other ranks get its result, or leave with its exit code when it fails."""
-    shared = [0, None]
-    if rank == 0:
-        try:
-            shared[1] = work()
-        except SystemExit as stop:
-            shared[0] = stop.code
+def on_rank0(rank, world, work):  # work() on rank 0; the others get its result, or leave with its exit code if it fails
+    shared = [0, None]  # exit code, result
+    try:
+        shared[1] = work() if rank == 0 else None
+    except SystemExit as stop:
+        shared[0] = stop.code
     if world > 1:
         dist.broadcast_object_list(shared, 0)
     if shared[0]:
@@ -1219,13 +1212,10 @@ def on_rank0(rank, world, work):
     return shared[1]
 
 def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=(), dry=False):
-    """Take an output folder for this process by the one rule of every folder any script writes: one
-    writer (an flock on OUT/.lock, dropped at any exit); none that is, holds or lies in an input; one whose
-    manifest names another script, or that holds any file its manifest does not name, is refused; output
-    made with other settings, or at all when continues is False (or 'unfinished' and complete), is refused
-    unless overwrite, which marks it stale: the new run writes over it, finish() removes the rest. Every
-    check runs before the folder is made or locked; dry=True stops there (several folders: check them all
-    before taking the first). Returns the manifest."""
+    """Take an output folder by the one rule of every folder a script writes: one writer (an flock on OUT/.lock, dropped
+    at any exit); none that is, holds or lies in an input, is another script's or holds a file its manifest does not
+    name; output of other settings, or any when continues is False (or 'unfinished' and complete), is refused unless
+    overwrite marks it stale (finish() removes what is not rewritten). All checks come first; dry=True stops there."""
     if str(out) in ('', '.'):
         fail(f'{flag} {str(out)!r} names no folder of its own: pass a folder')
     out = Path(out)
@@ -1243,8 +1233,7 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         fail(f'{flag} {out} cannot be used ({getattr(e, "strerror", None) or e}): pass another {flag}')
     if dry:
         return None
-    lock = CLAIMED.get(key, [None])[0]
-    if not (lock and (out / '.lock').exists() and os.stat(out / '.lock').st_ino == os.fstat(lock.fileno()).st_ino):
+    if not holds(out, CLAIMED.get(key, [None])[0]):
         try:
             out.mkdir(parents=True, exist_ok=True)
             lock = os.fdopen(os.open(out / '.lock', os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), 'r+')
@@ -1255,18 +1244,20 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         except OSError as e:
             fail(f'{flag} {out} cannot be written ({e.strerror or type(e).__name__}): pass a folder you can write to')
         lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
+        print(os.getpid(), end='', file=lock, flush=True)
         CLAIMED[key] = [lock, None]  # held from now on, refused or not: this process may ask again
     manifest, files, changed = inspect(out, flag, script, settings, overwrite, continues, what, hint)  # locked now
     CLAIMED[key][1] = manifest
-    for temporary in [f for f in files if re.search(r'\.\d+\.tmp$', f)]:
+    for temporary in filter(TEMPORARY.search, files):
         (out / temporary).unlink()  # a killed writer's: this process holds the lock now
     if overwrite or changed:
         manifest.update(settings=settings, stale=list(manifest['files']), done=[], complete=False)
     if overwrite or changed or not (out / MANIFEST).exists():  # else nothing is written yet
         save_manifest(out)
     return manifest
+
+def holds(out, lock):  # this process still holds OUT: lock is the file under the name OUT/.lock now
+    return bool(lock) and (out / '.lock').exists() and os.stat(out / '.lock').st_ino == os.fstat(lock.fileno()).st_ino
 
 def inspect(out, flag, script, settings, overwrite, continues, what, hint):
     """claim()'s checks of a folder's contents -> (manifest, files, changed settings); nothing is written."""
@@ -1278,15 +1269,14 @@ def inspect(out, flag, script, settings, overwrite, continues, what, hint):
     if not (all(isinstance(manifest.get(k), kind) for k, kind in kinds.items())
             and all(isinstance(e, str) for e in manifest['files'] + manifest['stale'])
             and all(isinstance(d, list) and len(d) == 2 and all(type(v) is int for v in d) for d in manifest['done'])):
-        fail(f'{flag} {out} has a {MANIFEST} no synth-ood script wrote as it is (damaged, or another tool\'s): pass '
-             f'another {flag}')
+        fail(f'{flag} {out} has a {MANIFEST} no synth-ood script wrote (damaged or foreign): pass another {flag}')
     if manifest['script'] != script:
         fail(f'{flag} {out} holds a {manifest["script"]} folder, not a {script} one: pass another {flag}')
     files, named = contents(out), recorded(manifest['files'] + [MANIFEST])
     lock = out / '.lock'  # ours: a plain file of one name that holds a pid or nothing
     ours = lambda: lock.is_file() and lock.stat().st_nlink == 1 and re.fullmatch(r'\d*', lock.read_text().strip())
     others = ['.lock'] * (lock.is_symlink() or lock.exists() and not ours())
-    others += sorted(f for f in files if not named(re.sub(r'\.\d+\.tmp$', '', f)) or (out / f).is_symlink())
+    others += sorted(f for f in files if not named(TEMPORARY.sub('', f)) or (out / f).is_symlink())
     if others:
         fail(f'{flag} {out} holds files this script did not write ({", ".join(others[:3])}'
              f'{", ..." * (len(others) > 3)}): pass a new or empty folder, or move them out')
@@ -1298,28 +1288,22 @@ def inspect(out, flag, script, settings, overwrite, continues, what, hint):
         fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: {hint}')
     return manifest, files, changed
 
-def contents(out):
-    """All but the folders in an output folder (files, links, pipes...), as paths relative to it, but its lock."""
+def contents(out):  # what OUT holds but folders and its lock (files, links, pipes...), as paths relative to OUT
     return [p.relative_to(out).as_posix() for p in Path(out).rglob('*')  # a link is listed, never followed
             if (not p.is_dir() or p.is_symlink()) and p != Path(out) / '.lock']
 
 def recorded(entries):
-    """Test whether a path relative to an output folder is named by one of a manifest's entries: a name; a
-    pattern, whose '*', '?', '[...]' stay within one part of the path and '{a..b}' is a number from a to b
-    written as wide as a; or 'name/', a folder and all in it."""
+    """A test whether a path relative to an output folder is named by one of entries: a name; a pattern ('*', '?' and
+    '[...]' within one part of the path, '{a..b}' a number from a to b as wide as a); or 'name/': all in it."""
+    def piece(part):  # '[...]' and '[!...]' as fnmatch reads them; '{a..b}' a number, compared below
+        if part[0] == '[' and len(part) > 1:
+            return '[' + '^' * (part[1] == '!') + re.sub(r'([\\^[\]])', r'\\\1', part[1 + (part[1] == '!'):-1]) + ']'
+        return r'(\d+)' if len(part) > 1 else {'*': '[^/]*', '?': '[^/]'}.get(part, re.escape(part))
     tests = []
     for entry in entries:
-        regex, ranges = '', []
-        for part in re.findall(r'\{\d+\.\.\d+\}|\[!?\]?[^]]*\]|.', entry.rstrip('/'), re.S):
-            if part[0] == '{' and len(part) > 1:  # {a..b}
-                ranges.append(part[1:-1].split('..'))
-                regex += r'(\d+)'
-            elif part[0] == '[' and len(part) > 1:  # one of the characters, as fnmatch reads [...] and [!...]
-                negate = part[1] == '!'
-                regex += '[' + '^' * negate + re.sub(r'([\\^[\]])', r'\\\1', part[1 + negate:-1]) + ']'
-            else:
-                regex += {'*': '[^/]*', '?': '[^/]'}.get(part, re.escape(part))
-        tests.append((re.compile(regex + '(?:/.*)?' * entry.endswith('/'), re.S), ranges))
+        parts = re.findall(r'\{\d+\.\.\d+\}|\[!?\]?[^]]*\]|.', entry.rstrip('/'), re.S)
+        ranges = [part[1:-1].split('..') for part in parts if part[0] == '{' and len(part) > 1]
+        tests.append((re.compile(''.join(map(piece, parts)) + '(?:/.*)?' * entry.endswith('/'), re.S), ranges))
     within = lambda numbers, ranges: all(n == f'{int(n):0{len(a)}d}' and int(a) <= int(n) <= int(b)
                                          for n, (a, b) in zip(numbers, ranges))
     return lambda path: any((m := regex.fullmatch(path)) and within(m.groups(), ranges) for regex, ranges in tests)
@@ -1330,8 +1314,7 @@ def save_manifest(out, **changes):
     write_atomic(Path(out) / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
 
 def record(out, *entries):
-    """Enter entries (see recorded()) in out's manifest before they are written. A stale pattern or folder
-    is taken over: finish() removes what this run leaves out of it."""
+    """Enter entries (see recorded()) in out's manifest before they are written; a stale pattern is taken over."""
     manifest = CLAIMED[Path(out).resolve()][1]
     new = [e for e in entries if e not in manifest['files']]
     taken = [e for e in entries if e in manifest['stale'] and PATTERN.search(e)]
@@ -1340,11 +1323,10 @@ def record(out, *entries):
                       stale=[e for e in manifest['stale'] if e not in taken])
 
 def finish(out, keep=None, **changes):
-    """Record out as complete once sure this process still holds it. Removed: the files only the previous
-    run's stale entries name, and with keep (relative paths) every other file this run's patterns name."""
-    out = Path(out)
-    lock, manifest = CLAIMED[out.resolve()]
-    if not (out / '.lock').exists() or os.stat(out / '.lock').st_ino != os.fstat(lock.fileno()).st_ino:
+    """Record out as complete once sure this process still holds it. Removed: the files only the previous run's stale
+    entries name, and with keep (relative paths) every other file this run's patterns name."""
+    out, (lock, manifest) = Path(out), CLAIMED[Path(out).resolve()]
+    if not holds(out, lock):
         fail(f'{out} was removed or replaced while this ran: run the same command again')
     live = [e for e in manifest['files'] if e not in manifest['stale']]
     stale, named, patterns = recorded(manifest['stale']), recorded(live), recorded(filter(PATTERN.search, live))
@@ -1358,37 +1340,30 @@ def finish(out, keep=None, **changes):
     save_manifest(out, files=live, stale=[], complete=True, **changes)
 
 def write_atomic(path, write):
-    """write(a temporary name), then rename it over path: a crash or a full disk never leaves half a file
-    under the final name. In a claimed folder the file is recorded first and is no longer stale after."""
-    path = Path(path)
-    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents and path.name != MANIFEST),
-               None)
-    name = out and path.resolve().relative_to(out).as_posix()
+    """write(a temporary name), then rename it over path: a crash or a full disk never leaves half a file there."""
+    path, tmp = Path(path), Path(f'{path}.{os.getpid()}.tmp')
+    out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents), None)
+    name = out and path.name != MANIFEST and path.resolve().relative_to(out).as_posix()
     entry = name and re.sub(r'([*?[{])', r'[\1]', name)  # as a pattern naming just this file
     if entry and not recorded(CLAIMED[out][1]['files'])(name):
-        record(out, entry)
-    tmp = Path(f'{path}.{os.getpid()}.tmp')
+        record(out, entry)  # in a claimed folder, before it is written; no longer stale after
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if not isinstance(e, (OSError, RuntimeError)):  # torch reports a full disk as a RuntimeError
-            raise
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
         fail(f'could not write {path} ({e}); the previous {path.name}, if any, is intact: free some space or '
              f'pass another folder')
+    finally:
+        tmp.unlink(missing_ok=True)
     if entry and entry in CLAIMED[out][1]['stale']:
         save_manifest(out, stale=[e for e in CLAIMED[out][1]['stale'] if e != entry])
 
 @contextmanager
 def user_errors(argv, add=(), drop=()):
-    """Ctrl-C and SIGTERM end in one line saying what is kept and the command that continues (exit 130); a
-    bad image found anywhere, in its own one line (exit 2)."""
+    """One line for Ctrl-C or SIGTERM (what is kept, the command that continues; exit 130) and a bad image (exit 2)."""
     words = [a for a in argv if a not in drop] + [a for a in add if a not in argv]
     STATUS.update(kept='nothing was written', again=shlex.join(['python', Path(__file__).name] + words), stop=False)
-    main_thread = threading.current_thread() is threading.main_thread()
-    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
-
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     def interrupt(*_):
         STATUS['stop'] = True
         raise KeyboardInterrupt
@@ -1407,16 +1382,14 @@ def user_errors(argv, add=(), drop=()):
         for s, handler in zip(signals, previous):
             signal.signal(s, handler)
 
-def world_size():
-    """torchrun's WORLD_SIZE, 1 without it; one line when it is no process count."""
+def world_size():  # torchrun's WORLD_SIZE, 1 without it; one line when it is no process count
     text = os.environ.get('WORLD_SIZE', '1')
     if not text.isdigit() or int(text) < 1:
         fail(f'WORLD_SIZE={text} is no process count: launch with torchrun, or unset WORLD_SIZE')
     return int(text)
 
-def setup_distributed(device_name):
-    """torchrun's environment -> (rank, world, device): NCCL on CUDA, else gloo; one process without it."""
-    if world_size() == 1:
+def setup_distributed(device_name):  # torchrun's environment -> (rank, world, device): NCCL on CUDA, else gloo
+    if world_size() == 1:  # one process, no process group
         return 0, 1, torch.device(device_name)
     cuda = torch.device(device_name).type == 'cuda'
     try:
