@@ -1,13 +1,11 @@
 """OAL: train an OOD-aware classifier with latent-space outliers, a mutual-information module and distillation.
 
-Paper: "Enhancing OOD Detection Using Latent Diffusion" (Outlier-Aware Learning), Gao et al., arXiv
-2406.16525 (code: HengGao12/OAL, a fork of OpenOOD).
-Idea: outliers synthesized in Stable Diffusion's latent space (generate.py oal) are cheap and few; CLUB
-upper bounds on the mutual information between outliers and the student's ID features push the two apart
-(MICL), and distillation from a strong frozen teacher keeps ID accuracy from dropping.
+Paper: "Enhancing OOD Detection Using Latent Diffusion" (Outlier-Aware Learning), Gao et al., arXiv 2406.16525
+(code: HengGao12/OAL, a fork of OpenOOD). Idea: outliers synthesized in Stable Diffusion's latent space (generate.py
+oal) are cheap and few; CLUB upper bounds on the mutual information between outliers and the student's ID features
+push the two apart (MICL), and distillation from a strong frozen teacher keeps ID accuracy from dropping.
 
-    L = CE(z_s, y) + 4 KL(p_t || p_s) + 8 KL(softmax(DT(h_t)) || softmax(h_s))
-        + 0.1 CLUB(o_knn, h_s) + 0.2 CLUB(o_diff, h_s)
+    L = CE + 4 KL(p_t || p_s) + 8 KL(softmax(DT(h_t)) || softmax(h_s)) + 0.1 CLUB(o_knn, h_s) + 0.2 CLUB(o_diff, h_s)
 
     python train_oal.py --dataset digits         # teacher and init runs/digits_ce_s0, outliers outliers/digits
     python train_oal.py --dataset digits --seed 0,1,2 --init 'runs/digits_ce_s{seed}' --out 'runs/digits_oal_s{seed}'
@@ -15,7 +13,7 @@ upper bounds on the mutual information between outliers and the student's ID fea
     python train_oal.py --dataset cifar10 --club alternating            # the CLUB estimator as designed
     python train_oal.py --dataset cifar10 --w-knn 0 --w-diff 0          # ablation: distillation only
     torchrun --nproc_per_node=4 train_oal.py --dataset cifar100 ...
-Evaluate with: python evaluate.py runs/<dataset>_oal_s0 --detectors ebo (the paper's score)
+    python evaluate.py runs/<dataset>_oal_s0 --detectors ebo            # evaluate with the paper's score
 """
 import argparse
 import fcntl, json, math, os, random, re, shlex, signal, string, sys, threading, time
@@ -72,31 +70,23 @@ class CLUB(nn.Module):
         neg = -(((y[None, :, :] - mu[:, None, :]) ** 2).mean(1) / 2 / logvar.exp()).sum(1)
         return (pos - neg).mean()
 
-    def log_likelihood(self, x, y):
-        """What q maximises in the alternating scheme: -sum (mu - y)^2 / var - sum logvar, batch mean."""
+    def log_likelihood(self, x, y):  # what q maximises (alternating): -sum (mu - y)^2 / var - sum logvar, batch mean
         mu, logvar = self.mu(x), self.logvar(x)
         return (-((mu - y) ** 2) / logvar.exp() - logvar).sum(1).mean()
 
-def kl_teacher_student(student_logits, teacher_logits):
-    """KL(softmax(teacher) || softmax(student)), batchmean, T = 1."""
+def kl_teacher_student(student_logits, teacher_logits):  # KL(softmax(teacher) || softmax(student)), batchmean, T = 1
     return F.kl_div(F.log_softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1), reduction='batchmean')
 
-def oal_loss(z_s, h_s, y, z_t, dt_h_t, o_knn, o_diff, club_knn, club_diff, args):
-    """The OAL objective, term by term; returns (total, {term: value})."""
-    terms = dict(
-        ce=F.cross_entropy(z_s, y),
-        kd=kl_teacher_student(z_s, z_t),
-        feat=kl_teacher_student(h_s, dt_h_t),  # softmax over feature dimensions; DT(h_t) not detached (faithful)
-        club_knn=club_knn(o_knn, h_s),
-        club_diff=club_diff(o_diff, h_s),
-    )
+def oal_loss(z_s, h_s, y, z_t, dt_h_t, o_knn, o_diff, club_knn, club_diff, args):  # -> (total, {term: value})
+    terms = dict(ce=F.cross_entropy(z_s, y), kd=kl_teacher_student(z_s, z_t),
+                 feat=kl_teacher_student(h_s, dt_h_t),  # softmax over feature dims; DT(h_t) not detached (faithful)
+                 club_knn=club_knn(o_knn, h_s), club_diff=club_diff(o_diff, h_s))
     total = (terms['ce'] + args.w_kd * terms['kd'] + args.w_feat * terms['feat'] + args.w_knn * terms['club_knn']
              + args.w_diff * terms['club_diff'])
     return total, terms
 
 def fit_q_step(optimizer, club_knn, club_diff, o_knn, o_diff, h_s, world=1):
-    """--club alternating: one ascent step of the q-networks' log-likelihood on detached features.
-    Parameters without a gradient (student, DT) are skipped by SGD, so only q moves."""
+    """--club alternating: one ascent step of q's log-likelihood on detached features (SGD skips the gradless rest)."""
     optimizer.zero_grad(set_to_none=True)
     loss = -(club_knn.log_likelihood(o_knn, h_s.detach()) + club_diff.log_likelihood(o_diff, h_s.detach()))
     loss.backward()
@@ -105,12 +95,10 @@ def fit_q_step(optimizer, club_knn, club_diff, o_knn, o_diff, h_s, world=1):
     return -loss.detach()
 
 def distinct(pool_size, n, device):
-    """n random indices into a pool, distinct while the pool lasts: OAL takes torch.randperm(pool)[:n] at every
-    step. A pool smaller than n (tiny runs) is gone through again in a new order."""
+    """n random indices, distinct while the pool lasts (OAL: torch.randperm(pool)[:n]); a small pool is redrawn."""
     return torch.cat([torch.randperm(pool_size, device=device) for _ in range(-(-n // pool_size))])[:n]
 
-def average_gradients(modules, world):
-    """DDP for the small side modules: all-reduce their gradients by hand (they are called twice a step)."""
+def average_gradients(modules, world):  # DDP by hand for the side modules (each is called twice a step)
     if world > 1:
         for p in (p for m in modules for p in m.parameters() if p.grad is not None):
             dist.all_reduce(p.grad)
@@ -118,12 +106,10 @@ def average_gradients(modules, world):
 
 
 # ------------------------------------------------------------------------------------------------
-# Training, in named steps: prepare (every input, once for all seeds), start (the student from its init
-# with DT and CLUBs, or the run in last.pt), train_epoch, end_epoch (checkpoints, log), train (one seed).
+# Training in named steps: prepare (every input, once for all seeds), start (the student from its init with
+# DT and CLUBs, or last.pt), train_epoch, end_epoch (checkpoints, log), train (one seed).
 
-def prepare(args, device, rank, world):
-    """Every input read and checked once for all seeds: the dataset, the teacher (and its accuracy), each
-    seed's init, the outliers; the data becomes uint8 tensors on the training device."""
+def prepare(args, device, rank, world):  # every input checked once for all seeds; the data as uint8 tensors on device
     ds = load_dataset(args.dataset, args.data_root, args.openood_root)
     if args.teacher == f'runs/{args.dataset}_ce_s0' and not Path(args.teacher).exists():
         fail(f'no teacher at the default {args.teacher}: train the baseline with python train_sio.py --dataset '
@@ -138,39 +124,32 @@ def prepare(args, device, rank, world):
         if spec and not file.is_file():
             fail(f'--init {spec} not found: train the cross-entropy baseline first with python train_sio.py '
                  f'--dataset {args.dataset} --out {spec}, or pass --init none to start from scratch')
-        inits[seed] = spec and read_checkpoint(file, '--init')
-        args.arch = args.arch or (inits[seed] or {}).get('arch')
-        if spec and inits[seed]['arch'] != args.arch:
-            fail(f"--init {spec} is a {inits[seed]['arch']}, not --arch {args.arch}: drop --arch or pass a matching "
-                 f"--init")
+        init = inits[seed] = spec and read_checkpoint(file, '--init')
+        args.arch = args.arch or (init or {}).get('arch')
+        if spec and init['arch'] != args.arch:
+            fail(f"--init {spec} is a {init['arch']}, not --arch {args.arch}: drop --arch or pass a matching --init")
     args.arch = args.arch or ('cnn' if args.dataset == 'digits' else 'resnet18')
-    first = next((init for init in inits.values() if init), None)
-    args.image_size = args.image_size or (first['image_size'] if first else ARCH_SIZE[args.arch])
+    args.image_size = args.image_size or next((i['image_size'] for i in inits.values() if i), ARCH_SIZE[args.arch])
     if args.image_size < ARCH_MIN_SIZE[args.arch]:
         fail(f'--image-size must be at least {ARCH_MIN_SIZE[args.arch]} for --arch {args.arch}, got {args.image_size}')
     check_memory(4 * 3 * args.batch_size * args.image_size ** 2, f'a batch of {args.batch_size} images at '
                  f'{args.image_size}x{args.image_size}', 'pass a smaller --image-size or --batch-size', args.device)
-    knn, diff = load_outliers(args.outliers, args.dataset, ds['classes'], info['feature_dim'])
+    knn, diff, meta = load_outliers(args.outliers, args.dataset, ds['classes'], info['feature_dim'])
     tensor = lambda images: torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    n = len(ds['train'][1])  # a last batch too small for DT's BatchNorm (under 2 per process) is left out
+    run = {k: os.path.abspath(v) if k in ('teacher', 'outliers', 'openood_root') and v and Path(v).exists() else v
+           for k, v in vars(args).items() if k in RUN_FLAGS}
     data = dict(ds=ds, teacher=teacher, info=info, inits=inits, knn=knn.to(device), diff=diff.to(device),
                 train_x=tensor(ds['train'][0]), train_y=torch.from_numpy(ds['train'][1]).to(device),
                 val_x=tensor(ds['val'][0]), val_y=torch.from_numpy(ds['val'][1]).to(device),
-                crop_size=args.image_size if args.crop == 'published' else None)
-    n = len(data['train_y'])  # a last batch too small for DT's BatchNorm (under 2 per process) is left out
-    data['steps'] = math.ceil(n / args.batch_size) - (0 < n % args.batch_size < 2 * world)
-    data['run'] = {k: v for k, v in vars(args).items() if k in RUN_FLAGS}
-    data['run'].update({k: os.path.abspath(data['run'][k]) for k in ('teacher', 'outliers', 'openood_root')
-                        if data['run'][k] and Path(data['run'][k]).exists()})
-    meta = Path(args.outliers) / 'meta.json'
-    data['run']['outlier set'] = read_json(meta, 'rerun generate.py oal') if meta.exists() else None
+                crop_size=args.image_size if args.crop == 'published' else None, run=dict(run, **{'outlier set': meta}),
+                steps=math.ceil(n / args.batch_size) - (0 < n % args.batch_size < 2 * world))
     if rank == 0:
         print(f"OAL: student {args.arch}@{args.image_size}, teacher {info['name']} ({info['feature_dim']}-d), outliers "
               f"{args.outliers}: knn {tuple(knn.shape)}, diffusion {tuple(diff.shape)}; club {args.club}")
     return data
 
-def start(args, data, seed, out, resume, device, rank):
-    """The student from its init (all of it for the same data, the backbone for another dataset: OAL starts
-    CIFAR-10 from CIFAR-100), DT, the CLUBs, SGD with OAL's groups; or the run saved in out/last.pt."""
+def start(args, data, seed, out, resume, device, rank):  # student, DT, CLUBs, SGD; or the run in out/last.pt
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -178,7 +157,7 @@ def start(args, data, seed, out, resume, device, rank):
     student = Net(args.arch, num_classes)
     if init and init['dataset'] == args.dataset and init['num_classes'] == num_classes:
         student.load_state_dict(init['model'])
-    elif init:
+    elif init:  # another dataset's run lends only its backbone: OAL starts CIFAR-10 from CIFAR-100
         student.body.load_state_dict({k[len('body.'):]: v for k, v in init['model'].items() if k.startswith('body.')})
         if rank == 0:
             print(f"--init {args.init.format(seed=seed)}: backbone from its {init['dataset']} training "
@@ -187,13 +166,13 @@ def start(args, data, seed, out, resume, device, rank):
     modules = dict(model=student, dt=dt_adapter(data['info']['feature_dim'], d_s).to(device),
                    club_knn=CLUB(data['knn'].shape[1], d_s).to(device),
                    club_diff=CLUB(data['diff'].shape[1], d_s, deep_mu=True).to(device))
-    q_params = list(modules['club_knn'].parameters()) + list(modules['club_diff'].parameters())
+    q_params = [*modules['club_knn'].parameters(), *modules['club_diff'].parameters()]
     groups = [dict(params=student.parameters(), lr=args.lr), dict(params=modules['dt'].parameters(), lr=args.lr_dt),
               dict(params=q_params, lr=args.lr_q)]
     optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
     total, floor = args.epochs * data['steps'], MIN_LR / args.lr  # OAL's cosine_annealing(step, total, 1, 1e-8 / lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * s / total)))
+    cosine = lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     if not resume:
         if args.resume:
             print(f'--resume: no {out}/last.pt yet, starting at epoch 1')
@@ -202,10 +181,8 @@ def start(args, data, seed, out, resume, device, rank):
     if state.get('method') != 'oal' or 'dt' not in state:
         fail(f'--resume: {out}/last.pt holds a train_sio.py run, not a train_oal.py one: pass another --out')
     try:
-        for key, module in modules.items():
-            module.load_state_dict(state[key])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
+        for key, part in dict(modules, optimizer=optimizer, scheduler=scheduler).items():
+            part.load_state_dict(state[key])
         intact = resumable(state, args, optimizer)
     except (KeyError, TypeError, ValueError, RuntimeError):
         intact = False
@@ -226,8 +203,7 @@ def train_epoch(args, data, modules, student, q_params, optimizer, scheduler, se
     """One epoch; every random draw derives from (seed, epoch, rank), so a resumed run repeats it exactly."""
     torch.manual_seed((seed * 1000 + epoch) * 1000 + rank)
     perm = torch.randperm(len(data['train_y']), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).to(device)
-    dt, club_knn, club_diff, ds, knn, diff = modules['dt'], modules['club_knn'], modules['club_diff'], data['ds'], \
-        data['knn'], data['diff']
+    dt, club_knn, club_diff = modules['dt'], modules['club_knn'], modules['club_diff']
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
     student.train()
     dt.train()
@@ -239,11 +215,11 @@ def train_epoch(args, data, modules, student, q_params, optimizer, scheduler, se
         idx = perm[step * args.batch_size:(step + 1) * args.batch_size][rank::world]
         x, y = augment(data['train_x'][idx], args.pad, args.flip, data['crop_size']), data['train_y'][idx]
         n = len(y)
-        o_knn, o_diff = knn[distinct(len(knn), n, device)], diff[distinct(len(diff), n, device)]  # random pairs
+        o_knn, o_diff = (pool[distinct(len(pool), n, device)] for pool in (data['knn'], data['diff']))  # random pairs
         with torch.no_grad(), autocast:
             z_t, h_t = data['teacher'](x)
         with autocast:
-            z_s, h_s = student(normalize(x, ds['mean'], ds['std'], args.image_size), features=True)
+            z_s, h_s = student(normalize(x, data['ds']['mean'], data['ds']['std'], args.image_size), features=True)
         z_s, h_s, z_t, h_t = z_s.float(), h_s.float(), z_t.float(), h_t.float()
         if args.club == 'alternating':
             fit_q_step(optimizer, club_knn, club_diff, o_knn, o_diff, h_s, world)
@@ -274,13 +250,11 @@ def train_epoch(args, data, modules, student, q_params, optimizer, scheduler, se
 
 def end_epoch(args, data, modules, optimizer, scheduler, state, stats, val_acc, seed, epoch, out):
     """The epoch's log row; best.pt when validation accuracy improved, last.pt (all a resume needs), log."""
-    row = dict(epoch=epoch, **{k: stats[k] for k in TERMS},
-               train_acc=stats['correct'], val_acc=val_acc, lr=scheduler.get_last_lr()[0],
-               images_per_s=stats['images_per_s'], seconds=stats['seconds'])
+    row = dict(epoch=epoch, **{k: stats[k] for k in TERMS}, train_acc=stats['correct'], val_acc=val_acc,
+               lr=scheduler.get_last_lr()[0], images_per_s=stats['images_per_s'], seconds=stats['seconds'])
     state['log'].append(row)
-    print(f"{epoch:>5} {row['loss']:>8.4f} {row['ce']:>7.4f} {row['kd']:>7.4f} {row['feat']:>7.4f} "
-          f"{row['club_knn']:>7.3f} {row['club_diff']:>7.3f} {100 * row['train_acc']:>6.2f}% {100 * val_acc:>6.2f}% "
-          f"{row['images_per_s']:>7.0f}")
+    print('{epoch:>5} {loss:>8.4f} {ce:>7.4f} {kd:>7.4f} {feat:>7.4f} {club_knn:>7.3f} {club_diff:>7.3f} '
+          '{train_acc:>7.2%} {val_acc:>7.2%} {images_per_s:>7.0f}'.format_map(row))
     ds, info, init = data['ds'], data['info'], args.init.format(seed=seed)
     ckpt = dict(model=modules['model'].state_dict(), arch=args.arch, num_classes=len(ds['classes']),
                 classes=ds['classes'], dataset=args.dataset, image_size=args.image_size, mean=ds['mean'], std=ds['std'],
@@ -291,15 +265,13 @@ def end_epoch(args, data, modules, optimizer, scheduler, state, stats, val_acc, 
         write_atomic(out / 'best.pt', lambda tmp: torch.save(ckpt, tmp))
     last = dict(ckpt, **{k: m.state_dict() for k, m in modules.items() if k != 'model'},
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=None,  # bf16: no scaler
-                best_val_acc=state['best_val_acc'],
-                run=dict(data['run'], seed=seed, init=init), log=state['log'],
+                best_val_acc=state['best_val_acc'], run=dict(data['run'], seed=seed, init=init), log=state['log'],
                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
     write_atomic(out / 'last.pt', lambda tmp: torch.save(last, tmp))
     write_log(state['log'], out)
     STATUS['kept'] = f'{out}/last.pt holds epoch {epoch} of {args.epochs}'
 
-def train(args, data, seed, out, resume, device, rank, world):
-    """One run of seed into out, exactly as if it had been started alone."""
+def train(args, data, seed, out, resume, device, rank, world):  # one seed's run, exactly as if started alone
     modules, q_params, optimizer, scheduler, state = start(args, data, seed, out, resume, device, rank)
     if resume and rank == 0:  # the rows travel inside last.pt too: a kill between the two writes loses none
         write_log(state['log'], out)
@@ -513,13 +485,11 @@ def check_memory(nbytes, what, fix, device_name):  # refused up front: nbytes ov
         fail(f'{what} needs {nbytes / 2 ** 30:.1f} GiB and {device_name} has {free / 2 ** 30:.1f} GiB free: {fix}')
 
 def load_outliers(folder, dataset, classes, teacher_dim):
-    """The outlier folder checked before any step: finished, made for these classes and the teacher's feature
-    size, finite -> (k-NN outliers of all classes pooled (N, d), diffusion outliers (M, L)) as float tensors."""
-    check_set(folder, '--outliers', dataset, classes, 'oal')
+    """Checked outliers -> (k-NN outliers of all classes pooled (N, d), diffusion outliers (M, L), meta.json)."""
+    meta = check_set(folder, '--outliers', dataset, classes, 'oal')
     knn_file, diff_file = Path(folder) / 'knn_outliers.npy', Path(folder) / 'diffusion_outliers.npy'
     if not knn_file.exists() or not diff_file.exists():
-        fail(f'{folder} has no knn_outliers.npy/diffusion_outliers.npy: make them with python generate.py oal '
-             f'--dataset DATASET --teacher TEACHER --out {folder}')
+        fail(f'{folder} has no knn_outliers.npy/diffusion_outliers.npy: make them with generate.py oal --out {folder}')
     knn, diff = load_npy(knn_file), load_npy(diff_file)
     if knn.ndim != 3 or knn.shape[0] != len(classes) or knn.shape[1] == 0:
         fail(f'{knn_file} has shape {knn.shape}, expected ({len(classes)}, M >= 1, d): generate it for this --dataset')
@@ -532,7 +502,7 @@ def load_outliers(folder, dataset, classes, teacher_dim):
         if array.dtype.kind != 'f' or not np.isfinite(array).all():
             fail(f'{file} must hold finite floats, got {array.dtype}{" with NaN/inf" * (array.dtype.kind == "f")}: '
                  f'rerun generate.py oal')
-    return torch.from_numpy(knn.reshape(-1, knn.shape[2])).float(), torch.from_numpy(diff).float()
+    return torch.from_numpy(knn.reshape(-1, knn.shape[2])).float(), torch.from_numpy(diff).float(), meta
 
 def augment(x, pad, flip, size=None):
     """Random zero-padded crop + horizontal flip per image, uint8 on x's device. With size, resized to it first, so
@@ -628,8 +598,7 @@ def run_file(path, what):
     return path / 'best.pt'
 
 @torch.no_grad()
-def top1(model, images, labels, ds, size, device, rank=0, world=1):
-    """Top-1 on this rank's share of (images, labels); summed across ranks under DDP."""
+def top1(model, images, labels, ds, size, device, rank=0, world=1):  # this rank's share, summed across ranks
     model.eval()
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
     correct = torch.zeros(2, device=device)
@@ -861,8 +830,7 @@ def get_args(argv=None):
                    help="published: the teacher sees the dataset's mean/std, as OAL fed it; own: its own config's")
     p.add_argument('--teacher-min-acc', type=SHARE, default=0.5, help="stop when the teacher's val top-1 is below this")
     p.add_argument('--crop', default='published', choices=['published', 'native'],
-                   help='published: resize to the training size, then flip and pad-crop there; native: crop, '
-                   'then resize')
+                   help='published: resize to the training size, flip and pad-crop there; native: crop, then resize')
     p.add_argument('--init', help="the student's start (default runs/<dataset>_ce_s0; 'none': scratch); {seed} allowed")
     p.add_argument('--outliers', help='folder from generate.py oal (default outliers/<dataset>)')
     p.add_argument('--arch', choices=ARCH_SIZE, help="student arch (default: the --init checkpoint's)")
@@ -889,9 +857,8 @@ def get_args(argv=None):
         fail('train_oal.py keeps the training set in memory; it takes digits, cifar10 or cifar100, not folder datasets')
     for key, value in RECIPES['digits' if args.dataset == 'digits' else 'cifar'].items():
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
-    if args.batch_size < 2 * world_size():
-        fail(f"--batch-size must be an integer >= {2 * world_size()} (DT's BatchNorm needs 2 "
-             f"images per process), got {args.batch_size}")
+    if args.batch_size < (least := 2 * world_size()):
+        fail(f"--batch-size must be an integer >= {least} (DT's BatchNorm needs 2 per process), got {args.batch_size}")
     if args.resume and args.overwrite:
         fail('--resume continues the run in --out and --overwrite starts it afresh: pass one of them')
     args.teacher = args.teacher or TEACHERS.get(args.dataset, 'baseline')
@@ -1181,21 +1148,20 @@ def main(argv=None):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         data = prepare(args, device, rank, world)
         outs = {seed: Path(args.out.format(seed=seed)) for seed in args.seed}
+        run = {('--' + k.replace('_', '-') if k in vars(args) else k): v for k, v in data['run'].items()}
         inputs = [('--teacher run', args.teacher), ('--outliers set', args.outliers),
                   ('--openood-root', args.openood_root)]
+        hint = 'pass --resume to continue it, --overwrite to start afresh, or another --out'
 
         def claim_runs():  # every seed's folder checked, then each taken, before the first step: none refused half-way
-            resumable = {}
+            manifests = {}
             for dry, (seed, out) in [(dry, item) for dry in (True, False) for item in outs.items()]:
-                run = {('--' + k.replace('_', '-') if k in vars(args) else k): v for k, v in data['run'].items()}
                 init = args.init.format(seed=seed)
-                manifest = claim(out, '--out', 'train_oal.py', dict(run, **{'--seed': seed, '--init': init}),
-                                 args.overwrite, args.resume, 'a run', 'pass --resume to continue it, --overwrite to '
-                                 'start afresh, or another --out',
-                                 inputs + [('--init run', init if init != 'none' else None)], dry)
-                resumable[seed] = manifest and 'last.pt' in set(manifest['files']) - set(manifest['stale']) and \
-                    (out / 'last.pt').exists()
-            return resumable
+                manifests[seed] = claim(out, '--out', 'train_oal.py', dict(run, **{'--seed': seed, '--init': init}),
+                                        args.overwrite, args.resume, 'a run', hint,
+                                        inputs + [('--init run', init if init != 'none' else None)], dry)
+            return {seed: 'last.pt' in set(m['files']) - set(m['stale']) and (outs[seed] / 'last.pt').exists()
+                    for seed, m in manifests.items()}
         resumable = on_rank0(rank, world, claim_runs)
         if args.compile:  # the teacher's network too: it runs once per step, as many images as the student
             data['info']['module'].forward = torch.compile(data['info']['module'].forward)
