@@ -43,12 +43,9 @@ from tqdm import tqdm
 SD_HUB_ID = 'CompVis/stable-diffusion-v1-4'  # the OAL paper's generator
 OAL_PROMPT = 'A high-quality image of the {}'  # OAL / Dream-OOD prompt
 FIT_TEMPLATES = ['a photo of a {}', OAL_PROMPT, '{}']  # fit trains on all, so sio and oal prompts both work
-# The paper's teacher, a ViT-B/16 fine-tuned on the ID set at 224, as public transformers classifiers (model
-# cards: 97.88% on its eval split, 95.07% verified on the test set; 91.96% on its eval split)
 TEACHERS = {  # OAL's teacher: a timm ViT-B/16 (ImageNet-21k) fine-tuned on the ID set at 224, from the hub
     'cifar10': 'edadaltocg/vit_base_patch16_224_in21k_ft_cifar10',  # the authors' file; model card: 98.96%
-    'cifar100': 'edadaltocg/vit_base_patch16_224_in21k_ft_cifar100',  # theirs is unpublished: the closest; 93.16%
-}
+    'cifar100': 'edadaltocg/vit_base_patch16_224_in21k_ft_cifar100'}  # theirs is unpublished: the closest; 93.16%
 RECIPE_AUGMENT = {'digits': (1, False), 'cifar10': (4, True), 'cifar100': (4, True), 'folder': (0, True)}  # pad, flip
 FIT_FLAGS = ('dataset', 'classes', 'seed', 'device', 'steps', 'vae_steps', 'batch_size', 'lr', 'unet_channels',
              'vae_channels', 'text_dim', 'prompt_dropout', 'check_per_class')  # what a fitted pipeline depends on
@@ -1088,23 +1085,18 @@ def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
 
 
 # ------------------------------------------------------------------------------------------------
-# Teachers, the same in train_oal.py and generate.py: a run of ours, a timm ViT (hub id, folder in the
-# hub layout, bare state_dict or OpenOOD best.ckpt) or a transformers classifier, as forward(uint8 NCHW)
-# -> (logits in the dataset's class order, pre-logit feature).
+# Teachers, the same in train_oal.py and generate.py: a run of ours, a timm ViT (hub id, hub-layout folder, bare
+# state_dict or OpenOOD best.ckpt) or a transformers classifier -> forward(uint8 NCHW) -> (logits, pre-logit feature).
 
-def offline_if_unreachable():
-    """Without a network, hub ids load from the local cache at once: huggingface_hub would otherwise
-    retry for about 25 s, printing every attempt, before the one-line error."""
-    import socket
-    import urllib.parse
+def offline_if_unreachable():  # without a network, hub ids load from the cache at once, not after ~25 s of retries
+    import socket, urllib.parse
     import huggingface_hub.constants as hub
     try:
         socket.create_connection((urllib.parse.urlparse(hub.ENDPOINT).hostname, 443), timeout=3).close()
     except OSError:
         hub.HF_HUB_OFFLINE = True
 
-def hub_file(spec, name):
-    """A file of a folder, or of a hub repo (fetched to the hub cache); None when there is none."""
+def hub_file(spec, name):  # a file of a folder, or of a hub repo (fetched to the hub cache); None when there is none
     if Path(spec).is_dir():
         return Path(spec) / name if (Path(spec) / name).is_file() else None
     from huggingface_hub import hf_hub_download
@@ -1114,21 +1106,17 @@ def hub_file(spec, name):
         return None
 
 def timm_vit(spec, config):
-    """A timm ViT: built from config.json (its architecture without org and tag: timm's own loader refuses
-    'timm/vit_...' names and, given num_classes beside pretrained weights, leaves a random head) or, for
-    a bare state_dict, from its keys (heads of 64 dims, as every standard ViT), then loaded strictly."""
+    """A timm ViT built from config.json (the architecture without org and tag: timm's loader refuses 'timm/vit_...'
+    and, given num_classes and weights, leaves a random head) or a bare state_dict's keys, loaded strictly."""
     import timm
     weights = (Path(spec) if Path(spec).is_file() else
                hub_file(spec, 'model.safetensors') or hub_file(spec, 'pytorch_model.bin'))
     if weights is None:
-        fail(f'teacher {spec} has a timm config.json but no model.safetensors or pytorch_model.bin: fetch them '
-             f'beside it')
+        fail(f'teacher {spec} has a timm config.json but no model.safetensors or pytorch_model.bin: put one beside it')
     try:
-        if weights.suffix == '.safetensors':
-            from safetensors.torch import load_file
-            state = load_file(weights)
-        else:
-            state = torch.load(weights, map_location='cpu', weights_only=True)
+        from safetensors.torch import load_file  # a dependency of timm
+        state = (load_file(weights) if weights.suffix == '.safetensors' else
+                 torch.load(weights, map_location='cpu', weights_only=True))
         state = state.get('state_dict', state.get('model', state))  # OpenOOD saves the bare state_dict
         state = {k.removeprefix('module.'): v for k, v in state.items()}
         if config:
@@ -1137,26 +1125,22 @@ def timm_vit(spec, config):
         else:
             dim, patch = state['patch_embed.proj.weight'].shape[0], state['patch_embed.proj.weight'].shape[-1]
             grid = round(math.sqrt(state['pos_embed'].shape[1] - ('cls_token' in state)))
-            model = timm.models.vision_transformer.VisionTransformer(
+            model = timm.models.vision_transformer.VisionTransformer(  # heads of 64 dims, as every standard ViT
                 img_size=grid * patch, patch_size=patch, embed_dim=dim, num_heads=dim // 64,
-                num_classes=len(state['head.bias']),
+                num_classes=len(state['head.bias']), mlp_ratio=len(state['blocks.0.mlp.fc1.bias']) / dim,
                 depth=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),
-                mlp_ratio=len(state['blocks.0.mlp.fc1.bias']) / dim, qkv_bias='blocks.0.attn.qkv.bias' in state)
+                qkv_bias='blocks.0.attn.qkv.bias' in state)
         model.load_state_dict(state)
     except Exception as e:  # weights missing or unreadable, not a ViT, keys or shapes that do not fit
-        why = ' '.join(str(e).split())[:240]
-        fail(f'teacher {spec} is not a timm ViT that loads strictly ({type(e).__name__}: {why}):'
-             f' pass its config.json beside the weights, or another --teacher')
+        fail(f"teacher {spec} is not a timm ViT that loads strictly ({type(e).__name__}: "
+             f"{' '.join(str(e).split())[:240]}): pass its config.json beside the weights, or another --teacher")
     return model
 
 def load_teacher(spec, device, classes, class_order='auto', stats=None):
-    """A teacher checked against the dataset's classes -> (forward, info). It sees the images at its own
-    input size, normalised with stats (the dataset's mean and std, as OAL fed its teachers) or, when
-    stats is None, with its own (from its config or checkpoint)."""
+    """A teacher checked against classes -> (forward, info), at its input size, normalised with stats or its own."""
     path = Path(spec)
-    ckpt_file = (run_file(path, 'teacher') if path.is_dir() and (path / 'best.pt').exists() else path
-                 if path.suffix == '.pt' else None)
-    if path.is_dir() and not ckpt_file and (path / 'last.pt').exists():
+    ckpt_file = run_file(path, 'teacher') if (path / 'best.pt').exists() else path if path.suffix == '.pt' else None
+    if not ckpt_file and (path / 'last.pt').exists():
         fail(f'teacher {path} has last.pt but no best.pt: pass {path / "last.pt"} to distil from its last epoch')
     if not path.exists() and (ckpt_file or spec.count('/') != 1 or spec.startswith(('.', '/', '~'))):
         fail(f'cannot load teacher {spec!r}: there is no such path; pass a run directory, a .pt, a timm or '
@@ -1209,12 +1193,10 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
     model.to(device).eval().requires_grad_(False)
     num_classes = model.num_classes if kind == 'timm' else len(names or classes)
     if num_classes != len(classes):
-        fail(f'teacher {spec} has {num_classes} classes but the dataset has {len(classes)}: pass a teacher trained on '
-             f'this dataset')
+        fail(f'teacher {spec} has {num_classes} classes but the dataset has {len(classes)}: pass one of this dataset')
     if (stats or own) is None:
         fail(f'teacher {spec} is a bare state_dict without input statistics of its own: pass --teacher-norm published')
-    order = teacher_class_order(names, classes, class_order, spec)
-    order = order if order is None else order.to(device)
+    order = teacher_class_order(names, classes, class_order, spec, device)
 
     def feeder(mean, std):
         def forward(x):
@@ -1227,13 +1209,11 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
                                    num_classes=len(classes), module=model, feeder=feeder,
                                    class_order='as the dataset' if order is None else order.tolist())
 
-def teacher_class_order(names, classes, mode, spec):
-    """Indices that put the teacher's logits in the dataset's class order, matched by name (case, '_' and
-    '-' ignored); None when they are in order already, or the labels carry no names (LABEL_3, 3), or mode is
-    'ignore': the accuracy check then catches a wrong order. Names that do not match are an error."""
+def teacher_class_order(names, classes, mode, spec, device):
+    """Indices putting the teacher's logits in the classes' order, matched by name (case, '_' and '-' ignored)."""
     canon = lambda name: ' '.join(re.split(r'[\s_\-]+', str(name).strip().lower()))
     if mode == 'ignore' or names is None or all(re.fullmatch(r'(label )?\d+', canon(n)) for n in names):
-        return None
+        return None  # outputs taken in order (LABEL_3 is no name): teacher_accuracy catches a wrong one
     theirs, ours = [canon(n) for n in names], [canon(c) for c in classes]
     missing = [c for c, name in zip(classes, ours) if name not in theirs]
     if missing or len(set(theirs)) != len(theirs):
@@ -1241,22 +1221,16 @@ def teacher_class_order(names, classes, mode, spec):
         fail(f"teacher {spec} has {problem} (its labels: {', '.join(map(str, names[:4]))}, ...): pass a teacher "
              f"trained on this dataset, or --teacher-class-order ignore if its outputs are in the dataset's order")
     order = [theirs.index(name) for name in ours]
-    return None if order == list(range(len(ours))) else torch.tensor(order)
+    return None if order == list(range(len(ours))) else torch.tensor(order, device=device)
 
 @torch.no_grad()
 def teacher_accuracy(forward, info, images, labels, device, min_acc, dataset, batch_size=256):
-    """The teacher's top-1 on (uint8 NHWC images, labels), stopping below min_acc: a teacher for other
-    data, label order or preprocessing shows here before any step is spent on it. When it is fed other
-    statistics than its own, its accuracy with its own is printed beside."""
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
-
+    """Top-1 on (uint8 NHWC images, labels), stopping below min_acc: a wrong teacher shows before a step is spent."""
     def top1(run):
-        correct = 0
-        for i in range(0, len(labels), batch_size):
-            with autocast:
-                logits = run(torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).to(device))[0]
-            correct += (logits.argmax(1).cpu() == torch.as_tensor(labels[i:i + batch_size])).sum().item()
-        return correct / len(labels)
+        with torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext():
+            predicted = [run(torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).to(device))[0].argmax(1)
+                         for i in range(0, len(labels), batch_size)]
+        return (torch.cat(predicted).cpu() == torch.as_tensor(labels)).sum().item() / len(labels)
     accuracy, own = top1(forward), info['own']
     inputs = f"{info['image_size']}px, mean {[round(m, 4) for m in info['mean']]}"
     if own and own != [info['mean'], info['std']]:
