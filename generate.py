@@ -1280,8 +1280,7 @@ def augment(x, pad, flip, size=None):
 # ------------------------------------------------------------------------------------------------
 # Arguments
 
-def template(flag, text, allowed):
-    """The {fields} of a template, each one of allowed ('' is {}), else one line; {{ and }} are braces."""
+def template(flag, text, allowed):  # a template's {fields}, each one of allowed ('' is {}), else one line; {{ is a {
     try:
         fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text)]
     except ValueError as e:

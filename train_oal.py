@@ -191,11 +191,9 @@ def start(args, data, seed, out, resume, device, rank):  # student, DT, CLUBs, S
     print(f'resumed from {out}/last.pt after epoch {state["epoch"]}')
     return modules, q_params, optimizer, scheduler, state
 
-def resumable(state, args, optimizer):
-    """Whether a last.pt's epoch, log and learning rates are what a run of these settings saves."""
-    return (type(state['epoch']) is int and 1 <= state['epoch'] <= args.epochs
-            and isinstance(state['best_val_acc'], float) and isinstance(state['log'], list)
-            and len(state['log']) == state['epoch']
+def resumable(state, args, optimizer):  # whether last.pt's epoch, log and learning rates are what these settings save
+    return (type(state['epoch']) is int and 1 <= state['epoch'] <= args.epochs and isinstance(state['log'], list)
+            and isinstance(state['best_val_acc'], float) and len(state['log']) == state['epoch']
             and all(isinstance(g['lr'], float) and math.isfinite(g['lr']) for g in optimizer.param_groups))
 
 def train_epoch(args, data, modules, student, q_params, optimizer, scheduler, seed, epoch, out, device, rank, world):
@@ -294,8 +292,7 @@ def train(args, data, seed, out, resume, device, rank, world):  # one seed's run
         print(f'best val acc {100 * state["best_val_acc"]:.2f}% -> {out}/best.pt'
               + ('' if stop == args.epochs else f' (after epoch {stop}: continue with --resume)'))
 
-def check_finite(loss, epoch, step, out, world, fix):
-    """A NaN/inf loss stops every rank at once, in one line naming the step and fix() (made only then)."""
+def check_finite(loss, epoch, step, out, world, fix):  # a NaN/inf loss stops every rank at once, one line naming fix()
     finite = torch.isfinite(loss).float()
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -774,16 +771,13 @@ def teacher_accuracy(forward, info, images, labels, device, min_acc, dataset, ba
 # ------------------------------------------------------------------------------------------------
 # Arguments
 
-def seeds(text):
-    """--seed 0, or several distinct seeds: 0,1,2."""
+def seeds(text):  # --seed 0, or several distinct seeds: 0,1,2
     parts = text.split(',')
     if not all(p.strip().isdigit() and int(p) < 2 ** 31 for p in parts) or len(set(map(int, parts))) < len(parts):
-        raise argparse.ArgumentTypeError(f'must be an integer in [0, 2**31) or distinct ones separated by commas '
-                                         f'(0,1,2), got {text!r}')
+        raise argparse.ArgumentTypeError(f'must be an integer in [0, 2**31) or distinct ones (0,1,2), got {text!r}')
     return [int(p) for p in parts]
 
-def template(flag, text, allowed):
-    """The {fields} of a template, each one of allowed ('' is {}), else one line; {{ and }} are braces."""
+def template(flag, text, allowed):  # a template's {fields}, each one of allowed ('' is {}), else one line; {{ is a {
     try:
         fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text)]
     except ValueError as e:

@@ -49,12 +49,10 @@ RUN_FLAGS = ('dataset', 'classes', 'openood_root', 'arch', 'image_size', 'crop',
 # The method: SIO's batch rule (exactly int(B*alpha) real + the rest synthetic, ceil(N_real / B)
 # batches per epoch, both index lists reshuffled every epoch) and the plug-in losses.
 
-def draw(n, count, generator):
-    """count indices from consecutive fresh permutations of range(n)."""
+def draw(n, count, generator):  # count indices from consecutive fresh permutations of range(n)
     return torch.cat([torch.randperm(n, generator=generator) for _ in range(math.ceil(count / n))])[:count]
 
-def sio_batches(n_real, n_syn, batch_size, alpha, generator):
-    """One epoch as a list of (real_idx, syn_idx) LongTensors."""
+def sio_batches(n_real, n_syn, batch_size, alpha, generator):  # one epoch: a list of (real_idx, syn_idx) LongTensors
     num_batches = math.ceil(n_real / batch_size)
     if n_syn == 0 or alpha >= 1:  # baseline: every real image once, the last batch may be smaller
         perm = torch.randperm(n_real, generator=generator)
@@ -81,8 +79,7 @@ def method_loss(method, logits, labels, tau=0.04, oe_weight=0.5, mix_labels=None
         loss = loss + oe_weight * (z_ood.logsumexp(dim=1) - z_ood.mean(dim=1)).mean()
     return loss
 
-def cutmix(x, labels):
-    """CutMix (beta 1, prob 1): paste a random box from a shuffled copy of the batch; lam = kept area."""
+def cutmix(x, labels):  # CutMix (beta 1, prob 1): paste a random box from a shuffled copy of the batch; lam = kept area
     n, _, h, w = x.shape
     lam = float(np.random.beta(1.0, 1.0))
     cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
@@ -96,13 +93,11 @@ def cutmix(x, labels):
 
 
 # ------------------------------------------------------------------------------------------------
-# PixMix (Hendrycks et al. 2022) as OpenOOD's preprocessor runs it (the SIO code's): start from the
-# image or one augmentation of it, then mix in 0..k times (uniform) a fresh augmentation of the
-# original or a mixing picture, adding or multiplying with random weights (a, b). Per image, in batch,
-# on the training device; each op matches PIL's.
+# PixMix (Hendrycks et al. 2022) as OpenOOD's preprocessor runs it (the SIO code's): start from the image or one
+# augmentation of it, then mix in 0..k times (uniform) a fresh augmentation of the original or a mixing picture, adding
+# or multiplying with random weights (a, b). Per image, in batch, on the training device; each op matches PIL's.
 
-def int_parameter(level, maxval):
-    """AugMix's int_parameter: floor(level * maxval / 10), per image."""
+def int_parameter(level, maxval):  # AugMix's int_parameter, per image
     return torch.floor(level * maxval / 10)
 
 def random_sign(level):
@@ -112,18 +107,15 @@ def affine(x, rows):
     """PIL's Image.transform(AFFINE, BILINEAR) per image: rows (n, 2, 3) map output pixel (x, y, 1) to
     the input; black outside. PIL truncates its bilinear result, hence floor (rounding is ~0.4 brighter)."""
     n, _, h, w = x.shape
-    ys, xs = torch.meshgrid(torch.arange(h, device=x.device) + 0.5, torch.arange(w, device=x.device) + 0.5,
-                            indexing='ij')
+    ys, xs = torch.meshgrid(*(torch.arange(side, device=x.device) + 0.5 for side in (h, w)), indexing='ij')
     points = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h * w, 3)
     source = (points @ rows.transpose(1, 2)).view(n, h, w, 2)  # in pixels
     size = torch.tensor([w, h], device=x.device)
-    sampled = F.grid_sample(x.float(), source / size * 2 - 1, mode='bilinear', padding_mode='border',
-                            align_corners=False)
+    sampled = F.grid_sample(x.float(), source / size * 2 - 1, padding_mode='border', align_corners=False)
     inside = ((source >= 0) & (source < size)).all(-1)[:, None]  # PIL fills a pixel whose source is off the image
     return torch.where(inside, sampled, 0).floor().clamp(0, 255).byte()
 
-def geometric(x, kind, amount):
-    """rotate (degrees counter-clockwise about the centre, as PIL), shear_x/y (factor), translate_x/y (px)."""
+def geometric(x, kind, amount):  # rotate (degrees anticlockwise about the centre, as PIL), shear (factor), shift (px)
     n, _, h, w = x.shape
     rows = torch.eye(2, 3, device=x.device).repeat(n, 1, 1)
     if kind == 'rotate':  # input = centre + R (output - centre)
@@ -135,22 +127,18 @@ def geometric(x, kind, amount):
         rows[:, row, col] = amount
     return affine(x, rows)
 
-def blend(degenerate, x, factor):
-    """PIL's ImageEnhance: degenerate + factor * (image - degenerate), cut to uint8."""
+def blend(degenerate, x, factor):  # PIL's ImageEnhance: degenerate + factor * (image - degenerate), cut to uint8
     return (degenerate + factor.view(-1, 1, 1, 1) * (x.float() - degenerate)).floor().clamp(0, 255).byte()
 
-def grey(x):
-    """PIL's convert('L'): ITU-R 601-2 luma, rounded, as float (n, 1, h, w)."""
+def grey(x):  # PIL's convert('L'): ITU-R 601-2 luma, rounded, as float (n, 1, h, w)
     return ((x[:, 0:1].float() * 299 + x[:, 1:2].float() * 587 + x[:, 2:3].float() * 114 + 500) / 1000).floor()
 
-def autocontrast(x):
-    """PIL's ImageOps.autocontrast: each channel stretched to 0..255 (a flat channel is left as it is)."""
+def autocontrast(x):  # PIL's ImageOps.autocontrast: each channel stretched to 0..255 (a flat channel is left as it is)
     low, high = x.amin((2, 3), keepdim=True).float(), x.amax((2, 3), keepdim=True).float()
     stretched = ((x.float() - low) * 255 / (high - low).clamp_min(1)).floor().clamp(0, 255).byte()
     return torch.where(high > low, stretched, x)
 
-def equalize(x):
-    """PIL's ImageOps.equalize per image and channel: a lookup table from the cumulative histogram."""
+def equalize(x):  # PIL's ImageOps.equalize per image and channel: a lookup table from the cumulative histogram
     n, c, h, w = x.shape
     values = x.reshape(n * c, h * w).long()
     hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, values, torch.ones_like(values))
@@ -159,22 +147,17 @@ def equalize(x):
     lut = torch.where(step > 0, lut, torch.arange(256, device=x.device))  # a flat channel is left as it is
     return lut.gather(1, values).byte().view(n, c, h, w)
 
-def posterize(x, bits):
-    """PIL's ImageOps.posterize: keep the top `bits` bits of every channel (bits per image)."""
+def posterize(x, bits):  # PIL's ImageOps.posterize: keep the top `bits` bits of every channel (bits per image)
     return x & ((255 << (8 - bits.long())) & 255).byte().view(-1, 1, 1, 1)
 
-def solarize(x, threshold):
-    """PIL's ImageOps.solarize: invert every value at or above threshold (per image)."""
+def solarize(x, threshold):  # PIL's ImageOps.solarize: invert every value at or above threshold (per image)
     return torch.where(x.float() >= threshold.view(-1, 1, 1, 1), 255 - x, x)
 
-def smooth(x):
-    """PIL's ImageFilter.SMOOTH (3x3, centre 5, others 1, /13), border unchanged: Sharpness's degenerate."""
-    kernel = torch.ones(3, 3, device=x.device)
-    kernel[1, 1] = 5
+def smooth(x):  # PIL's ImageFilter.SMOOTH (3x3, centre 5, others 1, /13), border unchanged: Sharpness's degenerate
+    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device) / 13
     out = x.float().clone()
-    out[:, :, 1:-1, 1:-1] = F.conv2d(x.float(), (kernel / 13).expand(3, 1, 3, 3), groups=3).round()
+    out[:, :, 1:-1, 1:-1] = F.conv2d(x.float(), kernel.expand(3, 1, 3, 3), groups=3).round()
     return out
-
 
 # AugMix's operations as the PixMix code has them: level = U(0.1, severity) per image, scaled by each op
 PIXMIX_OPS = {
@@ -194,9 +177,7 @@ PIXMIX_OPS = {
     'sharpness': lambda x, level: blend(smooth(x), x, level * 1.8 / 10 + 0.1),
 }
 
-def augment_op(x, severity, all_ops):
-    """One AugMix operation per image, chosen uniformly: every op runs on the whole batch and each image
-    keeps its own (no host sync; the ops are cheap next to the network)."""
+def augment_op(x, severity, all_ops):  # one AugMix op per image, chosen uniformly (all run on the batch: no host sync)
     ops = list(PIXMIX_OPS.values())[:None if all_ops else 9]
     which = torch.randint(len(ops), (len(x), 1, 1, 1), device=x.device)
     level = torch.empty(len(x), device=x.device).uniform_(0.1, severity)
@@ -205,8 +186,7 @@ def augment_op(x, severity, all_ops):
         out = torch.where(which == i, op(x, level), out)
     return out
 
-def mixing_weights(n, beta, device):
-    """PixMix's get_ab per image: (Beta(beta, 1), Beta(1, beta)) or (1 + Beta(1, beta), -Beta(1, beta))."""
+def mixing_weights(n, beta, device):  # PixMix's get_ab: (Beta(b, 1), Beta(1, b)) or (1 + Beta(1, b), -Beta(1, b))
     first = torch.rand(n, device=device) < 0.5
     beta_b1 = torch.distributions.Beta(torch.tensor(float(beta), device=device), torch.tensor(1.0, device=device))
     beta_1b = torch.distributions.Beta(torch.tensor(1.0, device=device), torch.tensor(float(beta), device=device))
@@ -215,14 +195,12 @@ def mixing_weights(n, beta, device):
     return a.view(-1, 1, 1, 1), b.view(-1, 1, 1, 1)
 
 def pixmix(x, mixing_pics, k=4, beta=3.0, severity=3, all_ops=True, rounds=None):
-    """x, mixing_pics: uint8 (n, 3, h, w) on one device -> float (n, 3, h, w) in [0, 255], for normalize().
-    rounds: mixings per image (default: uniform in 0..k, as PixMix draws them)."""
+    """uint8 x, mixing_pics (n, 3, h, w) -> float in [0, 255]; rounds: mixings per image (default: uniform in 0..k)."""
     n, device = len(x), x.device
     coin = lambda: torch.rand(n, 1, 1, 1, device=device) < 0.5
     mixed = torch.where(coin(), augment_op(x, severity, all_ops), x).float() / 255
-    if rounds is None:
-        rounds = torch.randint(0, k + 1, (n,), device=device)
-    rounds = torch.as_tensor(rounds, device=device).view(-1, 1, 1, 1)
+    rounds = torch.randint(0, k + 1, (n,), device=device) if rounds is None else torch.as_tensor(rounds, device=device)
+    rounds = rounds.view(-1, 1, 1, 1)
     for r in range(int(k)):
         partner = torch.where(coin(), augment_op(x, severity, all_ops), mixing_pics).float() / 255
         a, b = mixing_weights(n, beta, device)
@@ -232,8 +210,7 @@ def pixmix(x, mixing_pics, k=4, beta=3.0, severity=3, all_ops=True, rounds=None)
     return mixed * 255
 
 def random_crops(pictures, count, size):
-    """count random size x size crops, anywhere in randomly chosen mixing pictures (OpenOOD's RandomCrop
-    after Resize), as uint8 (count, 3, size, size) on the pictures' device."""
+    """count uint8 (3, size, size) crops anywhere in random mixing pictures (OpenOOD's RandomCrop after Resize)."""
     flat, shapes, offsets = pictures
     pick = torch.randint(len(shapes), (count,), device=flat.device)
     h, w = shapes[pick, 0, None], shapes[pick, 1, None]
@@ -249,9 +226,7 @@ def random_crops(pictures, count, size):
 # Training, in named steps: prepare (every input, once for all seeds), start (the seeded model, or the
 # run in last.pt), train_epoch (SIO batches), end_epoch (checkpoints, log), train (one seed's run).
 
-def prepare(args, device, rank):
-    """Every input read and checked once for all seeds: the dataset, the synthetic set, OE outliers, PixMix
-    pictures. Sets that fit in memory become uint8 tensors on the training device."""
+def prepare(args, device, rank):  # every input, read and checked once for all seeds; in-memory sets on the device
     ds = load_dataset(args.dataset, args.data_root, args.openood_root, args.classes)
     args.image_size = args.image_size or (ds['image_size'] if args.dataset == 'digits' else ARCH_SIZE[args.arch])
     check_memory(4 * 3 * args.batch_size * args.image_size ** 2, f'a batch of {args.batch_size} images at '
@@ -293,8 +268,7 @@ def prepare(args, device, rank):
     data['run']['synthetic set'] = dict(images=n_syn, meta=meta) if n_syn else None
     return data
 
-def start(args, data, seed, out, resume, device):
-    """The seeded model, optimiser and per-iteration cosine to MIN_LR, or the run saved in out/last.pt."""
+def start(args, data, seed, out, resume, device):  # the seeded model, optimiser and cosine, or the run in out/last.pt
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -319,20 +293,16 @@ def start(args, data, seed, out, resume, device):
     except (KeyError, TypeError, ValueError, RuntimeError):
         intact = False
     if not intact:
-        fail(f'--resume: {out}/last.pt is damaged (epoch, log, optimizer or scheduler): pass --overwrite to start '
-             f'afresh, or another --out')
+        fail(f'--resume: {out}/last.pt is damaged (epoch, log or optimizer state): pass --overwrite, or another --out')
     print(f'resumed from {out}/last.pt after epoch {state["epoch"]} (best val acc {100 * state["best_val_acc"]:.2f}%)')
     return model, optimizer, scheduler, state
 
-def resumable(state, args, optimizer):
-    """Whether a last.pt's epoch, log and learning rates are what a run of these settings saves."""
-    return (type(state['epoch']) is int and 1 <= state['epoch'] <= args.epochs
-            and isinstance(state['best_val_acc'], float) and isinstance(state['log'], list)
-            and len(state['log']) == state['epoch']
+def resumable(state, args, optimizer):  # whether last.pt's epoch, log and learning rates are what these settings save
+    return (type(state['epoch']) is int and 1 <= state['epoch'] <= args.epochs and isinstance(state['log'], list)
+            and isinstance(state['best_val_acc'], float) and len(state['log']) == state['epoch']
             and all(isinstance(g['lr'], float) and math.isfinite(g['lr']) for g in optimizer.param_groups))
 
-def batches(args, data, plan, device, rank, world):
-    """This rank's share of every planned batch, with the same real/synthetic proportion."""
+def batches(args, data, plan, device, rank, world):  # this rank's share of every planned batch, in the same proportion
     if not data['in_memory']:  # image folders: decoded and cropped by the DataLoader's workers
         sampler = [torch.cat([r[rank::world], s[rank::world] + data['n_real']]).tolist() for r, s in plan]
         yield from torch.utils.data.DataLoader(data['folder_set'], batch_sampler=sampler, num_workers=args.workers,
@@ -344,8 +314,7 @@ def batches(args, data, plan, device, rank, world):
         yield (torch.cat([x, data['syn_x'][syn]]), torch.cat([y, data['syn_y'][syn]])) if data['n_syn'] else (x, y)
 
 def train_epoch(args, data, net, optimizer, scheduler, seed, epoch, out, device, rank, world):
-    """One epoch. Every random draw derives from (seed, epoch, rank), so a resumed run repeats it exactly;
-    the batch plan is the same on every rank, augmentation draws differ per rank."""
+    """One epoch, every draw seeded by (seed, epoch, rank): a resume repeats it; all ranks share one batch plan."""
     torch.manual_seed((seed * 1000 + epoch) * 1000 + rank)
     np.random.seed(((seed * 1000 + epoch) * 1000 + rank) % 2 ** 32)
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -363,12 +332,10 @@ def train_epoch(args, data, net, optimizer, scheduler, seed, epoch, out, device,
         order = torch.randperm(len(y), device=device)  # real and synthetic shuffled within the batch
         x, y = x[order], y[order]
         x = augment(x, args.pad, args.flip, data['crop_size']) if data['in_memory'] else augment(x, 0, args.flip)
-        mix_labels, lam = None, 1.0
         if data['mixing'] is not None:  # PixMix after the crop and flip, on real and synthetic images alike
             x = pixmix(x, random_crops(data['mixing'], len(x), x.shape[-1]), args.pixmix_k, args.pixmix_beta,
                        args.aug_severity, args.pixmix_ops == 'all')
-        if args.method == 'cutmix':
-            x, mix_labels, lam = cutmix(x, y)
+        x, mix_labels, lam = cutmix(x, y) if args.method == 'cutmix' else (x, None, 1.0)
         if oe_x is not None and args.oe_augment:  # deviation (--oe-augment): augmented, drawn with replacement
             x = torch.cat([x, augment(oe_x[torch.randint(len(oe_x), (oe_size // world,), device=device)], args.pad,
                                       args.flip, data['crop_size'])])
@@ -395,8 +362,7 @@ def train_epoch(args, data, net, optimizer, scheduler, seed, epoch, out, device,
     return dict(loss=(stats[0] / stats[2]).item(), train_acc=(stats[1] / stats[2]).item(), seconds=seconds,
                 synthetic_seen=sum(len(s) for _, s in plan), images_per_s=stats[2].item() / seconds)
 
-def check_finite(loss, epoch, step, out, world, fix):
-    """A NaN/inf loss stops every rank at once, in one line naming the step and fix() (made only then)."""
+def check_finite(loss, epoch, step, out, world, fix):  # a NaN/inf loss stops every rank at once, one line naming fix()
     finite = torch.isfinite(loss).float()
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -431,8 +397,7 @@ def end_epoch(args, data, model, optimizer, scheduler, state, stats, val_acc, se
 def write_log(rows, out):
     write_atomic(out / 'log.jsonl', lambda tmp: Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in rows)))
 
-def train(args, data, seed, out, resume, device, rank, world):
-    """One run of seed into out, exactly as if it had been started alone."""
+def train(args, data, seed, out, resume, device, rank, world):  # one run of seed into out, exactly as if started alone
     model, optimizer, scheduler, state = start(args, data, seed, out, resume, device)
     if resume and rank == 0:  # the rows travel inside last.pt too: a kill between the two writes loses none
         write_log(state['log'], out)
@@ -637,11 +602,9 @@ def check_set(path, flag, dataset, classes, command):
     return meta
 
 def load_synthetic(path, dataset, classes, size, on_disk=False, device_name='cpu'):
-    """A synthetic ID set's images and labels (check_set has seen its folder), checked against the real set.
-    on_disk (folder datasets): file names, or images.npy as a memory map, read by the loader's workers as
-    used, so memory does not grow with the number of images."""
-    num_classes, path = len(classes), Path(path)
-    files = None
+    """A synthetic ID set's images and labels (check_set has seen its folder), checked against the real set. on_disk
+    (folder datasets): file names, or images.npy memory-mapped, read by the loader's workers as used."""
+    num_classes, path, files = len(classes), Path(path), None
     if (path / 'images.npy').exists():
         if not (path / 'labels.npy').exists():
             fail(f'{path}/images.npy has no labels.npy beside it: pass the folder that holds both')
@@ -652,8 +615,7 @@ def load_synthetic(path, dataset, classes, size, on_disk=False, device_name='cpu
             fail(f'{path} holds no synthetic set: expected images.npy+labels.npy or class folders named 000, 001, ...')
         entries = [(f, int(d.name)) for d in class_dirs for f in sorted(d.iterdir()) if f.is_file()]
         chosen = [(str(f), c) for f, c in entries if f.suffix.lower() in IMAGE_EXTENSIONS]
-        if len(chosen) < len(entries):
-            skipped = [f for f, _ in entries if f.suffix.lower() not in IMAGE_EXTENSIONS]
+        if skipped := [f for f, _ in entries if f.suffix.lower() not in IMAGE_EXTENSIONS]:
             print(f'note: {len(skipped)} file(s) in {path} are not images and are skipped (e.g. {skipped[0]})',
                   file=sys.stderr)
         files, labels = [f for f, _ in chosen], np.array([c for _, c in chosen], dtype=np.int64)
@@ -667,13 +629,11 @@ def load_synthetic(path, dataset, classes, size, on_disk=False, device_name='cpu
         fail(f'{path}: synthetic labels must be whole class indices, got {labels.dtype} labels with NaN or fractions')
     labels = labels.astype(np.int64)
     if labels.min() < 0 or labels.max() >= num_classes:
-        fail(f'{path}: synthetic labels span {labels.min()}..{labels.max()} but the dataset has {num_classes} '
-             f'classes (0..{num_classes - 1})')
-    missing = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
-    if missing:
-        fail(f'{path}: synthetic set has {num_classes - len(missing)} classes but --dataset {dataset} has '
-             f'{num_classes} '
-             f'(no image for class {", ".join(map(str, missing[:5]))}{"..." if len(missing) > 5 else ""}): '
+        fail(f'{path}: synthetic labels span {labels.min()}..{labels.max()} but the dataset has {num_classes} classes '
+             f'(0..{num_classes - 1})')
+    if missing := sorted(set(range(num_classes)) - set(np.unique(labels).tolist())):
+        fail(f'{path}: synthetic set has {num_classes - len(missing)} classes, --dataset {dataset} has {num_classes} '
+             f'(no image for class {", ".join(map(str, missing[:5]))}{"..." * (len(missing) > 5)}): '
              f'generate it for this --dataset')
     if on_disk:  # decoded and cropped by the loader's workers, like the real images
         return (files if files is not None else images), labels
@@ -681,8 +641,7 @@ def load_synthetic(path, dataset, classes, size, on_disk=False, device_name='cpu
                  'pass a smaller set, or train on a machine with more memory', device_name)
     return resize_images(read_images(files, size) if files is not None else np.array(images), size), labels
 
-def resize_images(images, size):
-    """uint8 (N, H, W, 3) -> uint8 (N, size, size, 3), antialiased bilinear, in chunks."""
+def resize_images(images, size):  # uint8 (N, H, W, 3) -> uint8 (N, size, size, 3), antialiased bilinear, in chunks
     if images.shape[1:3] == (size, size):
         return images
     resized = [F.interpolate(torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float(), size=(size, size),
@@ -700,18 +659,15 @@ def load_outlier_images(path, size):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape:
             fail(f'{path}: outlier images must be uint8 (N, H, W, 3), got {images.dtype} {tuple(images.shape)}')
         return resize_images(images, size)
-    files = image_files(path)
-    if not files:
+    if not (files := image_files(path)):
         fail(f'--oe-data {path}: no images found (pass a .npy of uint8 images or a folder of image files)')
     return read_images(files, size)
 
 def load_mixing_set(path, size):
-    """PixMix's mixing pictures, every image under a folder, the shorter side resized to size as OpenOOD's
-    Resize (the longer one truncated) and kept whole, so a step crops anywhere in them: (pixels of all, HWC
-    one after another; (N, 2) heights and widths; (N,) offsets)."""
+    """PixMix's mixing pictures: every image in a folder, the shorter side resized to size (OpenOOD's Resize; the longer
+    one truncated), kept whole so a step crops anywhere: (all pixels, HWC, one after another; (N, 2) sizes; offsets)."""
     from PIL import Image
-    files = image_files(path)
-    if not files:
+    if not (files := image_files(path)):
         fail(f'--mixing-set {path}: no images found; pass a folder of images (e.g. PixMix\'s fractals_and_fvis)')
     pictures = []
     for f in files:
@@ -740,15 +696,13 @@ def augment(x, pad, flip, size=None):
     return x
 
 class FolderImages(torch.utils.data.Dataset):
-    """Real image files followed by synthetic ones (more files, or a memory-mapped images.npy), decoded and
-    cropped in the workers to uint8 CHW: nothing is held in memory but the lists."""
+    """Real image files then synthetic ones (files or a memory-mapped images.npy), read as uint8 CHW in the workers."""
 
     def __init__(self, files, labels, size, train, extra_images=None, extra_labels=None):
         if isinstance(extra_images, list):  # synthetic image files: read like the real ones
             files, labels, extra_images = list(files) + extra_images, np.concatenate([labels, extra_labels]), None
         self.files, self.labels, self.extra_images, self.extra_labels = files, labels, extra_images, extra_labels
-        import torchvision
-        t = torchvision.transforms
+        import torchvision.transforms as t
         self.transform = (t.RandomResizedCrop(size) if train else
                           t.Compose([t.Resize(int(size * 256 / 224)), t.CenterCrop(size)]))
 
@@ -840,8 +794,7 @@ def weights_fit(state, arch, num_classes):  # exactly the keys and shapes of Net
         isinstance(state[k], torch.Tensor) and state[k].shape == v.shape for k, v in expected.items())
 
 @torch.no_grad()
-def accuracy(model, images, labels, args, ds, device, rank=0, world=1):
-    """Top-1 on this rank's share of (images, labels); summed across ranks under DDP."""
+def accuracy(model, images, labels, args, ds, device, rank=0, world=1):  # top-1 of this rank's share, summed over ranks
     model.eval()
     correct = torch.zeros(2, device=device)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
@@ -867,16 +820,13 @@ def accuracy(model, images, labels, args, ds, device, rank=0, world=1):
 # ------------------------------------------------------------------------------------------------
 # Arguments
 
-def seeds(text):
-    """--seed 0, or several distinct seeds: 0,1,2."""
+def seeds(text):  # --seed 0, or several distinct seeds: 0,1,2
     parts = text.split(',')
     if not all(p.strip().isdigit() and int(p) < 2 ** 31 for p in parts) or len(set(map(int, parts))) < len(parts):
-        raise argparse.ArgumentTypeError(f'must be an integer in [0, 2**31) or distinct ones separated by commas '
-                                         f'(0,1,2), got {text!r}')
+        raise argparse.ArgumentTypeError(f'must be an integer in [0, 2**31) or distinct ones (0,1,2), got {text!r}')
     return [int(p) for p in parts]
 
-def template(flag, text, allowed):
-    """The {fields} of a template, each one of allowed ('' is {}), else one line; {{ and }} are braces."""
+def template(flag, text, allowed):  # a template's {fields}, each one of allowed ('' is {}), else one line; {{ is a {
     try:
         fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text)]
     except ValueError as e:
@@ -904,8 +854,7 @@ def get_args(argv=None):
     p.add_argument('--oe-data', help='outlier images for --method oe: a .npy (N, H, W, 3) uint8 or an image folder')
     p.add_argument('--oe-weight', type=WEIGHT, default=0.5)
     p.add_argument('--oe-batch-size', type=POSITIVE, help='outliers per step (default 2x the batch, as OE)')
-    p.add_argument('--oe-augment', action='store_true',
-                   help='deviation: outliers cropped and flipped, drawn with replacement (default: as the SIO code)')
+    p.add_argument('--oe-augment', action='store_true', help='deviation: outliers augmented, drawn with replacement')
     p.add_argument('--mixing-set', help="PixMix's mixing pictures for --method pixmix: a folder of images")
     p.add_argument('--pixmix-k', type=NATURAL, default=4, help='PixMix: at most this many mixing rounds per image')
     p.add_argument('--pixmix-beta', type=RATE, default=3.0, help='PixMix: mixing severity (its Beta distributions)')
@@ -913,10 +862,8 @@ def get_args(argv=None):
                    help='PixMix: severity of the AugMix operations')
     p.add_argument('--pixmix-ops', default='all', choices=['all', 'base'],
                    help="all 13 AugMix ops (the SIO code); base: 9, as PixMix's CIFAR script")
-    p.add_argument('--epochs', type=POSITIVE)
-    p.add_argument('--batch-size', type=POSITIVE)
-    p.add_argument('--lr', type=RATE)
-    p.add_argument('--weight-decay', type=WEIGHT)
+    for flag, kind in (('--epochs', POSITIVE), ('--batch-size', POSITIVE), ('--lr', RATE), ('--weight-decay', WEIGHT)):
+        p.add_argument(flag, type=kind, help="default: the dataset's recipe (RECIPES)")
     p.add_argument('--seed', type=seeds, default='0', help='an integer or several (0,1,2): a run each, {seed} in --out')
     p.add_argument('--out', help='run folder (default runs/<dataset>_<method>[_sio]_s{seed})')
     p.add_argument('--resume', action='store_true', help='continue the run in --out (from scratch without last.pt)')
@@ -927,9 +874,7 @@ def get_args(argv=None):
     p.add_argument('--workers', type=NATURAL, default=8, help='DataLoader workers (image folders only)')
     args = p.parse_args(argv)
     kind = 'digits' if args.dataset == 'digits' else 'folder' if args.dataset.startswith('folder:') else 'cifar'
-    for key, value in RECIPES[kind].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    vars(args).update({key: value for key, value in RECIPES[kind].items() if getattr(args, key, None) is None})
     args.arch = args.arch or {'digits': 'cnn', 'cifar': 'resnet18', 'folder': 'resnet18_224'}[kind]
     args.alpha = args.alpha if args.synthetic else 1.0
     world = world_size()
@@ -942,23 +887,19 @@ def get_args(argv=None):
         fail(f'--alpha {args.alpha} leaves {int(args.batch_size * args.alpha)} real images in a batch of '
              f'{args.batch_size}: raise --alpha or --batch-size')
     if args.classes and kind != 'folder':
-        fail(f'--classes picks class folders of a folder:PATH dataset; --dataset {args.dataset} has fixed classes: '
-             f'drop --classes')
+        fail(f'--classes is for folder:PATH datasets; --dataset {args.dataset} has fixed classes: drop --classes')
     if args.method == 'oe' and not args.oe_data:
         fail('--method oe needs outlier images: pass --oe-data PATH (a .npy of uint8 images or an image folder)')
     if args.method == 'pixmix' and not args.mixing_set:
         fail("--method pixmix needs mixing pictures: pass --mixing-set PATH (e.g. PixMix's fractals_and_fvis)")
     if args.mixing_set and args.method != 'pixmix':
-        fail(f'--mixing-set is used by --method pixmix only (this run is --method {args.method}): drop it, '
-             f'or pass --method pixmix')
+        fail(f'--mixing-set is for --method pixmix only, not --method {args.method}: drop it, or pass --method pixmix')
     if args.resume and args.overwrite:
         fail('--resume continues the run in --out and --overwrite starts it afresh: pass one of them')
-    tag = args.dataset.replace(':', '_').replace('/', '_')
     if args.out is None:
-        args.out = f"runs/{tag}_{args.method}{'_sio' if args.synthetic else ''}_s{{seed}}"
+        args.out = f"runs/{re.sub('[:/]', '_', args.dataset)}_{args.method}{'_sio' if args.synthetic else ''}_s{{seed}}"
     if 'seed' not in template('--out', args.out, ['seed']) and len(args.seed) > 1:
-        fail(f'--seed {",".join(map(str, args.seed))} makes one run per seed: put {{seed}} in --out '
-             f'(e.g. {args.out}_s{{seed}})')
+        fail(f'--seed {",".join(map(str, args.seed))}: a run each needs {{seed}} in --out (e.g. {args.out}_s{{seed}})')
     if len({os.path.abspath(args.out.format(seed=s)) for s in args.seed}) < len(args.seed):  # e.g. 'x{seed}/..'
         fail(f'--out {args.out} names one folder for several seeds: put {{seed}} in the folder name')
     return args
@@ -1242,15 +1183,13 @@ def main(argv=None):
                   ('--openood-root', args.openood_root)]
 
         def claim_runs():  # every seed's folder checked, then each taken, before the first step: none refused half-way
-            resumable = {}
-            for dry, (seed, out) in [(dry, item) for dry in (True, False) for item in outs.items()]:
-                run = {('--' + k.replace('_', '-') if k in vars(args) else k): v for k, v in data['run'].items()}
-                manifest = claim(out, '--out', 'train_sio.py', dict(run, **{'--seed': seed}), args.overwrite,
-                                 args.resume, 'a run', 'pass --resume to continue it, --overwrite to start afresh, or '
-                                 'another --out', inputs, dry)
-                resumable[seed] = manifest and 'last.pt' in set(manifest['files']) - set(manifest['stale']) and \
-                    (out / 'last.pt').exists()
-            return resumable
+            run = {('--' + k.replace('_', '-') if k in vars(args) else k): v for k, v in data['run'].items()}
+            for dry in (True, False):
+                taken = {seed: claim(out, '--out', 'train_sio.py', dict(run, **{'--seed': seed}), args.overwrite,
+                                     args.resume, 'a run', 'pass --resume to continue it, --overwrite to start afresh, '
+                                     'or another --out', inputs, dry) for seed, out in outs.items()}
+            return {seed: 'last.pt' in set(manifest['files']) - set(manifest['stale'])
+                    and (outs[seed] / 'last.pt').exists() for seed, manifest in taken.items()}
         resumable = on_rank0(rank, world, claim_runs)
         for seed, out in outs.items():
             if len(outs) > 1 and rank == 0:
