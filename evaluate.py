@@ -37,8 +37,7 @@ from tqdm import tqdm
 DETECTORS = 'msp mls ebo tempscale odin gen klm react ash dice mds rmds knn vim'.split()
 TRAIN_DETECTORS = {'dice', 'mds', 'rmds', 'knn', 'vim'}  # fitted on the ID train outputs
 METRICS = ['FPR95', 'AUROC', 'AUPR_IN', 'AUPR_OUT', 'ACC', 'FPR95_ID']
-METRIC_TITLES = dict(FPR95='FPR@95', AUROC='AUROC', AUPR_IN='AUPR-In', AUPR_OUT='AUPR-Out', ACC='ACC',
-                     FPR95_ID='FPR95(ID+)')
+METRIC_TITLES = dict(zip(METRICS, ['FPR@95', 'AUROC', 'AUPR-In', 'AUPR-Out', 'ACC', 'FPR95(ID+)']))
 # OpenOOD v1.5's benchmarks: OOD sets named as their lists test_<name>.txt, the ID classes and
 # the validation OOD list val_<name>.txt of its parameter search
 CIFAR_FAR = ['mnist', 'svhn', 'texture', 'places365']
@@ -60,12 +59,9 @@ def energy(z):
 CHUNK_VALUES = 2 ** 24  # float64 values per chunk when streaming over train features (128 MB)
 
 def train_moments(h, y, num_classes, with_scatter=True, rows=None):
-    """One chunked pass over float32 train features -> float64 (mean, class means, class counts, scatter),
-    scatter = sum_i (h_i - mean)(h_i - mean)^T (None unless asked). Rows are shifted by the first chunk's
-    mean before the products, so the scatter keeps its digits however large the mean is; no float64
-    copy of h is made."""
+    """float32 h in chunks -> float64 (mean, class means, counts, scatter sum_i (h_i - mean)(h_i - mean)^T or None)."""
     rows = rows or max(1, CHUNK_VALUES // h.shape[1])
-    shift = h[:rows].double().mean(0)
+    shift = h[:rows].double().mean(0)  # products of shifted rows: the scatter keeps its digits however large the mean
     sums = torch.zeros(num_classes, h.shape[1], dtype=torch.float64, device=h.device)
     gram = torch.zeros(h.shape[1], h.shape[1], dtype=torch.float64, device=h.device) if with_scatter else None
     for i in range(0, len(h), rows):
@@ -79,15 +75,12 @@ def train_moments(h, y, num_classes, with_scatter=True, rows=None):
     return mean_shifted + shift, sums / counts[:, None] + shift, counts, scatter
 
 def fit(train, val, W, b, args):
-    """The statistics the requested detectors need (and only those), from ID train (None when none needs
-    it) and val outputs. Train features stay float32 (ImageNet-1K: 10 GB); sums and covariances float64."""
-    detectors, z_val, y_val = set(args.detectors), val['logits'].double(), val['labels']
+    """The statistics the asked detectors need, from ID train (None when none needs it) and val outputs, in float64."""
+    detectors, z_val, y_val, stats = set(args.detectors), val['logits'].double(), val['labels'], dict(W=W, b=b)
     C, d = W.shape
-    stats = dict(W=W, b=b)
     if 'tempscale' in detectors:
-        # T fitted on val by NLL, as OpenOOD does it (T from 1.5, LBFGS lr 0.01, 50 iterations). On a
-        # val set the model classifies perfectly the NLL keeps falling as T -> 0; the fixed budget is
-        # what keeps T finite, so it is kept.
+        # T fitted on val by NLL, as OpenOOD (T from 1.5, LBFGS lr 0.01, 50 iterations). On a val set the model
+        # classifies perfectly the NLL keeps falling as T -> 0; the fixed budget keeps T finite, so it is kept.
         temperature = torch.full((), 1.5, dtype=torch.float64, device=z_val.device, requires_grad=True)
         opt = torch.optim.LBFGS([temperature], lr=0.01, max_iter=50)
 
@@ -117,9 +110,8 @@ def fit(train, val, W, b, args):
         stats['rmds_mean'], stats['rmds_prec'] = mean, torch.linalg.pinv(scatter / len(h_tr), hermitian=True)
     if 'knn' in detectors:  # the bank is the train features themselves, normalised block by block when scoring
         stats['knn_bank'] = h_tr  # --knn-k <= the train size: checked before any network pass
-    if 'vim' in detectors:
-        # origin u = -pinv(W) b; covariance of h - u around 0 (OpenOOD: EmpiricalCovariance(assume_centered=
-        # True)); residual space = eigenvectors outside the top-D principal subspace
+    if 'vim' in detectors:  # origin u = -pinv(W) b; residual space = the eigenvectors outside the top-D principal
+        # subspace of the covariance of h - u around 0 (OpenOOD: EmpiricalCovariance(assume_centered=True))
         D = args.vim_dim or (256 if d > 256 else d // 2)
         if not 0 < D < d:
             fail(f'--vim-dim {D} must be between 1 and {d - 1} (the feature size is {d})')
@@ -133,22 +125,17 @@ def fit(train, val, W, b, args):
         stats.update(vim_u=u, vim_ns=residual_space, vim_alpha=(max_logit / residual_norm).item())
     return stats
 
-def mahalanobis(h, means, prec):
-    """(N, C) squared Mahalanobis distances to each mean under one precision matrix, as matrix
-    products (h'Ph - 2h'Pmu + mu'Pmu), so no (N, C, d) tensor is ever built."""
+def mahalanobis(h, means, prec):  # (N, C) squared distances to each mean: h'Ph - 2h'Pmu + mu'Pmu, no (N, C, d) tensor
     hp = h @ prec
     return (hp * h).sum(1, keepdim=True) - 2 * hp @ means.T + ((means @ prec) * means).sum(1)[None, :]
 
-def klm_score(p, class_means):
-    """-min_c KL(p || m_c) = -(sum p log p - max_c p . log m_c), without an (N, C, C) tensor."""
+def klm_score(p, class_means):  # -min_c KL(p || m_c) = -(sum p log p - max_c p . log m_c), without an (N, C, C) tensor
     return -((p * p.clamp_min(1e-30).log()).sum(1) - (p @ class_means.clamp_min(1e-30).log().T).max(1).values)
 
 def knn_score(h, bank, k, block=2 ** 25):
-    """-distance to the k-th nearest L2-normalised train feature. Queries x bank in blocks of at most
-    `block` similarities (ImageNet-1K at once: 50k x 1.28M = 256 GB); each bank block is normalised as
-    it is used, so the train features are never copied; a running top-k merges the blocks."""
+    """-distance to the k-th nearest normalised train feature: a running top-k over blocks of `block` similarities."""
     q = F.normalize(h.float(), dim=1)
-    n_query = max(1, min(len(q), 4096, block // k))
+    n_query = max(1, min(len(q), 4096, block // k))  # ImageNet-1K at once: 50k x 1.28M = 256 GB
     n_bank = max(k, block // n_query)
     kth = []
     for i in range(0, len(q), n_query):
@@ -161,18 +148,15 @@ def knn_score(h, bank, k, block=2 ** 25):
     kth_sim = torch.cat(kth) if kth else q.new_zeros(0)
     return -(2 - 2 * kth_sim.double()).clamp_min(0).sqrt()  # |a - b|^2 = 2 - 2 a.b for unit vectors
 
-def ash_b(h, percentile):
-    """ASH-B: keep the top (100-p)% activations of each sample, all set to sum(h)/k; the rest 0."""
+def ash_b(h, percentile):  # ASH-B: keep the top (100-p)% activations of each sample, all set to sum(h)/k; the rest 0
     k = h.shape[1] - int(round(h.shape[1] * percentile / 100))
     top = h.topk(k, dim=1).indices
     return torch.zeros_like(h).scatter_(1, top, (h.sum(1, keepdim=True) / k).expand(-1, k))
 
-def react_clip(stats, percentile):
-    """ReAct's clip: that percentile of all ID val activations (np.percentile, as OpenOOD), once per percentile."""
+def react_clip(stats, percentile):  # ReAct's clip: that percentile of the ID val activations (np.percentile as OpenOOD)
     return stats.setdefault(f'react_clip_{percentile}', float(np.percentile(stats['react_activations'], percentile)))
 
-def gen_score(p, gamma):
-    """GEN: -sum over the top-M classes of p^g (1-p)^g, M = min(100, C)."""
+def gen_score(p, gamma):  # GEN: -sum over the top-M classes of p^g (1-p)^g, M = min(100, C)
     p = p.sort(1).values[:, -min(100, p.shape[1]):]
     return -(p ** gamma * (1 - p) ** gamma).sum(1)
 
@@ -193,11 +177,10 @@ SCORES = {
     'vim': lambda z, h, s, a: energy(z) - s['vim_alpha'] * torch.linalg.norm((h - s['vim_u']) @ s['vim_ns'], dim=1),
 }
 
-# --aps sio / val: the SIO code's postprocessor_sweep lists (knn: K 50 only); openood: v1.5's sweeps
-# (configs/postprocessors/*.yml at tag v1.5). Faithful to v1.5, ViM's dim sweep changes nothing: v1.5
-# fitted the residual space once at the default dim and set_hyperparam changed a number no score reads
-# (fixed upstream in 2025), so every candidate ties and the first, 256, is kept; here the residual space
-# is fitted once at --vim-dim too (the fixed sweep: --vim-dim 1000 by hand).
+# --aps sio / val: the SIO code's postprocessor_sweep lists (knn: K 50 only); openood: v1.5's sweeps (configs/
+# postprocessors/*.yml at tag v1.5). Faithful to v1.5, ViM's dim sweep changes nothing: v1.5 fitted the residual
+# space once at the default dim and set_hyperparam changed a number no score reads (fixed upstream in 2025), so
+# every candidate ties and the first, 256, is kept; here too it is fitted once at --vim-dim (fixed: --vim-dim 1000).
 APS_GRIDS = {'ebo': {'ebo_temperature': [1.0, 10.0, 100.0, 1000.0]},
              'odin': {'odin_temperature': [1.0, 10.0, 100.0, 1000.0], 'odin_eps': [0.0014, 0.0028]},
              'knn': {'knn_k': [50]}}
@@ -205,14 +188,12 @@ APS_OPENOOD = dict(APS_GRIDS, knn={'knn_k': [50, 100, 200, 500, 1000]}, vim={'vi
                    react={'react_percentile': [85, 90, 95, 99]}, ash={'ash_percentile': [65, 70, 75, 80, 85, 90, 95]})
 
 def aps_search(det, args, id_scores, ood_scores, train_rows):
-    """Every setting of det's grid; keeps the one with the highest AUROC of validation ID vs validation
-    OOD scores, id_scores(a) / ood_scores(a) under settings a. --aps sio scores the ID side once under
-    the flags' own setting, as the SIO code's evaluator (OpenOOD v1.0) did. -> (settings, record)"""
+    """Every setting a of det's grid -> (a, record) with the best validation AUROC of id_scores(a) vs ood_scores(a)."""
     grid = (APS_OPENOOD if args.aps == 'openood' else APS_GRIDS)[det]
     combos = [{}]
     for name in list(grid)[::-1] if args.aps == 'openood' else grid:  # v1.5's generator: the last key outermost
         combos = [dict(combo, **{name: value}) for combo in combos for value in grid[name]]
-    fixed_id, best = id_scores(args) if args.aps == 'sio' else None, None
+    fixed_id, best = id_scores(args) if args.aps == 'sio' else None, None  # sio: ID once at the flags' setting (v1.0)
     for setting in [{name: c[name] for name in grid} for c in combos if c.get('knn_k', 0) <= train_rows]:
         a = argparse.Namespace(**{**vars(args), **setting})  # K above the train size: faiss finds no K-th
         auroc = ood_metrics(fixed_id if fixed_id is not None else id_scores(a), ood_scores(a))['AUROC']
@@ -222,8 +203,7 @@ def aps_search(det, args, id_scores, ood_scores, train_rows):
             best = (auroc, a, setting)
     return best[1], dict(best[2], val_auroc=round(best[0], 4))
 
-def ood_metrics(id_scores, ood_scores):
-    """OpenOOD v1.5's metrics in %: OOD is the positive class, scores are "higher = more ID"."""
+def ood_metrics(id_scores, ood_scores):  # OpenOOD v1.5's metrics in %: OOD the positive class, scores higher = more ID
     is_ood = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
     s = np.r_[id_scores, ood_scores].astype(np.float64)
     fpr, tpr, _ = skm.roc_curve(is_ood, -s)
@@ -234,8 +214,7 @@ def ood_metrics(id_scores, ood_scores):
                 AUPR_IN=100 * skm.auc(recall_in, precision_in), AUPR_OUT=100 * skm.auc(recall_out, precision_out),
                 FPR95_ID=100 * fpr_id[np.argmax(tpr_id >= 0.95)])
 
-def run_table(scores, groups, acc):
-    """{dataset | near | far: {metric: value}} for one run and one detector."""
+def run_table(scores, groups, acc):  # {dataset | near | far: {metric: value}} for one run and one detector
     table = {name: dict(ood_metrics(scores['id'], scores[name]), ACC=acc) for name in groups}
     for group in ('near', 'far'):
         names = [n for n, g in groups.items() if g == group]
@@ -243,8 +222,7 @@ def run_table(scores, groups, acc):
             table[group] = {m: float(np.mean([table[n][m] for n in names])) for m in METRICS}
     return table
 
-def aggregate(tables):
-    """Mean and std over runs of {dataset: {metric: value}} -> {dataset: {metric, metric_std}}."""
+def aggregate(tables):  # mean and std over runs of {dataset: {metric: value}} -> {dataset: {metric, metric_std}}
     return {row: {m + suffix: float(f([t[row][m] for t in tables])) for m in METRICS
                   for suffix, f in (('', np.mean), ('_std', np.std))} for row in tables[0]}
 
@@ -253,15 +231,12 @@ def aggregate(tables):
 # Scoring, in named steps: prepare (every input, once), claim_outputs, network_outputs (one cached
 # pass per split), odin_all (ODIN's own passes), score_run (fit, search, score), report.
 
-def prepare(args, device, rank):
-    """Every input read and checked once, before any output folder is touched: the runs and their
-    weights, the ID splits and OOD sets, and whether the network outputs fit in memory."""
+def prepare(args, device, rank):  # every input (runs, ID and OOD sets, memory) checked before any output is touched
     settings = {name: [run for spec in specs for run in load_runs(spec, args)] for name, specs in args.runs.items()}
     runs = [run for group in settings.values() for run in group]
     names = [run['name'] for run in runs]
     if len(set(names)) != len(names):
-        fail(f'two runs share the name {max(names, key=names.count)!r}: runs are named by their folder or file '
-             f'stem, rename one')
+        fail(f'two runs share the name {max(names, key=names.count)!r} (their folder or file stem): rename one')
     dataset = args.dataset or runs[0]['dataset']
     for run in runs:
         if args.dataset is None and run['dataset'] != dataset:
@@ -286,13 +261,13 @@ def prepare(args, device, rank):
     if 'knn' in args.detectors and k > rows['train']:
         fail(f"knn needs {k} neighbours (--knn-k {args.knn_k}{', --aps' * (k > args.knn_k)}) but there are "
              f"{rows['train']} ID train features: pass a smaller --knn-k, or leave knn out of --detectors")
-    held = sum(rows.values()) - rows['train'] * (not needs_train(args))
+    train_rows = rows['train'] * needs_train(args)  # held only for the detectors fitted on them
     width = 4 * max(sum(run['model']['fc.weight'].shape) for run in runs)  # float32 logits + features
     fix = 'score fewer detectors (dice, mds, rmds, knn and vim hold the train outputs), or use a bigger machine'
+    held = sum(rows.values()) - rows['train'] + train_rows
     check_memory(held * width, f'holding the logits and features of {held:,} images', fix, 'cpu')
     if device.type == 'cuda':  # where the detectors are fitted
-        check_memory((rows['train'] * needs_train(args) + rows['val']) * width, 'the ID train and val outputs', fix,
-                     str(device))
+        check_memory((train_rows + rows['val']) * width, 'the ID train and val outputs', fix, str(device))
     if rank == 0:
         print(f"{dataset}: ID test {rows['id']:,}, " + ', '.join(f'{n} ({g}) {rows[n]:,}'
                                                                  for n, g in data['groups'].items()))
@@ -302,9 +277,7 @@ def needs_train(args):
     return bool(TRAIN_DETECTORS & set(args.detectors))
 
 def claim_outputs(args, settings, data, step):
-    """--out, --plots and --cache by the one rule (none is, holds or lies in an input). step 'check': all three
-    checked, nothing made; 'cache': the cache taken, before the network passes; 'results': --out and --plots
-    taken, once every image has been read."""
+    """--out, --plots and --cache by one rule (none is, holds or lies in an input); step: check, cache or results."""
     inputs = [(f"run {run['name']}", run['folder']) for runs in settings.values() for run in runs] + [
         (f'--{group} {name} folder', path) for group in ('near', 'far') for name, path in getattr(args, group)] + [
         ('--aps-ood folder', args.aps_ood), ('--openood-root folder', args.openood_root),
@@ -323,8 +296,7 @@ def claim_outputs(args, settings, data, step):
               step == 'check')
 
 def network_outputs(run, data, args, device, rank, world):
-    """Logits and features of every split the detectors need, from the cache where its key (weights,
-    the split's content and transform, precision) matches, else computed -> (outputs, model or None)."""
+    """Logits and features of each split the detectors need, cached by weights, content, transform and precision."""
     outputs, model = {}, None
     for split, (images, labels) in data['splits'].items():
         if split == 'train' and not needs_train(args):
@@ -346,9 +318,7 @@ def network_outputs(run, data, args, device, rank, world):
             STATUS['kept'] = f'{args.cache} keeps the network outputs computed so far'
     return outputs, model
 
-def content_key(data, split):
-    """What a split's outputs depend on besides the weights, once per split: its pixels (arrays), its
-    files' bytes, or for OpenOOD's lists (ImageNet-1K train: 1.28M files) the list itself."""
+def content_key(data, split):  # a split's pixels, files' bytes, or for OpenOOD's lists (1.28M files) the list itself
     if split not in data['keys']:
         images, labels = data['splits'][split]
         digest = hashlib.sha256(np.ascontiguousarray(labels).tobytes())
@@ -359,8 +329,7 @@ def content_key(data, split):
         data['keys'][split] = digest.hexdigest()[:16]
     return data['keys'][split]
 
-def read_cache(file, key, rows):
-    """A split's outputs from the cache when they were made under key, else None (computed again)."""
+def read_cache(file, key, rows):  # a split's outputs from the cache when made under key, else None (computed again)
     try:
         with np.load(file) as cached:
             if str(cached['source']) == key and len(cached['labels']) == rows:
@@ -374,9 +343,7 @@ def save_npz(path, **arrays):
     with open(path, 'wb') as f:  # a file object: np.savez would add .npz to a temporary name
         np.savez(f, **arrays)
 
-def image_batches(images, data, idx, args):
-    """uint8 (n, 3, S, S) batches of images[idx]: from an array in memory, or image files read through
-    OpenOOD's test transform by a DataLoader's workers (none for sets under a batch per worker)."""
+def image_batches(images, data, idx, args):  # uint8 (n, 3, S, S) batches: an array's, or files read by workers
     if isinstance(images, list):
         items = [(images[i], data['pre_size'], data['size']) for i in idx]
         workers = min(args.workers, len(idx) // args.batch_size)
@@ -387,8 +354,8 @@ def image_batches(images, data, idx, args):
 
 @torch.no_grad()
 def forward_all(model, images, run, data, device, args, rank=0, world=1, split=''):
-    """One pass over a split -> (logits, features) as float32 numpy, sharded across ranks. float32 by
-    default, as OpenOOD scores: bf16 moves AUROC and FPR@95 (README); --bf16 opts in for speed."""
+    """One pass over a split -> float32 numpy (logits, features), sharded across ranks. float32 by default, as
+    OpenOOD scores: bf16 moves AUROC and FPR@95 (README); --bf16 opts in for speed."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     idx = np.arange(rank, len(images), world)
     # filled in place: at ImageNet-1K the train features alone are 1.28M x 2048 float32 (10 GB)
@@ -402,20 +369,19 @@ def forward_all(model, images, run, data, device, args, rank=0, world=1, split='
         done += len(x)
     return gather(logits, world), gather(features, world)
 
-def gather(array, world):
-    """Re-interleave rank-sharded rows (rank r holds rows r, r+world, ...) into the full array."""
+def gather(array, world):  # re-interleave rank-sharded rows (rank r holds rows r, r+world, ...) into the full array
     if world == 1:
         return array
     parts = [None] * world
     dist.all_gather_object(parts, array)
     out = np.empty((sum(len(p) for p in parts),) + array.shape[1:], dtype=array.dtype)
-    for r, part in enumerate(parts):
-        out[r::world] = part
+    for rank, part in enumerate(parts):
+        out[rank::world] = part
     return out
 
 def odin_all(run, model, data, args, device, rank, world):
-    """ODIN (Liang et al. 2018), max softmax(f(x')/T), x' = x - eps * sign(grad_x CE(f(x)/T, argmax)), on
-    the ID test and OOD sets after its --aps search, every rank taking part -> ({split: scores}, record)."""
+    """ODIN (Liang et al. 2018), max softmax(f(x')/T), x' = x - eps * sign(grad_x CE(f(x)/T, argmax)), on the ID
+    test and OOD sets after its --aps search, every rank taking part -> ({split: scores}, record)."""
     if 'odin' not in args.detectors:
         return {}, None
     model, odin, pick, setting = model or build_model(run, device), {}, None, args
@@ -441,8 +407,7 @@ def odin_all(run, model, data, args, device, rank, world):
     return odin, pick
 
 def score_run(run, outputs, odin, odin_pick, data, args, device):
-    """Fit the detectors, run their --aps search, score the ID test and OOD sets -> ({detector: {split:
-    scores}}, ID accuracy, the search's records)."""
+    """Fit the detectors, run their --aps search, score ID test and OOD sets -> ({det: {split: scores}}, acc, picks)."""
     on_device = lambda o: o and {k: torch.from_numpy(np.asarray(o[k])).to(device) for k in ('features', 'logits')} | {
         'labels': torch.from_numpy(np.asarray(o['labels'])).to(device).long()}
     W, b = (run['model'][k].to(device).double() for k in ('fc.weight', 'fc.bias'))
@@ -474,8 +439,8 @@ def score_run(run, outputs, odin, odin_pick, data, args, device):
 
 def report(args, settings, data, tables, all_scores, aps_picks, timing):
     """The tables (printed, results.md), results.json / .csv, scores.npz and the plots of the first run."""
-    groups = data['groups']
-    covers = {g: ', '.join(n for n, gg in groups.items() if gg == g) for g in ('near', 'far')}
+    members = {g: [n for n, group in data['groups'].items() if group == g] for g in ('near', 'far')}
+    covers = {g: ', '.join(names) for g, names in members.items()}
     results = {s: {det: aggregate(tables[s][det]) for det in args.detectors} for s in settings}
     text = '\n'.join((f'## {s}\n\n' if s else '') + format_tables(results[s], covers, len(runs))
                      for s, runs in settings.items())
@@ -486,7 +451,7 @@ def report(args, settings, data, tables, all_scores, aps_picks, timing):
     print(text + '\n' + timing)
     if args.out:
         meta = dict(runs={s: [run['name'] for run in runs] for s, runs in settings.items()}, dataset=data['dataset'],
-                    **{g: [n for n, gg in groups.items() if gg == g] for g in ('near', 'far')})
+                    **members)
         if args.aps:  # what the search chose, per run and detector, with its validation AUROC
             meta['aps'] = dict(mode=args.aps, ood=args.aps_ood or f"val_{BENCHMARKS[data['dataset']]['val_ood']} "
                                '(OpenOOD list)', picks=aps_picks)
@@ -503,7 +468,7 @@ def report(args, settings, data, tables, all_scores, aps_picks, timing):
     if args.plots:
         first = next(iter(settings.values()))[0]['name']
         for det in args.detectors:
-            save_plot(det, {split: all_scores[f'{first}/{det}/{split}'] for split in ['id'] + list(groups)},
+            save_plot(det, {split: all_scores[f'{first}/{det}/{split}'] for split in ['id'] + data['oods']},
                       Path(args.plots) / f'{det}.png')
         finish(args.plots)
         print(f'wrote {len(args.detectors)} plots ({first}) to {args.plots}')
@@ -515,8 +480,7 @@ def write_csv(path, rows):
 def cell(row, metric, runs):
     return f'{row[metric]:.2f}' + (f' ± {row[metric + "_std"]:.2f}' if runs > 1 else '')
 
-def format_tables(results, covers, runs):
-    """Markdown: one OpenOOD table per detector, then the summary (SIO paper's shape)."""
+def format_tables(results, covers, runs):  # markdown: one OpenOOD table per detector, then the summary (SIO paper's)
     covers = {g: c or 'none' for g, c in covers.items()}
     lines = []
     for det, table in results.items():
@@ -527,8 +491,7 @@ def format_tables(results, covers, runs):
     lines += [f'### summary ({runs} run{"s" if runs > 1 else ""}; near = {covers["near"]}; far = {covers["far"]})', '']
     return '\n'.join(lines) + '\n' + table_rows(['detector'], [([det], table, runs) for det, table in results.items()])
 
-def table_rows(heads, rows):
-    """The summary table: heads, then near / far AUROC and FPR@95 and ACC, for each (labels, table, runs)."""
+def table_rows(heads, rows):  # the summary: heads, near / far AUROC and FPR@95, ACC for each (labels, table, runs)
     lines = ['| ' + ' | '.join(heads + ['near AUROC', 'far AUROC', 'near FPR@95', 'far FPR@95', 'ACC']) + ' |',
              '|---' * (len(heads) + 5) + '|']
     for labels, table, runs in rows:
@@ -536,8 +499,7 @@ def table_rows(heads, rows):
         lines.append('| ' + ' | '.join(labels + cells + [cell(next(iter(table.values())), 'ACC', runs)]) + ' |')
     return '\n'.join(lines) + '\n'
 
-def save_plot(det, scores, file):
-    """Score histograms, ID against each OOD set, and their ROC curves, in one PNG."""
+def save_plot(det, scores, file):  # score histograms, ID against each OOD set, and their ROC curves, in one PNG
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -705,9 +667,8 @@ class ImageList(list):
     """Image files named by one of OpenOOD's lists: the cache keys them by the list, not their bytes."""
 
 def resize_crop(image, pre_size, size):
-    """OpenOOD's test transform on one uint8 (H, W, 3) image, as torchvision runs it on a PIL image:
-    Resize(pre_size), bilinear, the shorter side to pre_size and the longer one truncated, then
-    CenterCrop(size) at the rounded offset (Python's round: half to even)."""
+    """OpenOOD's test transform on one uint8 (H, W, 3) image as torchvision runs it on a PIL image: Resize(pre_size),
+    bilinear, the longer side truncated, then CenterCrop(size) at the rounded offset (Python's round: half to even)."""
     from PIL import Image
     h, w = image.shape[:2]
     new_h, new_w = (pre_size, int(pre_size * w / h)) if h <= w else (int(pre_size * h / w), pre_size)
@@ -716,8 +677,7 @@ def resize_crop(image, pre_size, size):
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return np.array(image[top:top + size, left:left + size])  # a copy: writable and contiguous
 
-def resize_all(images, pre_size, size):
-    """uint8 (N, H, W) grey or (N, H, W, 3) -> (N, size, size, 3) through the same transform."""
+def resize_all(images, pre_size, size):  # uint8 (N, H, W) grey or (N, H, W, 3) -> (N, size, size, 3), same transform
     images = np.repeat(images[..., None], 3, axis=-1) if images.ndim == 3 else images
     return images if images.shape[1:3] == (size, size) and pre_size == size else np.stack(
         [resize_crop(image, pre_size, size) for image in images])
@@ -734,8 +694,7 @@ def check_memory(nbytes, what, fix, device_name):  # refused up front: nbytes ov
 def ignore_interrupts(worker_id):  # DataLoader workers: Ctrl-C is the main process's to report
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-def read_batch(items):
-    """[(file, pre_size, size)] -> uint8 (n, 3, size, size), in a DataLoader worker."""
+def read_batch(items):  # [(file, pre_size, size)] -> uint8 (n, 3, size, size), in a DataLoader worker
     images = [resize_crop(read_image(file), pre_size, size) for file, pre_size, size in items]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
@@ -743,8 +702,7 @@ def image_files(path):  # every image file under a folder, recursively, as sorte
     files = Path(path).rglob('*') if Path(path).is_dir() else []
     return sorted(str(f) for f in files if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
 
-def folder_images(flag, path, what='images'):
-    """A folder named on the command line (flag: '--far NAME=PATH', '--aps-ood PATH'): its image files."""
+def folder_images(flag, path, what='images'):  # a folder named by flag ('--far NAME=PATH'): its image files
     files = image_files(path)
     if not files:
         why = 'is a file' if Path(path).is_file() else 'holds no images' if Path(path).is_dir() else 'does not exist'
@@ -752,9 +710,8 @@ def folder_images(flag, path, what='images'):
     return files
 
 def openood_list(root, dataset, name, required=True):
-    """OpenOOD v1.5's benchmark_imglist/<dataset>/<name>.txt -> ((files, labels), None), its image folder
-    checked: a missing list or folder is one line naming the download entry, or (None, why) when not
-    required. Images live in images_classic/ (CIFAR's, Textures everywhere) or images_largescale/."""
+    """OpenOOD v1.5's benchmark_imglist/<dataset>/<name>.txt -> ((files, labels), None), its folder in images_classic/
+    (CIFAR's, Textures) or images_largescale/ checked; missing: one line naming the download, or (None, why)."""
     images = Path(root) / ('images_classic' if dataset.startswith('cifar') or name == 'test_textures' else
                            'images_largescale')
     if not required and not (Path(root) / 'benchmark_imglist' / dataset / f'{name}.txt').is_file():
@@ -768,8 +725,7 @@ def openood_list(root, dataset, name, required=True):
            f'benchmark_imglist/{dataset}/{name}.txt is empty: download the benchmark_imglist entry again')
     return fail(why) if required else (None, why)
 
-def openood_dataset(root, dataset, with_train):
-    """ID train / val / test from OpenOOD v1.5's lists (train only for the detectors fitted on it)."""
+def openood_dataset(root, dataset, with_train):  # ID train (when fitted on) / val / test from OpenOOD v1.5's lists
     num_classes, cifar = BENCHMARKS[dataset]['classes'], dataset.startswith('cifar')
     mean, std = CIFAR_STATS[dataset] if cifar else IMAGENET_STATS
     ds = dict(classes=[str(c) for c in range(num_classes)], image_size=32 if cifar else 224, mean=mean, std=std,
@@ -781,8 +737,7 @@ def openood_dataset(root, dataset, with_train):
                  f'download the benchmark_imglist entry again')
     return ds
 
-def sample_image_patches(index):
-    """Far-OOD for digits: a scikit-learn sample photo, grey, 16x16 grid crops, area-downscaled to 8x8, stretched."""
+def sample_image_patches(index):  # digits' far-OOD: an sklearn photo's grey 16x16 crops, area-downscaled to 8x8
     from sklearn.datasets import load_sample_images
     image = load_sample_images().images[index].astype(np.float64)
     grey = image @ np.array([0.299, 0.587, 0.114])
@@ -802,8 +757,7 @@ def builtin_ood(name, args, dataset):
     listed, why = openood_list(args.openood_root, dataset, f'test_{name}', False) if args.openood_root else (None, '')
     if listed or dataset.startswith('imagenet') or name == 'tin':
         return (listed[0] if listed else None), why or 'not found'
-    import torchvision
-    tv = torchvision.datasets
+    from torchvision import datasets as tv
     if name == 'texture':
         parts = [torchvision_set(tv.DTD, args.data_root, split=s) for s in ('train', 'val', 'test')]
         return (None if None in parts else [str(f) for part in parts for f in part._image_files]), 'not found'
@@ -817,10 +771,8 @@ def builtin_ood(name, args, dataset):
     return (images.transpose(0, 2, 3, 1) if name == 'svhn' else images), ''
 
 def ood_sets(args, dataset, pre_size, size, other_classes=None):
-    """{name: (group, images)}: the benchmark's sets (a missing one is skipped with a warning, an error
-    with --strict), then --near / --far NAME=PATH folders, which must hold images. other_classes: test
-    images of the classes a folder run left out, near-OOD as in the SIO code (ImageNet-10 vs the other
-    990 classes, ImageNet-Dogs vs non-dogs)."""
+    """{name: (group, images)}: the benchmark's sets (missing: a warning, an error with --strict), then --near / --far
+    folders; other_classes (those a folder run left out: ImageNet-10 vs the other 990) are near-OOD, as the SIO code."""
     plan = {name: (group, None) for group in ('near', 'far') for name in BENCHMARKS.get(dataset, {}).get(group, [])}
     if args.no_tin:
         plan.pop('tin', None)
@@ -840,8 +792,7 @@ def ood_sets(args, dataset, pre_size, size, other_classes=None):
         sets[name] = (group, images if isinstance(images, list) else resize_all(images, pre_size, size))
     return sets
 
-def load_data(args, dataset, runs):
-    """The ID splits and OOD sets, {split: (images, labels)} with labels -1 for OOD, and how to read them."""
+def load_data(args, dataset, runs):  # {split: (images, labels)} (OOD labels -1), the OOD groups and how to read them
     folder = dataset.startswith('folder:')
     if args.openood_root and dataset in BENCHMARKS and dataset != 'digits':  # OpenOOD v1.5's lists, exactly
         ds = openood_dataset(args.openood_root, dataset, needs_train(args))
@@ -952,9 +903,8 @@ def run_file(path, what):
 TORCHVISION = {'resnet18': 'ResNet18_Weights', 'resnet50': 'ResNet50_Weights'}  # their IMAGENET1K_V1
 
 def load_runs(spec, args):
-    """A run folder (its best.pt) or checkpoint file of ours, openood:PATH (a best.ckpt, or a folder
-    whose s*/best.ckpt are its seeds) or torchvision:NAME -> [run], a checkpoint dict plus its name,
-    the file its cache key hashes (digest) and the folder that no output may touch."""
+    """A run folder (its best.pt) or checkpoint of ours, openood:PATH (a best.ckpt, or a folder of s*/best.ckpt seeds)
+    or torchvision:NAME -> [run]: a checkpoint dict, its name, digest (the cache key) and folder (no output in it)."""
     if spec.startswith('openood:'):
         return openood_runs(Path(spec[len('openood:'):]), args.dataset)
     if spec.startswith('torchvision:'):
@@ -962,16 +912,14 @@ def load_runs(spec, args):
     path = Path(spec)
     file = run_file(path, 'run')
     if not file.is_file():
-        fail(f'{path} is neither a run directory with best.pt nor a checkpoint file: pass one (or openood:PATH, '
-             f'torchvision:NAME)')
-    ckpt = read_checkpoint(file, 'run', 'pass a best.pt written by train_sio.py or train_oal.py (openood:PATH for '
-                                        "OpenOOD's)")
+        fail(f'{path} is neither a run directory with best.pt nor a checkpoint file: pass one, openood:PATH or '
+             f'torchvision:NAME')
+    ckpt = read_checkpoint(file, 'run', "pass a best.pt of train_sio.py or train_oal.py (openood:PATH for OpenOOD's)")
     return [dict(ckpt, name=path.name if path.is_dir() else path.stem, digest=file_digest(file), folder=file.parent,
                  source=str(path.resolve()))]
 
 def foreign_run(state, file, name, dataset):
-    """An OpenOOD or torchvision ResNet state_dict as one of our runs: the architecture recognised from
-    its keys and shapes, classes from its head; size from the arch, normalisation from the dataset."""
+    """An OpenOOD or torchvision ResNet state_dict as our run: arch from its keys and shapes, classes from its head."""
     head = state.get('fc.weight') if isinstance(state, dict) else None
     mapped = {(k if k.startswith('fc.') else 'body.' + k.replace('.shortcut.', '.downsample.')): v
               for k, v in (state.items() if head is not None else [])}
@@ -985,16 +933,13 @@ def foreign_run(state, file, name, dataset):
                 mean=None, std=None, name=name, digest=file_digest(file))
 
 def openood_runs(path, dataset):
-    """OpenOOD v1.5's checkpoints (bare state_dicts, as its recorder saves them): a best.ckpt, or every
-    s<seed>/best.ckpt of a folder, each a run named <folder>_s<seed>."""
+    """OpenOOD v1.5's bare state_dicts: a best.ckpt, or each s<seed>/best.ckpt of a folder as run <folder>_s<seed>."""
     if not dataset:
-        fail(f'openood:{path} needs --dataset (cifar10, cifar100, imagenet200 or imagenet): OpenOOD checkpoints do '
-             f'not name their data')
+        fail(f'openood:{path} needs --dataset (cifar10, cifar100, imagenet200, imagenet): its checkpoints name no data')
     seeds = sorted(path.glob('s*/best.ckpt'), key=lambda f: (len(f.parent.name), f.parent.name))
     files = [path] if path.is_file() else [f for f in seeds if re.fullmatch(r's\d+', f.parent.name)]
     if not files:
-        fail(f'openood:{path} is no best.ckpt and holds no s<seed>/best.ckpt: pass a best.ckpt or the folder of '
-             f'its seeds')
+        fail(f'openood:{path} is no best.ckpt and holds no s<seed>/best.ckpt: pass a best.ckpt or its seeds\' folder')
     runs = []
     for file in files:
         try:
@@ -1008,8 +953,7 @@ def openood_runs(path, dataset):
     return runs
 
 def torchvision_run(name, dataset):
-    """torchvision's IMAGENET1K_V1 weights, through torchvision's own loading (its hub cache, else the
-    download), as OpenOOD's ImageNet-1K leaderboard rows use them."""
+    """torchvision's IMAGENET1K_V1 weights via its loading (hub cache, else download), as OpenOOD's ImageNet rows."""
     if name not in TORCHVISION:
         fail(f'torchvision:{name} is not offered: pass torchvision:resnet50 or torchvision:resnet18 (IMAGENET1K_V1)')
     import torchvision
@@ -1028,8 +972,7 @@ def build_model(ckpt, device):
     model.load_state_dict(ckpt['model'])
     return model.to(device).to(memory_format=torch.channels_last).eval()
 
-def file_digest(path):
-    """sha256 of a file's bytes (first 16 hex digits)."""
+def file_digest(path):  # sha256 of a file's bytes (first 16 hex digits)
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
@@ -1040,8 +983,7 @@ def file_digest(path):
 # ------------------------------------------------------------------------------------------------
 # Arguments
 
-def detector_list(text):
-    """--detectors: all, or a comma list of DETECTORS."""
+def detector_list(text):  # --detectors: all, or a comma list of DETECTORS
     names = DETECTORS if text == 'all' else [d.strip() for d in text.split(',') if d.strip()]
     unknown = [d for d in names if d not in DETECTORS]
     if unknown or not names:
@@ -1049,8 +991,7 @@ def detector_list(text):
                                          f"{', '.join(DETECTORS)} or 'all'")
     return names
 
-def ood_folder(text):
-    """--near / --far NAME=PATH, NAME not one of the split or row names."""
+def ood_folder(text):  # --near / --far NAME=PATH, NAME not one of the split or row names
     name, _, path = text.partition('=')
     if not name or not path:
         raise argparse.ArgumentTypeError(f'takes NAME=PATH (e.g. tin=data/tin), got {text!r}')
@@ -1061,8 +1002,7 @@ def ood_folder(text):
                                          f'pick another NAME')
     return name, path
 
-def parse_settings(specs):
-    """Positional RUN arguments, or NAME=RUN,RUN,... groups (one group per setting) -> {setting: [runs]}."""
+def parse_settings(specs):  # positional RUNs, or NAME=RUN,RUN,... groups (one per setting) -> {setting: [runs]}
     if not any('=' in spec for spec in specs):
         return {'': list(specs)}
     if not all('=' in spec for spec in specs):
@@ -1079,10 +1019,8 @@ def parse_settings(specs):
 def get_args(argv=None):
     percent = number(float, 'in (0, 100)', lambda v: 0 < v < 100)
     p = Parser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('runs', nargs='+', help='run folders or .pt files, openood:PATH, torchvision:NAME (several: seeds); '
-                   'NAME=RUN,RUN,... per setting to compare settings')
-    p.add_argument('--dataset', help="the ID set (default: the runs'): digits cifar10 cifar100 imagenet200 imagenet "
-                   'folder:PATH')
+    p.add_argument('runs', nargs='+', help='folders, .pt, openood:PATH, torchvision:NAME; or NAME=RUN,... per setting')
+    p.add_argument('--dataset', help="ID set (default: the runs'): digits, cifar10/100, imagenet/200, folder:PATH")
     p.add_argument('--data-root', default='./data', help='where torchvision datasets live or are downloaded to')
     p.add_argument('--openood-root', help="OpenOOD v1.5's data folder (benchmark_imglist/, images_*/): its lists")
     for group, example in (('near', 'tin'), ('far', 'dtd')):
@@ -1125,8 +1063,7 @@ def get_args(argv=None):
     if args.dataset and args.dataset not in BENCHMARKS and not args.dataset.startswith('folder:'):
         fail(f'unknown --dataset {args.dataset!r}: use {", ".join(BENCHMARKS)} or folder:PATH')
     if args.dataset in ('imagenet200', 'imagenet') and not args.openood_root:
-        fail(f"--dataset {args.dataset} is read from OpenOOD v1.5's lists: pass --openood-root DIR (its "
-             f"benchmark_imglist/, images_largescale/ and images_classic/)")
+        fail(f"--dataset {args.dataset} needs OpenOOD v1.5's lists: pass --openood-root DIR (with benchmark_imglist/)")
     folders = [(flag, Path(path).resolve()) for flag, path in (('--out', args.out), ('--plots', args.plots),
                                                               ('--cache', args.cache)) if path]
     for i, (flag, path) in enumerate(folders):
