@@ -496,7 +496,7 @@ def read_images(paths, size):  # -> uint8 (N, size, size, 3), resized by PIL onl
 
 def image_folder(path, train_classes=None):  # ImageFolder layout: sorted class folders, sorted [(file, class folder)]
     if not Path(path).is_dir():
-        fail(f'{path} is missing or no folder: a folder dataset needs PATH/train/<class>/* and PATH/val/<class>/*')
+        fail(f'{path} does not exist or is no folder: a folder dataset needs PATH/train/<class>/*, PATH/val/<class>/*')
     found = sorted(d.name for d in Path(path).iterdir() if d.is_dir())
     if train_classes is not None and (extra := sorted(set(found) - set(train_classes))):
         fail(f'{path} has class folder {extra[0]}, which train/ lacks: add it there or remove it')
