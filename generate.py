@@ -876,42 +876,37 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
 
 # Class names in prompts, and the files generate.py writes.
 
-def prompt_name(class_name):
-    """Class names as words in a prompt: torchvision's 'aquarium_fish' -> 'aquarium fish'."""
+def prompt_name(class_name):  # torchvision's 'aquarium_fish' -> 'aquarium fish'
     return class_name.replace('_', ' ')
 
 def class_prompt_names(classes, dataset, names_file=None):
-    """The words for each class in a prompt: --class-names FILE (lines 'wnid name, other name', whose first name
-    is used, or one name per line in class order), else a mapping file in the folder dataset's root, else the
-    class names. Folders named by WordNet ids need a mapping: 'a photo of a n02085620' means nothing."""
-    root = Path(dataset[len('folder:'):]) if dataset.startswith('folder:') else None
-    if names_file is None and root is not None:
-        names_file = next((root / f for f in MAPPING_FILES if (root / f).exists()), None)
+    """Each class's words in a prompt: --class-names FILE ('wnid name, other name' lines, whose first name is used, or
+    one name a line in class order), else a mapping file in a folder dataset's root, else the class names."""
+    if names_file is None and dataset.startswith('folder:'):
+        names_file = next((f for f in (Path(dataset[len('folder:'):]) / m for m in MAPPING_FILES) if f.exists()), None)
     wordnet = lambda word: re.fullmatch(r'n\d{8}', word)
     if names_file is None:
-        if any(wordnet(c) for c in classes):
-            fail(f"class folders such as {next(c for c in classes if wordnet(c))} are WordNet ids: pass --class-names "
-                 f"FILE (ImageNet's LOC_synset_mapping.txt, lines \"n01440764 tench, Tinca tinca\", or one name per "
-                 f"line in class order)")
+        wnid = next((c for c in classes if wordnet(c)), None)
+        if wnid:  # 'a photo of a n02085620' means nothing
+            fail(f'class folders such as {wnid} are WordNet ids: pass --class-names FILE with lines "n01440764 tench, '
+                 f'Tinca tinca" (ImageNet\'s LOC_synset_mapping.txt) or one name per line in class order')
         return [prompt_name(c) for c in classes]
     path = Path(names_file)
     if not path.is_file():
-        fail(f'--class-names {path} {"is a folder" if path.is_dir() else "does not exist"}: pass a text file with '
-             f'one class name per line')
+        fail(f'--class-names {path} {"is a folder" if path.is_dir() else "does not exist"}: pass a text file of names')
     try:
         lines = [line.strip() for line in path.read_text(encoding='utf-8-sig').splitlines() if line.strip()]  # no BOM
     except (OSError, UnicodeDecodeError) as e:
         fail(f'--class-names {path} cannot be read ({type(e).__name__}): pass a text file with one class name per line')
-    if lines and all(wordnet(line.split()[0]) and len(line.split(None, 1)) == 2 for line in lines):
-        mapping = {line.split(None, 1)[0]: line.split(None, 1)[1].split(',')[0].strip() for line in lines}
+    pairs = [line.split(None, 1) for line in lines]
+    if pairs and all(len(pair) == 2 and wordnet(pair[0]) for pair in pairs):
+        mapping = {wnid: names.split(',')[0].strip() for wnid, names in pairs}
         missing = [c for c in classes if c not in mapping]
         if missing:
-            fail(f'{names_file} names no class {missing[0]} ({len(missing)} of {len(classes)} missing): pass the '
-                 f'mapping for these folders')
+            fail(f'{names_file} lacks class {missing[0]} ({len(missing)} of {len(classes)} missing): add their lines')
         return [mapping[c] for c in classes]
     if len(lines) != len(classes):
-        fail(f'{names_file} has {len(lines)} names for {len(classes)} classes: give one name per line in class order '
-             f'(sorted folder names), or "wnid name" lines')
+        fail(f'{names_file} has {len(lines)} names for {len(classes)} classes: give one a line, in folder order')
     return [prompt_name(line) for line in lines]
 
 def check_memory(nbytes, what, fix, device_name):  # refused up front: nbytes over the free memory (the GPU's on CUDA)
@@ -923,15 +918,13 @@ def check_memory(nbytes, what, fix, device_name):  # refused up front: nbytes ov
     if nbytes > free:
         fail(f'{what} needs {nbytes / 2 ** 30:.1f} GiB and {device_name} has {free / 2 ** 30:.1f} GiB free: {fix}')
 
-def resize_uint8(images, size):
-    """float images in [0, 1], (N, H, W, 3) as pipelines return them -> uint8 (N, size, size, 3), antialiased."""
+def resize_uint8(images, size):  # pipelines' floats in [0, 1], (N, H, W, 3) -> uint8 (N, size, size, 3), antialiased
     x = torch.as_tensor(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 255
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
     return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
-def readable_image(path):
-    """A finished image: there and decodable (a file cut short or damaged outside this script is made again)."""
+def readable_image(path):  # a finished image: there and decodable (one cut short or damaged is made again)
     from PIL import Image
     try:
         with Image.open(path) as image:
@@ -953,13 +946,11 @@ def save_npy(array, path):
 def write_json(obj, path):
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
 
-def inputs(args):
-    """(flag, path) of every input: an output folder must not be, hold or lie in one."""
+def inputs(args):  # (flag, path) of every input: an output folder must not be, hold or lie in one
     return [('--pipeline folder', args.pipeline), ('--teacher run', getattr(args, 'teacher', None)),
             ('--class-names file', args.class_names), ('--dataset folder', args.dataset.partition('folder:')[2])]
 
-def pipeline_stamp(name):
-    """What output depends on of a pipeline: a hub id, or a folder's path and its files' sizes and times."""
+def pipeline_stamp(name):  # what output depends on of a pipeline: a hub id, or a folder's path, file sizes and times
     if not Path(name).is_dir():
         return name
     files = sorted(f for f in Path(name).rglob('*') if f.is_file() and f.name not in ('.lock', MANIFEST))
@@ -1044,10 +1035,8 @@ def run_file(path, what):
     return path / 'best.pt'
 
 def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
-    """A diffusers text-to-image pipeline from a folder or a hub id; a folder whose manifest says its
-    generate.py fit did not end is refused. PNDM with skip_prk_steps is the papers' PLMS."""
+    """A diffusers text-to-image pipeline, from a folder (refused if its generate.py fit did not end) or a hub id."""
     import diffusers
-    from diffusers import DDIMScheduler, DiffusionPipeline, PNDMScheduler
     path, redo = Path(name), f'run the generate.py fit that made {name} again, or pass another --pipeline'
     if path.is_file() or not path.is_dir() and name.startswith(('.', '/', '~')):
         fail(f'--pipeline {name} ' + (f'is a file: pass the folder that holds model_index.json ({path.parent})'
@@ -1055,8 +1044,7 @@ def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
              f'{name}, or pass a hub id'))
     made = read_json(path / MANIFEST, redo) if (path / MANIFEST).is_file() else {}
     if made and made.get('script') != 'generate.py fit':
-        fail(f'--pipeline {name} holds a {made.get("script")} folder, not a pipeline: pass a folder made by '
-             f'generate.py fit, or a hub id')
+        fail(f'--pipeline {name} holds a {made.get("script")} folder, not a pipeline: pass a fit folder or a hub id')
     if made.get('complete', True) is not True:
         fail(f'--pipeline {name} is unfinished (its generate.py fit did not end): {redo}')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name]
@@ -1067,19 +1055,18 @@ def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
         offline_if_unreachable()
         diffusers.utils.logging.set_verbosity_error()  # offline, the cache lookup would print lines before ours
     try:
-        pipe = DiffusionPipeline.from_pretrained(name, **options)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(name, **options)
     except Exception as e:
         where = 'a local pipeline folder' if path.is_dir() else f'hub id {name!r} (offline, or no diffusers pipeline)'
         fail(f'cannot load {where}: {type(e).__name__}; pass a local folder with --pipeline DIR, or make one with: '
              f'python generate.py fit --dataset DATASET --out DIR')
     for part in ('tokenizer', 'text_encoder', 'unet', 'vae', 'scheduler'):
         if getattr(pipe, part, None) is None:
-            fail(f'--pipeline {name} is not a text-to-image latent diffusion pipeline (no {part}): pass a '
-                 f'Stable-Diffusion-layout pipeline')
-    if scheduler == 'pndm':  # PLMS, as in the papers' Stable Diffusion scripts
-        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+            fail(f'--pipeline {name} has no {part}: pass a Stable-Diffusion-layout text-to-image pipeline')
+    if scheduler == 'pndm':  # with skip_prk_steps: PLMS, as in the papers' Stable Diffusion scripts
+        pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     elif scheduler == 'ddim':
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -1246,11 +1233,10 @@ def teacher_accuracy(forward, info, images, labels, device, min_acc, dataset, ba
 def teacher_features(forward, images, labels, num_classes, per_class, pad, flip, size, device, seed):
     """(C, n, d) teacher features of up to per_class training images per class, with training augmentation."""
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else nullcontext()
-    g = np.random.RandomState(seed)
+    rng = np.random.RandomState(seed)
     feats = []
     for c in range(num_classes):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[g.permutation(len(idx))[:per_class]]
+        idx = rng.permutation(np.flatnonzero(labels == c))[:per_class]
         out = []
         for i in range(0, len(idx), 256):
             x = augment(torch.from_numpy(images[idx[i:i + 256]]).permute(0, 3, 1, 2).to(device), pad, flip, size)
@@ -1291,16 +1277,15 @@ def template(flag, text, allowed):  # a template's {fields}, each one of allowed
     return [name for name, _, _ in fields if name is not None]
 
 def add_fit_flags(f):
+    eights = lambda v: v >= 8 and v % 8 == 0  # GroupNorm with 8 groups
     f.add_argument('--steps', type=POSITIVE, default=1000, help='UNet + text-encoder training steps')
     f.add_argument('--vae-steps', type=POSITIVE, default=200)
     f.add_argument('--batch-size', type=POSITIVE, default=192)
     f.add_argument('--lr', type=RATE, default=3e-3)
     f.add_argument('--unet-channels', type=number(str, 'a comma list of multiples of 8 (GroupNorm with 8 groups), '
-                   'e.g. 16,32', lambda v: all(c.strip().isdigit() and int(c) >= 8 and int(c) % 8 == 0
-                                               for c in v.split(','))),
+                   'e.g. 16,32', lambda v: all(c.strip().isdigit() and eights(int(c)) for c in v.split(','))),
                    help='UNet level widths (default 16,16 for digits: 94-99.7%% agreement over 5 seeds; else 16,32)')
-    f.add_argument('--vae-channels', type=number(int, 'a multiple of 8 (GroupNorm with 8 groups)',
-                                                 lambda v: v >= 8 and v % 8 == 0), default=16)
+    f.add_argument('--vae-channels', type=number(int, 'a multiple of 8 (GroupNorm with 8 groups)', eights), default=16)
     f.add_argument('--text-dim', type=number(int, 'an even integer >= 2 (two attention heads)',
                                              lambda v: v >= 2 and v % 2 == 0), default=32)
     f.add_argument('--prompt-dropout', type=number(float, 'in [0, 1)', lambda v: 0 <= v < 1), default=0.1,
@@ -1348,17 +1333,17 @@ def get_args(argv=None):
     common.add_argument('--dtype', default='bf16', choices=['bf16', 'fp16', 'fp32'], help='on CUDA (CPU: fp32)')
     common.add_argument('--overwrite', action='store_true', help='start afresh over output of other settings')
     add_fit_flags(sub.add_parser('fit', parents=[common], help='train a small SD-layout pipeline on the ID set'))
-    for name, text in (('sio', 'synthetic ID images for SIO'), ('oal', 'latent-space outliers for OAL')):
+    denoising = number(int, 'an integer in [1, 1000] (denoising steps)', lambda v: 1 <= v <= 1000)
+    guidance = number(float, 'a number >= 0 (classifier-free guidance; 1 = none)', lambda v: 0 <= v < math.inf)
+    for name, text, steps, scale, scheduler in (('sio', 'synthetic ID images for SIO', 25, 4.0, 'pipeline'),
+                                                ('oal', 'latent-space outliers for OAL', 50, 7.5, 'pndm')):
         s = sub.add_parser(name, parents=[common], help=text)
-        s.add_argument('--pipeline', help=f'diffusers pipeline folder or hub id (default pipelines/<dataset>, else '
-                                          f'{SD_HUB_ID})')
-        steps = number(int, 'an integer in [1, 1000] (denoising steps)', lambda v: 1 <= v <= 1000)
-        s.add_argument('--steps', type=steps, help='denoising steps (default 50 for oal, 25 for sio)')
-        s.add_argument('--guidance', type=number(float, 'a number >= 0 (classifier-free guidance; 1 = none)',
-                                                 lambda v: 0 <= v < math.inf), help='default 7.5 for oal, 4 for sio')
+        s.add_argument('--pipeline', help=f'pipeline folder or hub id (default pipelines/<dataset>, else {SD_HUB_ID})')
+        s.add_argument('--steps', type=denoising, default=steps, help='denoising steps (default %(default)s)')
+        s.add_argument('--guidance', type=guidance, default=scale, help='default %(default)s')
         s.add_argument('--batch-size', type=POSITIVE, default=16, help='images per pipeline call (fixed index ranges)')
-        s.add_argument('--scheduler', choices=['pipeline', 'pndm', 'ddim'], help="default: pndm (PLMS) for oal, the "
-                                                                                 "pipeline's own for sio")
+        s.add_argument('--scheduler', choices=['pipeline', 'pndm', 'ddim'], default=scheduler,
+                       help="default %(default)s; pndm is PLMS, pipeline the pipeline's own")
         s.add_argument('--max-batches', type=POSITIVE, help='leave after this many batches (run again to continue)')
         s.add_argument('--class-names', help="a class's words in prompts: 'wnid name, other' lines or one name a line")
     s = sub.choices['sio']
@@ -1379,19 +1364,14 @@ def get_args(argv=None):
         return args
     args.seed = args.seed if args.seed is not None else 42 if args.command == 'oal' else 0
     if args.classes and not args.dataset.startswith('folder:'):
-        fail(f'--classes picks class folders of a folder:PATH dataset; --dataset {args.dataset} has fixed classes: '
-             f'drop --classes')
+        fail(f'--classes is for folder:PATH datasets; --dataset {args.dataset} has fixed classes: drop --classes')
     if args.command == 'fit':
         args.unet_channels = args.unet_channels or ('16,16' if args.dataset == 'digits' else '16,32')
         return args
     local = Path('pipelines') / args.dataset.replace(':', '_').replace('/', '_')
     args.pipeline = args.pipeline or (str(local) if local.is_dir() else SD_HUB_ID)
-    args.steps = args.steps or (50 if args.command == 'oal' else 25)
-    args.guidance = args.guidance if args.guidance is not None else 7.5 if args.command == 'oal' else 4.0
-    args.scheduler = args.scheduler or ('pndm' if args.command == 'oal' else 'pipeline')
     if len(template('--prompt', args.prompt, [''])) != 1:
-        fail(f'--prompt {args.prompt!r} must hold {{}} once, where the class name goes (a literal brace is {{{{ or '
-             f'}}}})')
+        fail(f'--prompt {args.prompt!r} must hold {{}} once, where the class name goes (literal braces: {{{{ or }}}})')
     if args.command == 'oal':
         if args.keep > args.knn_draws:
             fail(f'--keep must be an integer in [1, --knn-draws ({args.knn_draws})], got {args.keep}')
