@@ -359,17 +359,17 @@ def read_image(path):
     from PIL import Image
     try:
         with Image.open(path) as image:
-            mode = image.mode  # 'F' (floating-point) is refused below, undecoded
-            pixels = None if mode == 'F' else np.asarray(image if mode.startswith('I') else image.convert('RGB'))
+            mode, grey = image.mode, image.mode.startswith('I')  # 'F' (floating-point) is refused below, undecoded
+            pixels = None if mode == 'F' else np.asarray(image if grey else image.convert('RGB'))
     except Image.DecompressionBombError as e:
         raise BadImage(f'{path} is too large to decode safely ({e}): shrink it or remove it')
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for damaged and unknown files
         raise BadImage(f'cannot read image {path} ({type(e).__name__}): replace or remove that file')
     if mode == 'F':
         raise BadImage(f'{path} holds floating-point pixels: save it as an 8-bit image')
-    if mode.startswith('I') and (pixels.min() < 0 or pixels.max() > 65535):
+    if grey and (pixels.min() < 0 or pixels.max() > 65535):
         raise BadImage(f'{path} holds 32-bit values outside 0..65535: save it as an 8-bit image')
-    return np.repeat((pixels >> 8).astype(np.uint8)[..., None], 3, axis=-1) if mode.startswith('I') else pixels
+    return np.repeat((pixels >> 8).astype(np.uint8)[..., None], 3, axis=-1) if grey else pixels
 
 def read_images(paths, size):  # -> uint8 (N, size, size, 3), resized by PIL only where the size differs
     from PIL import Image
@@ -1124,14 +1124,14 @@ def main(argv=None):
         hint = 'pass --resume to continue it, --overwrite to start afresh, or another --out'
 
         def claim_runs():  # every seed's folder checked, then each taken, before the first step: none refused half-way
-            manifests = {}
-            for dry, (seed, out) in [(dry, item) for dry in (True, False) for item in outs.items()]:
-                init = args.init.format(seed=seed)
-                manifests[seed] = claim(out, '--out', 'train_oal.py', dict(run, **{'--seed': seed, '--init': init}),
-                                        args.overwrite, args.resume, 'a run', hint,
-                                        inputs + [('--init run', init if init != 'none' else None)], dry)
-            return {seed: 'last.pt' in set(m['files']) - set(m['stale']) and (outs[seed] / 'last.pt').exists()
-                    for seed, m in manifests.items()}
+            inits = {seed: args.init.format(seed=seed) for seed in outs}
+            for dry in (True, False):
+                taken = {seed: claim(out, '--out', 'train_oal.py', dict(run, **{'--seed': seed, '--init': inits[seed]}),
+                                     args.overwrite, args.resume, 'a run', hint,
+                                     inputs + [('--init run', inits[seed] if inits[seed] != 'none' else None)], dry)
+                         for seed, out in outs.items()}
+            return {seed: 'last.pt' in set(manifest['files']) - set(manifest['stale'])
+                    and (outs[seed] / 'last.pt').exists() for seed, manifest in taken.items()}
         resumable = on_rank0(rank, world, claim_runs)
         if args.compile:  # the teacher's network too: it runs once per step, as many images as the student
             data['info']['module'].forward = torch.compile(data['info']['module'].forward)

@@ -474,17 +474,17 @@ def read_image(path):
     from PIL import Image
     try:
         with Image.open(path) as image:
-            mode = image.mode  # 'F' (floating-point) is refused below, undecoded
-            pixels = None if mode == 'F' else np.asarray(image if mode.startswith('I') else image.convert('RGB'))
+            mode, grey = image.mode, image.mode.startswith('I')  # 'F' (floating-point) is refused below, undecoded
+            pixels = None if mode == 'F' else np.asarray(image if grey else image.convert('RGB'))
     except Image.DecompressionBombError as e:
         raise BadImage(f'{path} is too large to decode safely ({e}): shrink it or remove it')
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for damaged and unknown files
         raise BadImage(f'cannot read image {path} ({type(e).__name__}): replace or remove that file')
     if mode == 'F':
         raise BadImage(f'{path} holds floating-point pixels: save it as an 8-bit image')
-    if mode.startswith('I') and (pixels.min() < 0 or pixels.max() > 65535):
+    if grey and (pixels.min() < 0 or pixels.max() > 65535):
         raise BadImage(f'{path} holds 32-bit values outside 0..65535: save it as an 8-bit image')
-    return np.repeat((pixels >> 8).astype(np.uint8)[..., None], 3, axis=-1) if mode.startswith('I') else pixels
+    return np.repeat((pixels >> 8).astype(np.uint8)[..., None], 3, axis=-1) if grey else pixels
 
 def read_images(paths, size):  # -> uint8 (N, size, size, 3), resized by PIL only where the size differs
     from PIL import Image
