@@ -46,6 +46,7 @@ BENCHMARKS = {'digits': dict(near=['digits6-9'], far=['china', 'flower']),
               'cifar10': dict(near=['cifar100', 'tin'], far=CIFAR_FAR, classes=10, val_ood='tin'),
               'cifar100': dict(near=['cifar10', 'tin'], far=CIFAR_FAR, classes=100, val_ood='tin'),
               'imagenet200': dict(IMAGENET_OOD, classes=200), 'imagenet': dict(IMAGENET_OOD, classes=1000)}
+IMAGENETS = ('imagenet200', 'imagenet')
 RESERVED = ('id', 'train', 'val', 'aps_ood', 'near', 'far', 'other-classes')  # names of splits and rows
 
 
@@ -238,13 +239,15 @@ def prepare(args, device, rank):  # every input (runs, ID and OOD sets, memory) 
     if len(set(names)) != len(names):
         fail(f'two runs share the name {max(names, key=names.count)!r} (their folder or file stem): rename one')
     dataset = args.dataset or runs[0]['dataset']
-    for run in runs:
-        if args.dataset is None and run['dataset'] != dataset:
-            fail(f"runs mix datasets ({run['dataset']} in {run['name']}, {dataset} in {names[0]}): evaluate one "
-                 f"dataset at a time")
-        if dataset.startswith('folder:') and run.get('classes') != runs[0].get('classes'):
-            fail(f"runs were trained on different classes ({run['name']} vs {names[0]}): evaluate one class set at "
-                 f"a time")
+    for run in runs:  # a folder run may be scored on its folder moved (--dataset folder:NEW) or OpenOOD's ImageNet lists
+        moved = run['dataset'].startswith('folder:') and (dataset.startswith('folder:') or dataset in IMAGENETS)
+        if run['dataset'] != dataset and not (args.dataset and moved):
+            fail(f"{run['name']} was trained on {run['dataset']}, not {dataset}: "
+                 + (f"pass --dataset {run['dataset']}" if args.dataset else 'evaluate one dataset at a time'))
+        if dataset.startswith('folder:') and (run.get('classes'), run['image_size']) != (runs[0].get('classes'),
+                                                                                        runs[0]['image_size']):
+            fail(f"runs were trained on different classes or image sizes ({run['name']} vs {names[0]}): evaluate "
+                 f"each in a command of its own")
         if not all(torch.isfinite(v).all() for v in run['model'].values() if v.is_floating_point()):
             fail(f"{run['name']} holds NaN or infinite weights (a diverged run?): pass a checkpoint with finite ones")
     data = load_data(args, dataset, runs)
@@ -256,6 +259,9 @@ def prepare(args, device, rank):  # every input (runs, ID and OOD sets, memory) 
         d = run['model']['fc.weight'].shape[1]
         if 'vim' in args.detectors and args.vim_dim is not None and not 1 <= args.vim_dim < d:
             fail(f"--vim-dim {args.vim_dim} must be between 1 and {d - 1} (the feature size of {run['name']} is {d})")
+        if 'ash' in args.detectors and round(d * args.ash_percentile / 100) == d:
+            fail(f"--ash-percentile {args.ash_percentile} keeps none of the {d} features of {run['name']}: pass a "
+                 f"smaller one")
     rows = {split: len(labels) for split, (_, labels) in data['splits'].items()}
     k = max(args.knn_k, 50 if args.aps else 0)  # every --aps grid starts at K 50
     if 'knn' in args.detectors and k > rows['train']:
@@ -435,6 +441,8 @@ def score_run(run, outputs, odin, odin_pick, data, args, device):
             if not np.isfinite(scores[det][split]).all():
                 fail(f"{run['name']}: detector {det} gives non-finite scores on {split} (degenerate statistics?): "
                      f"leave {det} out of --detectors")
+    for det in [d for d in args.detectors if np.ptp(np.concatenate(list(scores[d].values()))) == 0]:
+        say(f"warning: {run['name']}: {det} gives every image the same score (AUROC 50): its settings rank nothing")
     return scores, acc, picks
 
 def report(args, settings, data, tables, all_scores, aps_picks, timing):
@@ -646,6 +654,8 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
     classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
     if unknown := sorted(set(classes) - set(all_classes)):
         fail(f'{root} has no class folder {unknown[0]}: fix the class list, or pass the dataset it comes from')
+    if len(classes) < 2:
+        fail(f'{root / "train"} has {len(classes)} class folder(s), a classifier needs 2 or more: add class folders')
 
     def select(files, names):  # the images of these classes, labelled by their position in names
         position = {c: i for i, c in enumerate(names)}
@@ -984,7 +994,7 @@ def file_digest(path):  # sha256 of a file's bytes (first 16 hex digits)
 # Arguments
 
 def detector_list(text):  # --detectors: all, or a comma list of DETECTORS
-    names = DETECTORS if text == 'all' else [d.strip() for d in text.split(',') if d.strip()]
+    names = DETECTORS if text == 'all' else list(dict.fromkeys(d.strip() for d in text.split(',') if d.strip()))
     unknown = [d for d in names if d not in DETECTORS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown detector(s) {', '.join(unknown) or text!r}: choose from "
@@ -1010,8 +1020,9 @@ def parse_settings(specs):  # positional RUNs, or NAME=RUN,RUN,... groups (one p
     settings = {}
     for spec in specs:
         name, runs = spec.split('=', 1)
-        if not name or name in settings or not runs.strip(','):
-            why = 'has no NAME' if not name else 'names no run' if not runs.strip(',') else 'is given twice'
+        if not name or name in settings or not runs.strip(',') or name == '_meta' or '/' in name:
+            why = ('has no NAME' if not name else 'names no run' if not runs.strip(',') else 'is given twice'
+                   if name in settings else "has a NAME that is reserved or holds '/' (a path with '=' in it?)")
             fail(f'setting {spec!r} {why}: give each setting as NAME=RUN[,RUN...] with a NAME of its own')
         settings[name] = [r for r in runs.split(',') if r]
     return settings
@@ -1062,7 +1073,7 @@ def get_args(argv=None):
         fail(f'--near/--far name {max(names, key=names.count)} twice: give each OOD set a NAME of its own')
     if args.dataset and args.dataset not in BENCHMARKS and not args.dataset.startswith('folder:'):
         fail(f'unknown --dataset {args.dataset!r}: use {", ".join(BENCHMARKS)} or folder:PATH')
-    if args.dataset in ('imagenet200', 'imagenet') and not args.openood_root:
+    if args.dataset in IMAGENETS and not args.openood_root:
         fail(f"--dataset {args.dataset} needs OpenOOD v1.5's lists: pass --openood-root DIR (with benchmark_imglist/)")
     folders = [(flag, Path(path).resolve()) for flag, path in (('--out', args.out), ('--plots', args.plots),
                                                               ('--cache', args.cache)) if path]

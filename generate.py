@@ -447,7 +447,7 @@ def sio(args):
     ds = load_dataset(args.dataset, args.data_root, classes=args.classes)
     classes, size, out, B, per_class = ds['classes'], ds['image_size'], Path(args.out), args.batch_size, args.per_class
     names = class_prompt_names(classes, args.dataset, args.class_names)
-    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
+    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler, args.dataset)
     total, npy = len(classes) * per_class, args.npy if args.npy is not None else not args.dataset.startswith('folder:')
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = dict(dataset=args.dataset, pipeline=pipeline_stamp(args.pipeline), prompt_template=args.prompt,
@@ -579,7 +579,7 @@ def prepare_oal(args, device, rank):
                     guidance=args.guidance, prompt=args.prompt, seed=args.seed, inject=args.inject,
                     samples_per_iteration=args.samples_per_iteration, iterations=args.iterations,
                     batch_size=args.batch_size, dtype=args.dtype if device.type == 'cuda' else 'fp32', knn=knn)
-    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
+    pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler, args.dataset)
     return dict(ds=ds, classes=classes, names=names, forward=forward, teacher=teacher, pipe=pipe, anchor=anchor,
                 repeats=repeats, knn_settings=knn, settings=settings)
 
@@ -861,6 +861,8 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
     classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
     if unknown := sorted(set(classes) - set(all_classes)):
         fail(f'{root} has no class folder {unknown[0]}: fix the class list, or pass the dataset it comes from')
+    if len(classes) < 2:
+        fail(f'{root / "train"} has {len(classes)} class folder(s), a classifier needs 2 or more: add class folders')
 
     def select(files, names):  # the images of these classes, labelled by their position in names
         position = {c: i for i, c in enumerate(names)}
@@ -904,10 +906,14 @@ def class_prompt_names(classes, dataset, names_file=None):
         missing = [c for c in classes if c not in mapping]
         if missing:
             fail(f'{names_file} lacks class {missing[0]} ({len(missing)} of {len(classes)} missing): add their lines')
-        return [mapping[c] for c in classes]
-    if len(lines) != len(classes):
+        names = [mapping[c] for c in classes]
+    elif len(lines) != len(classes):
         fail(f'{names_file} has {len(lines)} names for {len(classes)} classes: give one a line, in folder order')
-    return [prompt_name(line) for line in lines]
+    else:
+        names = [prompt_name(line).strip() for line in lines]
+    if '' in names:
+        fail(f'{names_file} gives class {classes[names.index("")]} an empty name: write its name there')
+    return names
 
 def check_memory(nbytes, what, fix, device_name):  # refused up front: nbytes over the free memory (the GPU's on CUDA)
     if torch.device(device_name).type == 'cuda':
@@ -1034,7 +1040,7 @@ def run_file(path, what):
         fail(f'{what} {path} is unfinished (its trainer is still writing it, or was stopped): let it finish, or {fix}')
     return path / 'best.pt'
 
-def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
+def load_pipeline(name, device, dtype_name, scheduler, dataset):
     """A diffusers text-to-image pipeline, from a folder (refused if its generate.py fit did not end) or a hub id."""
     import diffusers
     path, redo = Path(name), f'run the generate.py fit that made {name} again, or pass another --pipeline'
@@ -1047,6 +1053,10 @@ def load_pipeline(name, device, dtype_name, scheduler='pipeline'):
         fail(f'--pipeline {name} holds a {made.get("script")} folder, not a pipeline: pass a fit folder or a hub id')
     if made.get('complete', True) is not True:
         fail(f'--pipeline {name} is unfinished (its generate.py fit did not end): {redo}')
+    fitted_on = made['settings'].get('dataset', dataset) if isinstance(made.get('settings'), dict) else dataset
+    if fitted_on != dataset and not (str(fitted_on).startswith('folder:') and dataset.startswith('folder:')):
+        fail(f'--pipeline {name} was fitted on {fitted_on}, not --dataset {dataset}: fit one on it '
+             f'(generate.py fit --dataset {dataset}) or pass a hub id')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name]
     options = dict(torch_dtype=dtype) if device.type == 'cuda' and dtype != torch.float32 else {}
     if not path.is_dir() or (path / 'safety_checker').exists():  # research data: no NSFW filter on outliers

@@ -422,9 +422,11 @@ def test_synthetic_class_folders_are_read_with_padded_labels(tmp_path, capsys):
         (tmp_path / '005' / f'{n}.png').unlink()
         Image.fromarray(images[i]).save(tmp_path / '005' / f'{n}.JPG')
     (tmp_path / '002' / 'notes.txt').write_text('not an image')
+    (tmp_path / '003' / 'more').mkdir()  # a class folder's images lie in it: one deeper is said, not read
+    Image.fromarray(images[0]).save(tmp_path / '003' / 'more' / '0.png')
     got_images, got_labels = train_sio.load_synthetic(tmp_path, 'digits', train_sio.DIGIT_NAMES[:6], 8)
     assert list(got_labels) == [c for c in range(6) for _ in range(3)]
-    assert 'not images and are skipped' in capsys.readouterr().err
+    assert '2 entries in' in (err := capsys.readouterr().err) and 'are not images (or are folders) and are skipped' in err
 
 
 def test_images_are_read_as_loaders_read_them_or_refused(tmp_path):
@@ -773,6 +775,13 @@ def test_fpr95_takes_the_first_threshold_catching_95_percent_of_ood():
     trapezoid = 0.75 * 1 + 0.25 * (4 / 10 + 3 / 9) / 2
     average_precision = 0.75 * 1 + 0.25 * 4 / 10  # sklearn's step rule, which OpenOOD does not use
     assert m["AUPR_IN"] == pytest.approx(100 * trapezoid) and abs(trapezoid - average_precision) > 0.005
+
+
+def test_a_detector_that_ranks_nothing_is_said_and_each_detector_is_scored_once(runs, capsys):
+    assert evaluate.get_args(['x', '--detectors', 'msp,gen,msp']).detectors == ['msp', 'gen']
+    evaluate.main([str(runs / 'ce_s0'), '--detectors', 'msp,gen', '--gen-gamma', '1e30'])  # p^g (1-p)^g = 0 for all
+    err = capsys.readouterr().err
+    assert 'gen gives every image the same score' in err and 'msp gives' not in err
 
 
 def test_aps_openood_grids_order_and_ties():
@@ -1253,7 +1262,7 @@ def test_oal_batched_calls_match_one_call_per_iteration(tiny_pipeline, runs, oal
                    '--knn-draws', '50', '--boundary', '5', '--repeats', '2', '--batch-size', '2'])
     one = np.load(out / 'diffusion_outliers.npy')
     np.testing.assert_allclose(np.load(oal_outliers / 'diffusion_outliers.npy'), one, atol=1e-4)
-    pipe = generate.load_pipeline(str(tiny_pipeline), torch.device('cpu'), 'fp32', 'pndm')
+    pipe = generate.load_pipeline(str(tiny_pipeline), torch.device('cpu'), 'fp32', 'pndm', 'digits')
     knn, names = torch.from_numpy(np.load(out / 'knn_outliers.npy')), generate.class_prompt_names(generate.DIGIT_NAMES[:6], 'digits')
     i, seed = 1, 42  # iteration 1 under the default seed, drawn as the paper's loop draws it
     rng = np.random.RandomState(seed * 1000 + i)
@@ -1374,7 +1383,7 @@ def test_fit_overwrite_killed_before_its_swap_leaves_the_old_pipeline_complete_a
             assert not manifest['complete'] and n > 1
             break
         assert manifest == old, n
-        generate.load_pipeline(str(tmp_path / 'pipe'), torch.device('cpu'), 'fp32')  # still the old one, complete
+        generate.load_pipeline(str(tmp_path / 'pipe'), torch.device('cpu'), 'fp32', 'pipeline', 'digits')  # still the old one, complete
     generate.main(fit_args(tmp_path / 'pipe', '--seed', '7', '--overwrite'))  # the same command ends it
     assert json.loads((tmp_path / 'pipe' / 'fit.json').read_text())['args']['seed'] == 7
 
@@ -2628,6 +2637,8 @@ def bad(runs, tmp_path_factory):
     torch.save(dict(ckpt, std=(float('inf'), 1.0, 1.0)), root / 'inf_std.pt')
     torch.save(dict(ckpt, classes=ckpt['classes'][:3]), root / 'three_names.pt')  # 6 outputs, 3 class names
     torch.save(ckpt['model'], root / 'foreign.ckpt')  # a state_dict, as OpenOOD saves them, of no ResNet
+    for size in (8, 16):  # folder runs of one class list at two sizes: each is scored at its own size or not at all
+        torch.save(dict(ckpt, dataset='folder:moved', classes=list('abcdef'), image_size=size), root / f'folder{size}.pt')
     (root / 'openood_lists_only' / 'benchmark_imglist' / 'imagenet').mkdir(parents=True)
     for split in ('val', 'test'):
         (root / 'openood_lists_only' / 'benchmark_imglist' / 'imagenet' / f'{split}_imagenet.txt').write_text(
@@ -2917,8 +2928,8 @@ BAD_INPUTS_EVALUATE = [  # evaluate.py: more kinds of bad input
     ('evaluate', 'torchvision:vgg16 --out {out}', 'torchvision:resnet50'),
     ('evaluate', EVAL_MSP + ' --dataset imagenet', '--openood-root'),
     ('evaluate', EVAL_MSP + ' --dataset mnist', 'unknown --dataset'),
-    ('evaluate', EVAL_MSP + ' --dataset imagenet200 --openood-root {bad}/no_images', 'benchmark_imglist'),
-    ('evaluate', EVAL_MSP + ' --dataset imagenet --openood-root {bad}/openood_lists_only', 'imagenet_1k entry'),
+    ('evaluate', EVAL_MSP.replace('{runs}/ce_s0', '{bad}/folder8.pt') + ' --dataset imagenet200 --openood-root {bad}/no_images', 'benchmark_imglist'),
+    ('evaluate', EVAL_MSP.replace('{runs}/ce_s0', '{bad}/folder8.pt') + ' --dataset imagenet --openood-root {bad}/openood_lists_only', 'imagenet_1k entry'),
     ('evaluate', EVAL_MSP + ' --aps openood', '--aps-ood PATH'),
     ('evaluate', EVAL_MSP + ' --aps val --aps-ood {bad}/a_file', 'is a file'),
     ('evaluate', EVAL_MSP + ' --plots {out}', 'distinct'),
@@ -2969,6 +2980,21 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('train_sio', SIO + ' --synthetic ' + T + '/syn_float_images', 'uint8 (N, H, W, 3)'),
     ('train_sio', SIO + ' --synthetic ' + T + '/syn_named_classes', 'holds no synthetic set'),
     ('train_sio', SIO + ' --method oe --oe-data ' + T + '/oe_object.npy', 'numeric .npy'),
+    ('train_sio', SIO + ' --alpha 0.5', 'pass --synthetic'),  # else a baseline run, the flag silently unused
+    ('train_sio', SIO + ' --oe-data ' + T + '/oe_float.npy', 'for --method oe only'),
+    ('train_sio', SIO + ' --tau 0.1', 'for --method logitnorm only'),
+    ('train_sio', SIO + ' --method oe --oe-data ' + T + '/oe_float.npy --oe-batch-size 1000000000000', 'a batch of'),
+    ('train_sio', SIO + ' --synthetic ' + T + '/syn_superscript', 'holds no synthetic set'),
+    ('train_sio', '--dataset folder:' + T + '/folder_one_class --epochs 1 --out {out}', '2 or more'),
+    ('train_oal', OAL.replace('{bad}/out_ok', T + '/out_past_float32_8'), 'finite floats'),
+    ('train_oal', OAL.replace('{bad}/out_ok', T + f'/out_past_float32_{np.dtype(np.longdouble).itemsize}'), 'finite floats'),
+    ('generate', GEN_SIO + ' --class-names ' + T + '/names_blank.txt', 'empty name'),
+    ('generate', GEN_SIO.replace('digits', 'folder:' + T + '/folder_ab'), 'was fitted on digits'),
+    ('evaluate', '{runs}/ce_s0 --dataset cifar10 --detectors msp --out {out}', 'was trained on digits'),
+    ('evaluate', '{bad}/folder8.pt {bad}/folder16.pt --detectors msp --out {out}', 'image sizes'),
+    ('evaluate', '_meta={runs}/ce_s0 --detectors msp --out {out}', 'reserved'),
+    ('evaluate', '{runs}/ce_s0/../ce_s0/x=1 --detectors msp --out {out}', "holds '/'"),
+    ('evaluate', '{runs}/ce_s0 --detectors ash --ash-percentile 99.9 --out {out}', 'keeps none'),
     ('train_sio', SIO + ' --method oe --oe-data ' + T + '/oe_float.npy', 'uint8 (N, H, W, 3)'),
     ('train_sio', SIO + ' --method oe --oe-data ' + T + '/oe_empty.npy', 'uint8 (N, H, W, 3)'),
     ('train_sio', SIO + ' --method pixmix --mixing-set ' + T + '/mix_corrupt', 'cannot read image'),
@@ -3120,6 +3146,14 @@ def bad_trainer_inputs(bad, runs):
     outliers('out_2d', knn[0], diff)
     outliers('out_inf', np.full_like(knn, np.inf), diff)
     outliers('out_diff_3d', knn, diff[None])
+    for dtype in {np.dtype(np.float64), np.dtype(np.longdouble)}:  # values that become inf as float32
+        outliers(f'out_past_float32_{dtype.itemsize}', np.full(knn.shape, 1e39, dtype), diff)
+    for name, classes in (('folder_one_class', 'a'), ('folder_ab', 'ab')):
+        for split, c in ((split, c) for split in ('train', 'val') for c in classes):
+            (root / name / split / c).mkdir(parents=True)
+            Image.fromarray(images[0]).save(root / name / split / c / '0.png')
+    synthetic('syn_superscript', meta).joinpath('003').rename(root / 'syn_superscript' / '\u00b3')  # isdigit(), no int
+    (root / 'names_blank.txt').write_text('zero\n_\ntwo\nthree\nfour\nfive\n')
     return root
 
 

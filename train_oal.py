@@ -430,6 +430,8 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
     classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
     if unknown := sorted(set(classes) - set(all_classes)):
         fail(f'{root} has no class folder {unknown[0]}: fix the class list, or pass the dataset it comes from')
+    if len(classes) < 2:
+        fail(f'{root / "train"} has {len(classes)} class folder(s), a classifier needs 2 or more: add class folders')
 
     def select(files, names):  # the images of these classes, labelled by their position in names
         position = {c: i for i, c in enumerate(names)}
@@ -494,11 +496,13 @@ def load_outliers(folder, dataset, classes, teacher_dim):
              f'with the same --teacher (generate.py oal --teacher ...)')
     if diff.ndim != 2 or 0 in diff.shape:
         fail(f'{diff_file} has shape {diff.shape}, expected (N, L) pooled latents: rerun generate.py oal')
+    with np.errstate(over='ignore'):  # float64 past float32's range becomes inf, refused below
+        knn, diff = [array.astype(np.float32) if array.dtype.kind == 'f' else array for array in (knn, diff)]
     for file, array in ((knn_file, knn), (diff_file, diff)):
         if array.dtype.kind != 'f' or not np.isfinite(array).all():
             fail(f'{file} must hold finite floats, got {array.dtype}{" with NaN/inf" * (array.dtype.kind == "f")}: '
                  f'rerun generate.py oal')
-    return torch.from_numpy(knn.reshape(-1, knn.shape[2])).float(), torch.from_numpy(diff).float(), meta
+    return torch.from_numpy(knn.reshape(-1, knn.shape[2])), torch.from_numpy(diff), meta
 
 def augment(x, pad, flip, size=None):
     """Random zero-padded crop + horizontal flip per image, uint8 on x's device. With size, resized to it first, so

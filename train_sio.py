@@ -229,8 +229,9 @@ def random_crops(pictures, count, size):
 def prepare(args, device, rank):  # every input, read and checked once for all seeds; in-memory sets on the device
     ds = load_dataset(args.dataset, args.data_root, args.openood_root, args.classes)
     args.image_size = args.image_size or (ds['image_size'] if args.dataset == 'digits' else ARCH_SIZE[args.arch])
-    check_memory(4 * 3 * args.batch_size * args.image_size ** 2, f'a batch of {args.batch_size} images at '
-                 f'{args.image_size}x{args.image_size}', 'pass a smaller --image-size or --batch-size', args.device)
+    batch = args.batch_size + (args.oe_batch_size or 2 * args.batch_size) * (args.method == 'oe')  # OE: one pass
+    check_memory(4 * 3 * batch * args.image_size ** 2, f'a batch of {batch} images at {args.image_size}x'
+                 f'{args.image_size}', 'pass a smaller --image-size, --batch-size or --oe-batch-size', args.device)
     in_memory = not args.dataset.startswith('folder:')
     size = ds['image_size'] if in_memory else args.image_size  # in memory: native size, resized on the device
     meta = check_set(args.synthetic, '--synthetic', args.dataset, ds['classes'], 'sio') if args.synthetic else None
@@ -545,6 +546,8 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
     classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
     if unknown := sorted(set(classes) - set(all_classes)):
         fail(f'{root} has no class folder {unknown[0]}: fix the class list, or pass the dataset it comes from')
+    if len(classes) < 2:
+        fail(f'{root / "train"} has {len(classes)} class folder(s), a classifier needs 2 or more: add class folders')
 
     def select(files, names):  # the images of these classes, labelled by their position in names
         position = {c: i for i, c in enumerate(names)}
@@ -611,13 +614,14 @@ def load_synthetic(path, dataset, classes, size, on_disk=False, device_name='cpu
         images, labels = load_npy(path / 'images.npy', 'r'), load_npy(path / 'labels.npy')
     else:
         class_dirs = sorted(d for d in path.iterdir() if d.is_dir())
-        if not class_dirs or not all(d.name.isdigit() for d in class_dirs):
+        if not class_dirs or not all(re.fullmatch('[0-9]+', d.name) for d in class_dirs):
             fail(f'{path} holds no synthetic set: expected images.npy+labels.npy or class folders named 000, 001, ...')
-        entries = [(f, int(d.name)) for d in class_dirs for f in sorted(d.iterdir()) if f.is_file()]
-        chosen = [(str(f), c) for f, c in entries if f.suffix.lower() in IMAGE_EXTENSIONS]
-        if skipped := [f for f, _ in entries if f.suffix.lower() not in IMAGE_EXTENSIONS]:
-            print(f'note: {len(skipped)} file(s) in {path} are not images and are skipped (e.g. {skipped[0]})',
-                  file=sys.stderr)
+        entries = [(f, int(d.name), f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+                   for d in class_dirs for f in sorted(d.iterdir())]
+        chosen = [(str(f), c) for f, c, image in entries if image]
+        if skipped := [f for f, _, image in entries if not image]:  # a class folder's images lie in it, not deeper
+            print(f'note: {len(skipped)} entries in {path} are not images (or are folders) and are skipped (e.g. '
+                  f'{skipped[0]})', file=sys.stderr)
         files, labels = [f for f, _ in chosen], np.array([c for _, c in chosen], dtype=np.int64)
         images = np.zeros((len(files), 1, 1, 3), np.uint8)  # a stand-in of the right length for the checks
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape[1:3]:
@@ -873,6 +877,12 @@ def get_args(argv=None):
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
     p.add_argument('--workers', type=NATURAL, default=8, help='DataLoader workers (image folders only)')
     args = p.parse_args(argv)
+    if args.alpha is not None and not args.synthetic:
+        fail('--alpha is the share of real images beside --synthetic images: pass --synthetic PATH too, or drop it')
+    if given := [(m, k) for m, keys in METHOD_FLAGS.items() for k in keys
+                 if m != args.method and getattr(args, k) != p.get_default(k)]:
+        fail(f"--{given[0][1].replace('_', '-')} is for --method {given[0][0]} only, not --method {args.method}: "
+             f'drop it, or pass --method {given[0][0]}')
     kind = 'digits' if args.dataset == 'digits' else 'folder' if args.dataset.startswith('folder:') else 'cifar'
     vars(args).update({key: value for key, value in RECIPES[kind].items() if getattr(args, key, None) is None})
     args.arch = args.arch or {'digits': 'cnn', 'cifar': 'resnet18', 'folder': 'resnet18_224'}[kind]
@@ -892,8 +902,6 @@ def get_args(argv=None):
         fail('--method oe needs outlier images: pass --oe-data PATH (a .npy of uint8 images or an image folder)')
     if args.method == 'pixmix' and not args.mixing_set:
         fail("--method pixmix needs mixing pictures: pass --mixing-set PATH (e.g. PixMix's fractals_and_fvis)")
-    if args.mixing_set and args.method != 'pixmix':
-        fail(f'--mixing-set is for --method pixmix only, not --method {args.method}: drop it, or pass --method pixmix')
     if args.resume and args.overwrite:
         fail('--resume continues the run in --out and --overwrite starts it afresh: pass one of them')
     if args.out is None:
