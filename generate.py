@@ -569,10 +569,8 @@ def prepare_oal(args, device, rank):
                knn_k=args.knn_k, knn_sigma=args.knn_sigma, knn_draws=args.knn_draws, boundary=args.boundary,
                keep=args.keep, repeats=repeats, anchor=anchor, class_names=names, seed=args.seed, dataset=args.dataset,
                crop=args.crop, class_order=teacher['class_order'], teacher_norm=args.teacher_norm)  # names: anchors
-    stamped = [Path(teacher['name'])] if Path(teacher['name']).is_file() else sorted(
-        f for f in Path(args.teacher).iterdir() if f.is_file()) if Path(args.teacher).is_dir() else []
-    if stamped:  # a retrained teacher (a hub id names one fixed model) must not reuse old k-NN outliers
-        knn['teacher_stamp'] = ','.join(f'{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}' for f in stamped)
+    if stamp := teacher_stamp(teacher['name'], args.teacher):  # a retrained teacher must not reuse old outliers
+        knn['teacher_stamp'] = stamp
     if args.classes:  # the class names come from the folders, so a subset is told apart by its list
         knn['classes'] = classes
     settings = dict(pipeline=pipeline_stamp(args.pipeline), scheduler=args.scheduler, steps=args.steps,
@@ -606,9 +604,10 @@ def oal(args):
     def claim_outliers():
         manifest = claim(out, '--out', 'generate.py oal', job['settings'], args.overwrite, True, 'outliers', 'pass '
                          '--overwrite to start afresh, or another --out', inputs(args))
-        last = f'{args.iterations - 1:04d}'
-        record(out, f'images/{{0000..{last}}}_{{0..{n - 1}}}_*.png', f'latents/{{0000..{last}}}.npy',
-               'knn_outliers.npy', 'knn_meta.json', 'diffusion_outliers.npy', 'meta.json')
+        last, exact = f'{args.iterations - 1:04d}', lambda name: re.sub(r'([*?[{])', r'[\1]', name)  # no pattern
+        record(out, *[f'images/{{0000..{last}}}_{{0..{n - 1}}}_{exact(c)}.png' for c in classes],  # a class each
+               f'latents/{{0000..{last}}}.npy', 'knn_outliers.npy', 'knn_meta.json', 'diffusion_outliers.npy',
+               'meta.json')
         for folder in ('images', 'latents'):
             (out / folder).mkdir(exist_ok=True)
         return verified(manifest['done'], lambda k: all((out / f).is_file() for i in calls_of(k) for f in files_of(i)))
@@ -1206,6 +1205,11 @@ def load_teacher(spec, device, classes, class_order='auto', stats=None):
                                    num_classes=len(classes), module=model, feeder=feeder,
                                    class_order='as the dataset' if order is None else order.tolist())
 
+def teacher_stamp(name, spec):  # its file's (or folder's files') names, sizes and times; None for a hub id
+    files = [Path(name)] if Path(name).is_file() else sorted(
+        f for f in Path(spec).iterdir() if f.is_file()) if Path(spec).is_dir() else []
+    return ','.join(f'{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}' for f in files) or None
+
 def teacher_class_order(names, classes, mode, spec, device):
     """Indices putting the teacher's logits in the classes' order, matched by name (case, '_' and '-' ignored)."""
     canon = lambda name: ' '.join(re.split(r'[\s_\-]+', str(name).strip().lower()))
@@ -1400,7 +1404,7 @@ MANIFEST = 'manifest.json'  # in every output folder: its script, settings and t
 PATTERN = re.compile(r'[*?[]|\{\d+\.\.\d+\}')  # a manifest entry naming more than one file
 TEMPORARY = re.compile(r'\.\d+\.tmp$')  # the end of write_atomic's name for a file it is writing
 CLAIMED = {}  # resolved output folder -> [.lock file, manifest], for each folder this process holds
-STATUS = dict(kept='nothing was written', again='', stop=False)  # what an interrupt reports; one was asked for
+STATUS = dict(kept='', again='', resume='', stop=False)  # what an interrupt reports; one was asked for
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors as the same one line, flag first
@@ -1469,7 +1473,8 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
     """Take an output folder by the one rule of every folder a script writes: one writer (an flock on OUT/.lock, dropped
     at any exit); none that is, holds or lies in an input, is another script's or holds a file its manifest does not
     name; output of other settings, or any when continues is False (or 'unfinished' and complete), is refused unless
-    overwrite marks it stale (finish() removes what is not rewritten). All checks come first; dry=True stops there."""
+    overwrite marks it stale (finish() removes what is not rewritten). All checks come first; dry=True stops there,
+    holding the lock of a folder that has one, so that a busy folder is found before any other is touched."""
     if str(out) in ('', '.'):
         fail(f'{flag} {str(out)!r} names no folder of its own: pass a folder')
     out = Path(out)
@@ -1481,11 +1486,17 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
                      f'{name} {path}: pass another {flag}')
         if key == Path(key.anchor) or out.exists() and not out.is_dir():
             fail(f'{flag} {out} is {"a file" if out.is_file() else "not a folder of its own"}: pass a folder')
+        if owner := next((p for p in key.parents if (p / MANIFEST).is_file() and (p / '.lock').is_file()), None):
+            fail(f'{flag} {out} lies in {owner}, an output folder of its own: pass a folder outside it')
+        base = next(p for p in [key, *key.parents] if p.exists())  # where the folder is, or will be, made
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            fail(f'{flag} {out} cannot be written ({base} is {"not writable" if base.is_dir() else "a file"}): pass a '
+                 f'folder you can write to')
         if out.is_dir():
             inspect(out, flag, script, settings, overwrite, continues, what, hint)
     except (OSError, RuntimeError) as e:  # a name too long, a loop of links, a folder that cannot be read
         fail(f'{flag} {out} cannot be used ({getattr(e, "strerror", None) or e}): pass another {flag}')
-    if dry:
+    if dry and not (out / '.lock').exists():
         return None
     if not holds(out, CLAIMED.get(key, [None])[0]):
         try:
@@ -1501,6 +1512,8 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         print(os.getpid(), end='', file=lock, flush=True)
         CLAIMED[key] = [lock, None]  # held from now on, refused or not: this process may ask again
     manifest, files, changed = inspect(out, flag, script, settings, overwrite, continues, what, hint)  # locked now
+    if dry:
+        return None
     CLAIMED[key][1] = manifest
     for temporary in filter(TEMPORARY.search, files):
         (out / temporary).unlink()  # a killed writer's: this process holds the lock now
@@ -1614,9 +1627,11 @@ def write_atomic(path, write):
 
 @contextmanager
 def user_errors(argv, add=(), drop=()):
-    """One line for Ctrl-C or SIGTERM (what is kept, the command that continues; exit 130) and a bad image (exit 2)."""
-    words = [a for a in argv if a not in drop] + [a for a in add if a not in argv]
-    STATUS.update(kept='nothing was written', again=shlex.join(['python', Path(__file__).name] + words), stop=False)
+    """One line for Ctrl-C or SIGTERM (what is kept, the command that continues; exit 130) and a bad image (exit 2).
+    Once something is kept (STATUS['kept']), the command that continues it drops some flags and adds others."""
+    again = lambda words: shlex.join(['python', os.path.relpath(__file__)] + words)
+    STATUS.update(kept='', again=again(argv), stop=False,
+                  resume=again([a for a in argv if a not in drop] + [a for a in add if a not in argv]))
     signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     def interrupt(*_):
         STATUS['stop'] = True
@@ -1628,7 +1643,8 @@ def user_errors(argv, add=(), drop=()):
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            say(f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}')
+            say(f'interrupted: {STATUS["kept"] or "nothing was written"}; continue with: '
+                f'{STATUS["resume"] if STATUS["kept"] else STATUS["again"]}')
         sys.exit(130)
     except BadImage as e:  # from a worker, the message is the last line of its traceback's text
         fail(str(e).strip().splitlines()[-1].split('BadImage: ')[-1])

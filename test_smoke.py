@@ -2463,6 +2463,69 @@ def test_a_file_no_manifest_names_is_never_replaced_or_deleted(runs, tiny_pipeli
     assert json.loads((tmp_path / 'run' / 'manifest.json').read_text())['files'] == ['best.pt', 'last.pt', 'log.jsonl']
 
 
+def test_copies_beside_outliers_nested_outputs_and_busy_seeds_are_refused_untouched(runs, tiny_pipeline, oal_outliers,
+                                                                                     tmp_path, capsys):
+    """A user's copy of an outlier picture is no picture of ours; an output folder inside another script's is refused
+    (fit's --overwrite would clear its scratch folder); a busy seed folder refuses the command before another seed's
+    folder is made or touched; two seeds naming one folder through a link are refused."""
+    import fcntl
+    import shutil
+    shutil.copytree(oal_outliers, tmp_path / 'oal')
+    picture = sorted((tmp_path / 'oal' / 'images').iterdir())[0]
+    shutil.copy(picture, picture.with_name(picture.stem + ' copy.png'))
+    before = snapshot(tmp_path / 'oal')
+    argv = ['oal', '--pipeline', tiny_pipeline, '--teacher', runs / 'ce_s0', '--dataset', 'digits', '--out', tmp_path / 'oal',
+            '--iterations', '3', '--samples-per-iteration', '2', '--steps', '2', '--features-per-class', '40', '--knn-k', '10',
+            '--knn-draws', '50', '--boundary', '5', '--repeats', '2']
+    assert 'copy.png' in main_error(capsys, generate.main, *argv) and snapshot(tmp_path / 'oal') == before
+    shutil.copytree(tiny_pipeline, tmp_path / 'pipe')
+    assert 'an output folder of its own' in main_error(capsys, generate.main, 'fractals', '--out', tmp_path / 'pipe' / '.building',
+                                                        '--count', '2', '--size', '16')
+    assert not (tmp_path / 'pipe' / '.building').exists()
+    shutil.copytree(runs / 'ce_s1', tmp_path / 's1')
+    for made in (False, True):  # seed 0's folder absent, then a finished run that --overwrite would restart
+        if made:
+            shutil.copytree(runs / 'ce_s0', tmp_path / 's0')
+        before = snapshot(tmp_path / 's0')
+        with open(tmp_path / 's1' / '.lock', 'r+') as held:  # another process writing seed 1
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert 'in use by another process' in main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '3',
+                                                             '--seed', '0,1', '--out', tmp_path / 's{seed}', '--overwrite')
+        assert (tmp_path / 's0').exists() == made and snapshot(tmp_path / 's0') == before
+    (tmp_path / 'linked').mkdir()
+    (tmp_path / 'linked' / 's1').symlink_to('s0')
+    (tmp_path / 'linked' / 's0').mkdir()
+    assert 'names one folder' in main_error(capsys, train_sio.main, '--dataset', 'digits', '--epochs', '1', '--seed', '0,1',
+                                            '--out', tmp_path / 'linked' / 's{seed}')
+
+
+def test_resume_refuses_a_retrained_teacher_or_a_set_made_again(runs, tiny_pipeline, oal_outliers, tmp_path, capsys):
+    import shutil
+    shutil.copytree(runs / 'ce_s0', tmp_path / 'teacher')
+    train_oal.main(oal_args(runs, oal_outliers, tmp_path / 'oal', '--epochs', '2', '--stop-after', '1', '--teacher',
+                            tmp_path / 'teacher'))
+    shutil.copy(runs / 'ce_s1' / 'best.pt', tmp_path / 'teacher' / 'best.pt')  # the teacher trained again
+    assert 'teacher_stamp' in main_error(capsys, train_oal.main, *oal_args(runs, oal_outliers, tmp_path / 'oal', '--epochs',
+                                                                          '2', '--resume', '--teacher', tmp_path / 'teacher'))
+    shutil.copytree(tiny_pipeline, tmp_path / 'pipe')  # a set made again, as before, by a pipeline fitted again
+    generate.main(sio_args(tmp_path / 'pipe', tmp_path / 'set'))
+    sio = ['--dataset', 'digits', '--synthetic', tmp_path / 'set', '--epochs', '2', '--out', tmp_path / 'sio']
+    train_sio.main([str(a) for a in sio + ['--stop-after', '1']])
+    generate.main(fit_args(tmp_path / 'pipe', '--seed', '7', '--overwrite'))
+    generate.main(sio_args(tmp_path / 'pipe', tmp_path / 'set', '--overwrite'))
+    assert 'made_with' in main_error(capsys, train_sio.main, *sio, '--resume')
+
+
+def test_an_interrupt_repeats_the_command_as_given_until_something_is_kept(capsys):
+    argv = ['sio', '--out', 'x', '--overwrite']
+    for kept, command in (('', argv), ('3 of 9 images in x', argv[:-1])):
+        with pytest.raises(SystemExit) as stop, generate.user_errors(argv, drop=('--overwrite',)):
+            generate.STATUS['kept'] = kept
+            raise KeyboardInterrupt
+        said = f"interrupted: {kept or 'nothing was written'}; continue with: python {os.path.relpath(generate.__file__)} "
+        assert stop.value.code == 130 and capsys.readouterr().err.strip() == said + ' '.join(command)
+
+
 def test_refusals_leave_no_trace_and_nothing_outside_out_is_written(runs, tmp_path, capsys):
     """A refused command makes or locks no folder (every seed's folder is checked before the first is taken);
     a .lock or a link the user put in a folder refuses it; a refused --overwrite keeps the user's *.N.tmp files;
@@ -2993,6 +3056,8 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('evaluate', '{runs}/ce_s0 --dataset cifar10 --detectors msp --out {out}', 'was trained on digits'),
     ('evaluate', '{bad}/folder8.pt {bad}/folder16.pt --detectors msp --out {out}', 'image sizes'),
     ('evaluate', '_meta={runs}/ce_s0 --detectors msp --out {out}', 'reserved'),
+    ('evaluate', EVAL_MSP + ' --plots {bad}/a_file/plots', 'cannot be written'),  # found before any pass
+    ('generate', 'fractals --count 2 --size 16 --out {runs}/ce_s0/fractals', 'an output folder of its own'),
     ('evaluate', '{runs}/ce_s0/../ce_s0/x=1 --detectors msp --out {out}', "holds '/'"),
     ('evaluate', '{runs}/ce_s0 --detectors ash --ash-percentile 99.9 --out {out}', 'keeps none'),
     ('train_sio', SIO + ' --method oe --oe-data ' + T + '/oe_float.npy', 'uint8 (N, H, W, 3)'),

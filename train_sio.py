@@ -602,7 +602,7 @@ def check_set(path, flag, dataset, classes, command):
              f'{classes[:4]}...: generate it for this --dataset')
     if (meta or {}).get('dataset', dataset) != dataset and not dataset.startswith('folder:'):
         fail(f'{path} was generated for --dataset {meta["dataset"]}, not {dataset}: generate it for this --dataset')
-    return meta
+    return meta and dict(meta, made_with=manifest.get('settings'))  # made again otherwise: another set to --resume
 
 def load_synthetic(path, dataset, classes, size, on_disk=False, device_name='cpu'):
     """A synthetic ID set's images and labels (check_set has seen its folder), checked against the real set. on_disk
@@ -908,7 +908,7 @@ def get_args(argv=None):
         args.out = f"runs/{re.sub('[:/]', '_', args.dataset)}_{args.method}{'_sio' if args.synthetic else ''}_s{{seed}}"
     if 'seed' not in template('--out', args.out, ['seed']) and len(args.seed) > 1:
         fail(f'--seed {",".join(map(str, args.seed))}: a run each needs {{seed}} in --out (e.g. {args.out}_s{{seed}})')
-    if len({os.path.abspath(args.out.format(seed=s)) for s in args.seed}) < len(args.seed):  # e.g. 'x{seed}/..'
+    if len({os.path.realpath(args.out.format(seed=s)) for s in args.seed}) < len(args.seed):  # 'x{seed}/..', links
         fail(f'--out {args.out} names one folder for several seeds: put {{seed}} in the folder name')
     return args
 
@@ -921,7 +921,7 @@ MANIFEST = 'manifest.json'  # in every output folder: its script, settings and t
 PATTERN = re.compile(r'[*?[]|\{\d+\.\.\d+\}')  # a manifest entry naming more than one file
 TEMPORARY = re.compile(r'\.\d+\.tmp$')  # the end of write_atomic's name for a file it is writing
 CLAIMED = {}  # resolved output folder -> [.lock file, manifest], for each folder this process holds
-STATUS = dict(kept='nothing was written', again='', stop=False)  # what an interrupt reports; one was asked for
+STATUS = dict(kept='', again='', resume='', stop=False)  # what an interrupt reports; one was asked for
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors as the same one line, flag first
@@ -990,7 +990,8 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
     """Take an output folder by the one rule of every folder a script writes: one writer (an flock on OUT/.lock, dropped
     at any exit); none that is, holds or lies in an input, is another script's or holds a file its manifest does not
     name; output of other settings, or any when continues is False (or 'unfinished' and complete), is refused unless
-    overwrite marks it stale (finish() removes what is not rewritten). All checks come first; dry=True stops there."""
+    overwrite marks it stale (finish() removes what is not rewritten). All checks come first; dry=True stops there,
+    holding the lock of a folder that has one, so that a busy folder is found before any other is touched."""
     if str(out) in ('', '.'):
         fail(f'{flag} {str(out)!r} names no folder of its own: pass a folder')
     out = Path(out)
@@ -1002,11 +1003,17 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
                      f'{name} {path}: pass another {flag}')
         if key == Path(key.anchor) or out.exists() and not out.is_dir():
             fail(f'{flag} {out} is {"a file" if out.is_file() else "not a folder of its own"}: pass a folder')
+        if owner := next((p for p in key.parents if (p / MANIFEST).is_file() and (p / '.lock').is_file()), None):
+            fail(f'{flag} {out} lies in {owner}, an output folder of its own: pass a folder outside it')
+        base = next(p for p in [key, *key.parents] if p.exists())  # where the folder is, or will be, made
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            fail(f'{flag} {out} cannot be written ({base} is {"not writable" if base.is_dir() else "a file"}): pass a '
+                 f'folder you can write to')
         if out.is_dir():
             inspect(out, flag, script, settings, overwrite, continues, what, hint)
     except (OSError, RuntimeError) as e:  # a name too long, a loop of links, a folder that cannot be read
         fail(f'{flag} {out} cannot be used ({getattr(e, "strerror", None) or e}): pass another {flag}')
-    if dry:
+    if dry and not (out / '.lock').exists():
         return None
     if not holds(out, CLAIMED.get(key, [None])[0]):
         try:
@@ -1022,6 +1029,8 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         print(os.getpid(), end='', file=lock, flush=True)
         CLAIMED[key] = [lock, None]  # held from now on, refused or not: this process may ask again
     manifest, files, changed = inspect(out, flag, script, settings, overwrite, continues, what, hint)  # locked now
+    if dry:
+        return None
     CLAIMED[key][1] = manifest
     for temporary in filter(TEMPORARY.search, files):
         (out / temporary).unlink()  # a killed writer's: this process holds the lock now
@@ -1135,9 +1144,11 @@ def write_atomic(path, write):
 
 @contextmanager
 def user_errors(argv, add=(), drop=()):
-    """One line for Ctrl-C or SIGTERM (what is kept, the command that continues; exit 130) and a bad image (exit 2)."""
-    words = [a for a in argv if a not in drop] + [a for a in add if a not in argv]
-    STATUS.update(kept='nothing was written', again=shlex.join(['python', Path(__file__).name] + words), stop=False)
+    """One line for Ctrl-C or SIGTERM (what is kept, the command that continues; exit 130) and a bad image (exit 2).
+    Once something is kept (STATUS['kept']), the command that continues it drops some flags and adds others."""
+    again = lambda words: shlex.join(['python', os.path.relpath(__file__)] + words)
+    STATUS.update(kept='', again=again(argv), stop=False,
+                  resume=again([a for a in argv if a not in drop] + [a for a in add if a not in argv]))
     signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     def interrupt(*_):
         STATUS['stop'] = True
@@ -1149,7 +1160,8 @@ def user_errors(argv, add=(), drop=()):
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            say(f'interrupted: {STATUS["kept"]}; continue with: {STATUS["again"]}')
+            say(f'interrupted: {STATUS["kept"] or "nothing was written"}; continue with: '
+                f'{STATUS["resume"] if STATUS["kept"] else STATUS["again"]}')
         sys.exit(130)
     except BadImage as e:  # from a worker, the message is the last line of its traceback's text
         fail(str(e).strip().splitlines()[-1].split('BadImage: ')[-1])
