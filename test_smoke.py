@@ -2523,14 +2523,26 @@ def test_resume_refuses_a_retrained_teacher_or_a_set_made_again(runs, tiny_pipel
     assert 'made_with' in main_error(capsys, train_sio.main, *sio, '--resume')
 
 
-def test_an_interrupt_repeats_the_command_as_given_until_something_is_kept(capsys):
-    argv = ['sio', '--out', 'x', '--overwrite']
+def test_an_interrupt_repeats_the_command_as_given_until_something_is_kept(tmp_path, monkeypatch, capsys):
+    argv = ['sio', '--out', str(tmp_path / 'x'), '--overwrite']
+    script = os.path.relpath(generate.__file__)
     for kept, command in (('', argv), ('3 of 9 images in x', argv[:-1])):
         with pytest.raises(SystemExit) as stop, generate.user_errors(argv, drop=('--overwrite',)):
             generate.STATUS['kept'] = kept
             raise KeyboardInterrupt
-        said = f"interrupted: {kept or 'nothing was written'}; continue with: python {os.path.relpath(generate.__file__)} "
+        said = f"interrupted: {kept or 'nothing was written'}; continue with: python {script} "
         assert stop.value.code == 130 and capsys.readouterr().err.strip() == said + ' '.join(command)
+    (tmp_path / 'x').mkdir()  # once --overwrite has taken a folder, it is unfinished and continues without the flag
+    with pytest.raises(SystemExit), generate.user_errors(argv, drop=('--overwrite',)):
+        generate.claim(tmp_path / 'x', '--out', 'generate.py sio', {}, True, True, 'a set', 'pass --overwrite')
+        raise KeyboardInterrupt
+    assert capsys.readouterr().err.strip().endswith(f"(--overwrite began it afresh); continue with: python {script} "
+                                                    + ' '.join(argv[:-1]))
+    monkeypatch.setenv('WORLD_SIZE', '2')  # under torchrun, the command is torchrun's
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    with pytest.raises(SystemExit), generate.user_errors(argv):
+        raise KeyboardInterrupt
+    assert f'continue with: torchrun --nproc_per_node=2 {script} sio' in capsys.readouterr().err
 
 
 def test_refusals_leave_no_trace_and_nothing_outside_out_is_written(runs, tmp_path, capsys):
@@ -2729,6 +2741,10 @@ def bad(runs, tmp_path_factory):
         shutil.copytree(runs / 'ce_s0', root / f'manifest_{name}')
         (root / f'manifest_{name}' / 'manifest.json').write_text(json.dumps(dict(run, **changes)))
     (root / 'binary.txt').write_bytes(b'\xff\xfe\x00\x81 not text')
+    (root / 'link_to_nothing').symlink_to(root / 'nothing')
+    (root / 'link_to_ce_s0').symlink_to(runs / 'ce_s0')
+    shutil.copytree(runs / 'ce_s0', root / 'seeds' / 's0')  # a finished run beside a seed folder that cannot be made
+    (root / 'seeds' / 's1').symlink_to(root / 'nothing')
     for name, count in (('a', 1), ('b', 3)):  # a folder dataset whose class a has one image
         for split in ('train', 'val'):
             (root / 'small_classes' / split / name).mkdir(parents=True)
@@ -3064,6 +3080,10 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('evaluate', '{bad}/folder8.pt {bad}/folder16.pt --detectors msp --out {out}', 'image sizes'),
     ('evaluate', '_meta={runs}/ce_s0 --detectors msp --out {out}', 'reserved'),
     ('evaluate', EVAL_MSP + ' --plots {bad}/a_file/plots', 'cannot be written'),  # found before any pass
+    ('evaluate', EVAL_MSP.replace('{out}', '{bad}/link_to_nothing'), 'cannot be written'),
+    ('evaluate', '{runs}/ce_s0 {bad}/link_to_ce_s0 --detectors msp --out {out}', 'given twice'),  # one run, not 2 seeds
+    ('train_sio', SIO + ' --overw', 'unrecognized'),  # abbreviations: an interrupt's command would keep them
+    ('train_sio', '--dataset digits --epochs 2 --seed 0,1 --overwrite --out {bad}/seeds/s{{seed}}', 'cannot be written'),
     ('generate', 'fractals --count 2 --size 16 --out {runs}/ce_s0/fractals', 'an output folder of its own'),
     ('evaluate', '{runs}/ce_s0/../ce_s0/x=1 --detectors msp --out {out}', "holds '/'"),
     ('evaluate', '{runs}/ce_s0 --detectors ash --ash-percentile 99.9 --out {out}', 'keeps none'),

@@ -865,6 +865,9 @@ CLAIMED = {}  # resolved output folder -> [.lock file, manifest], for each folde
 STATUS = dict(kept='', again='', resume='', stop=False)  # what an interrupt reports; one was asked for
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):  # whole flags only: an interrupt's command drops or adds them by name
+        super().__init__(*args, **kwargs, allow_abbrev=False)
+
     def error(self, message):  # argparse's own errors as the same one line, flag first
         fail(re.sub(r'^argument (\S+?)(/\S+)?: ', r'\1 ', message))
 
@@ -946,10 +949,10 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
             fail(f'{flag} {out} is {"a file" if out.is_file() else "not a folder of its own"}: pass a folder')
         if owner := next((p for p in key.parents if (p / MANIFEST).is_file() and (p / '.lock').is_file()), None):
             fail(f'{flag} {out} lies in {owner}, an output folder of its own: pass a folder outside it')
-        base = next(p for p in [key, *key.parents] if p.exists())  # where the folder is, or will be, made
+        base = next(p for p in [out, *out.parents] if p.exists() or p.is_symlink())  # where it is or will be made
         if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-            fail(f'{flag} {out} cannot be written ({base} is {"not writable" if base.is_dir() else "a file"}): pass a '
-                 f'folder you can write to')
+            fail(f'{flag} {out} cannot be written ({base} is {"not writable" if base.is_dir() else "no folder"}): '
+                 f'pass a folder you can write to')
         if out.is_dir():
             inspect(out, flag, script, settings, overwrite, continues, what, hint)
     except (OSError, RuntimeError) as e:  # a name too long, a loop of links, a folder that cannot be read
@@ -979,6 +982,8 @@ def claim(out, flag, script, settings, overwrite, continues, what, hint, inputs=
         manifest.update(settings=settings, stale=list(manifest['files']), done=[], complete=False)
     if overwrite or changed or not (out / MANIFEST).exists():  # else nothing is written yet
         save_manifest(out)
+    if overwrite:  # what an interrupt from here on says, and its command continues (without --overwrite)
+        STATUS['kept'] = STATUS['kept'] or f'{out} is unfinished (--overwrite began it afresh)'
     return manifest
 
 def holds(out, lock):  # this process still holds OUT: lock is the file under the name OUT/.lock now
@@ -1087,7 +1092,9 @@ def write_atomic(path, write):
 def user_errors(argv, add=(), drop=()):
     """One line for Ctrl-C or SIGTERM (what is kept, the command that continues; exit 130) and a bad image (exit 2).
     Once something is kept (STATUS['kept']), the command that continues it drops some flags and adds others."""
-    again = lambda words: shlex.join(['python', os.path.relpath(__file__)] + words)
+    local = os.environ.get('LOCAL_WORLD_SIZE', '1') if world_size() > 1 else '1'  # under torchrun: torchrun again
+    launch = ['python'] if local == '1' else ['torchrun', f'--nproc_per_node={local}']
+    again = lambda words: shlex.join(launch + [os.path.relpath(__file__)] + words)
     STATUS.update(kept='', again=again(argv), stop=False,
                   resume=again([a for a in argv if a not in drop] + [a for a in add if a not in argv]))
     signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
