@@ -235,11 +235,12 @@ def aggregate(tables):  # mean and std over runs of {dataset: {metric: value}} -
 def prepare(args, device, rank):  # every input (runs, ID and OOD sets, memory) checked before any output is touched
     settings = {name: [run for spec in specs for run in load_runs(spec, args)] for name, specs in args.runs.items()}
     runs = [run for group in settings.values() for run in group]
-    names, sources = [run['name'] for run in runs], [run['source'] for run in runs]
+    names, digests = [run['name'] for run in runs], [run['digest'] for run in runs]
     if len(set(names)) != len(names):
         fail(f'two runs share the name {max(names, key=names.count)!r} (their folder or file stem): rename one')
-    if len(set(sources)) != len(sources):  # a link to a run is that run: a seed counted twice
-        fail(f'{max(sources, key=sources.count)} is given twice (through a link?): give each run once')
+    if len(set(digests)) != len(digests):  # a run, a link to it or a copy of it: a seed counted twice
+        twice = [run['name'] for run in runs if digests.count(run['digest']) > 1]
+        fail(f'runs {" and ".join(twice[:2])} are one checkpoint (a link or a copy?): give each run once')
     dataset = args.dataset or runs[0]['dataset']
     for run in runs:  # a folder run may be scored on its moved folder (--dataset folder:NEW) or on ImageNet lists
         moved = run['dataset'].startswith('folder:') and (dataset.startswith('folder:') or dataset in IMAGENETS)

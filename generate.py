@@ -448,6 +448,7 @@ def sio(args):
     classes, size, out, B, per_class = ds['classes'], ds['image_size'], Path(args.out), args.batch_size, args.per_class
     names = class_prompt_names(classes, args.dataset, args.class_names)
     pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler, args.dataset)
+    check_pipeline(pipe, args, [args.prompt.format(name) for name in names])
     total, npy = len(classes) * per_class, args.npy if args.npy is not None else not args.dataset.startswith('folder:')
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings = dict(dataset=args.dataset, pipeline=pipeline_stamp(args.pipeline), prompt_template=args.prompt,
@@ -526,7 +527,7 @@ def end_sio(args, ds, names, pipe, done, npy, out, t0, made):
         finish(out, keep={f'{c:03d}/{n}.png' for c in range(len(classes)) for n in range(per_class)})
     seconds = time.time() - t0
     print(f'sio: {made} images in {seconds:.1f}s ({made / max(seconds, 1e-9):.2f} images/s); '
-          + ('complete' if complete else 'incomplete: run the same command again to continue') + f' -> {out}')
+          + ('complete' if complete else f'incomplete: continue with {STATUS["resume"]}') + f' -> {out}')
 
 def check_class_sizes(args, labels, classes):
     """The k-NN sampler against the smallest class: every class gives as many teacher features as it (OAL stacks
@@ -578,6 +579,7 @@ def prepare_oal(args, device, rank):
                     samples_per_iteration=args.samples_per_iteration, iterations=args.iterations,
                     batch_size=args.batch_size, dtype=args.dtype if device.type == 'cuda' else 'fp32', knn=knn)
     pipe = load_pipeline(args.pipeline, device, args.dtype, args.scheduler, args.dataset)
+    check_pipeline(pipe, args, [args.prompt.format(name) for name in names])
     return dict(ds=ds, classes=classes, names=names, forward=forward, teacher=teacher, pipe=pipe, anchor=anchor,
                 repeats=repeats, knn_settings=knn, settings=settings)
 
@@ -705,7 +707,7 @@ def end_oal(args, meta, complete, files_of, out, made):
         complete=complete), out / 'meta.json')
     if complete:
         finish(out, keep={f for i in range(args.iterations) for f in files_of(i)})
-    print(f'oal: {made}; ' + ('complete' if complete else 'incomplete: run the same command again to continue')
+    print(f'oal: {made}; ' + ('complete' if complete else f'incomplete: continue with {STATUS["resume"]}')
           + f' -> {out}')
 
 def fractals(args):
@@ -908,8 +910,10 @@ def class_prompt_names(classes, dataset, names_file=None):
         names = [mapping[c] for c in classes]
     elif len(lines) != len(classes):
         fail(f'{names_file} has {len(lines)} names for {len(classes)} classes: give one a line, in folder order')
-    else:
+    else:  # by position: say which name each class got (a --classes list is taken in sorted order)
         names = [prompt_name(line).strip() for line in lines]
+        pairs = ', '.join(f'{c} = {n}' for c, n in zip(classes[:4], names))
+        say(f'{names_file}, by position: {pairs}' + ', ...' * (len(names) > 4))
     if '' in names:
         fail(f'{names_file} gives class {classes[names.index("")]} an empty name: write its name there')
     return names
@@ -1078,6 +1082,15 @@ def load_pipeline(name, device, dtype_name, scheduler, dataset):
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+def check_pipeline(pipe, args, prompts):  # before --out: steps its scheduler has, prompts its text encoder reads whole
+    config, tokenizer = pipe.scheduler.config, pipe.tokenizer
+    if args.steps > (most := config.num_train_timesteps - config.get('steps_offset', 0)):
+        fail(f'--steps {args.steps} is more than the {most} that {args.pipeline} schedules: pass fewer')
+    tokens = {p: len(tokenizer(p, truncation=False, verbose=False).input_ids) for p in prompts}
+    if (longest := max(tokens, key=tokens.get)) and tokens[longest] > tokenizer.model_max_length:
+        fail(f'the prompt {longest!r} is {tokens[longest]} tokens, {args.pipeline} reads {tokenizer.model_max_length}'
+             f' (the class name would be cut): shorten --prompt or --class-names')
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1127,8 +1127,10 @@ def test_class_names_for_prompts(sio_samples, tmp_path, capsys):
 
 def test_sio_interrupted_and_resumed_is_byte_identical(tiny_pipeline, sio_samples, tmp_path, capsys):
     out = tmp_path / 'resumed'
-    generate.main(sio_args(tiny_pipeline, out, '--max-batches', '2'))  # stops after 8 of 18 images
-    assert '18 images, 0 already done' in capsys.readouterr().out
+    generate.main(sio_args(tiny_pipeline, out, '--max-batches', '2', '--overwrite'))  # stops after 8 of 18 images
+    said = capsys.readouterr().out
+    assert '18 images, 0 already done' in said and 'incomplete: continue with python' in said
+    assert '--overwrite' not in said.split('incomplete: ')[1] and '--max-batches 2' in said  # it would start afresh
     assert not (out / 'images.npy').exists() and not json.loads((out / 'meta.json').read_text())['complete']
     (out / '005' / '1.png.4242.tmp').write_bytes(b'half-written')  # a kill mid-write leaves only a temp file
     (out / '000' / '0.png').unlink()  # and a batch with a missing file is recomputed whole,
@@ -3081,7 +3083,10 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('evaluate', '_meta={runs}/ce_s0 --detectors msp --out {out}', 'reserved'),
     ('evaluate', EVAL_MSP + ' --plots {bad}/a_file/plots', 'cannot be written'),  # found before any pass
     ('evaluate', EVAL_MSP.replace('{out}', '{bad}/link_to_nothing'), 'cannot be written'),
-    ('evaluate', '{runs}/ce_s0 {bad}/link_to_ce_s0 --detectors msp --out {out}', 'given twice'),  # one run, not 2 seeds
+    ('evaluate', '{runs}/ce_s0 {bad}/link_to_ce_s0 --detectors msp --out {out}', 'one checkpoint'),  # not 2 seeds
+    ('evaluate', '{runs}/ce_s0 {runs}/ce_s0/best.pt --detectors msp --out {out}', 'one checkpoint'),
+    ('generate', GEN_SIO.replace('--steps 1 ', '--steps 1000 '), 'schedules'),  # its DDIM's 1000 steps, offset 1
+    ('generate', GEN_SIO + ' --prompt qqqqqqqqqqqqqqqqqqqq_{{}}', 'tokens'),  # 16 tokens: the class name cut off
     ('train_sio', SIO + ' --overw', 'unrecognized'),  # abbreviations: an interrupt's command would keep them
     ('train_sio', '--dataset digits --epochs 2 --seed 0,1 --overwrite --out {bad}/seeds/s{{seed}}', 'cannot be written'),
     ('generate', 'fractals --count 2 --size 16 --out {runs}/ce_s0/fractals', 'an output folder of its own'),
