@@ -2525,6 +2525,32 @@ def test_resume_refuses_a_retrained_teacher_or_a_set_made_again(runs, tiny_pipel
     assert 'made_with' in main_error(capsys, train_sio.main, *sio, '--resume')
 
 
+def test_resume_checks_every_seed_first_and_a_folder_run_keeps_its_classes_and_workers(runs, tmp_path, capsys):
+    """A damaged last.pt of a later seed stops the command before an earlier seed trains, naming that seed alone;
+    a folder run resumed with another class list (labels are positions in it) or worker count is refused."""
+    from PIL import Image
+    seeds = ['--dataset', 'digits', '--epochs', '3', '--seed', '0,1', '--out', tmp_path / 's{seed}']
+    train_sio.main([str(a) for a in seeds + ['--stop-after', '1']])
+    (tmp_path / 's1' / 'last.pt').write_bytes((tmp_path / 's1' / 'last.pt').read_bytes()[:1000])
+    before = snapshot(tmp_path / 's0')
+    error = main_error(capsys, train_sio.main, *seeds, '--resume')
+    assert 's1/last.pt' in error and '--overwrite --seed 1' in error and snapshot(tmp_path / 's0') == before
+    images, labels = digits_train_set()
+    for split in ('train', 'val'):
+        for c in range(3):
+            (tmp_path / 'ds' / split / f'c{c}').mkdir(parents=True)
+            for i in np.flatnonzero(labels == c)[:4]:
+                Image.fromarray(images[i]).save(tmp_path / 'ds' / split / f'c{c}' / f'{i}.png')
+    (tmp_path / 'classes.txt').write_text('c0\nc1\n')
+    run = ['--dataset', f'folder:{tmp_path / "ds"}', '--classes', tmp_path / 'classes.txt', '--arch', 'cnn', '--image-size', '8',
+           '--epochs', '2', '--batch-size', '4', '--out', tmp_path / 'folder_run']
+    train_sio.main([str(a) for a in run + ['--workers', '0', '--stop-after', '1']])
+    assert '--workers 0 -> 1' in main_error(capsys, train_sio.main, *run, '--workers', '1', '--resume')
+    (tmp_path / 'classes.txt').write_text('c0\nc2\n')
+    assert "'c1', 'c0', 'c2'" not in (error := main_error(capsys, train_sio.main, *run, '--workers', '0', '--resume'))
+    assert "class_list ['c0', 'c1'] -> ['c0', 'c2']" in error
+
+
 def test_an_interrupt_repeats_the_command_as_given_until_something_is_kept(tmp_path, monkeypatch, capsys):
     argv = ['sio', '--out', str(tmp_path / 'x'), '--overwrite']
     script = os.path.relpath(generate.__file__)
@@ -2721,6 +2747,8 @@ def bad(runs, tmp_path_factory):
     torch.save(dict(ckpt, std=(float('inf'), 1.0, 1.0)), root / 'inf_std.pt')
     torch.save(dict(ckpt, classes=ckpt['classes'][:3]), root / 'three_names.pt')  # 6 outputs, 3 class names
     torch.save(ckpt['model'], root / 'foreign.ckpt')  # a state_dict, as OpenOOD saves them, of no ResNet
+    for seed, size in ((0, 8), (1, 16)):  # --init runs of two sizes: one student size would not fit both
+        torch.save(dict(ckpt, image_size=size), root / f'init_s{seed}.pt')
     for size in (8, 16):  # folder runs of one class list at two sizes: each is scored at its own size or not at all
         torch.save(dict(ckpt, dataset='folder:moved', classes=list('abcdef'), image_size=size), root / f'folder{size}.pt')
     (root / 'openood_lists_only' / 'benchmark_imglist' / 'imagenet').mkdir(parents=True)
@@ -3087,7 +3115,10 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('evaluate', '{runs}/ce_s0 {runs}/ce_s0/best.pt --detectors msp --out {out}', 'one checkpoint'),
     ('generate', GEN_SIO.replace('--steps 1 ', '--steps 1000 '), 'schedules'),  # its DDIM's 1000 steps, offset 1
     ('generate', GEN_SIO + ' --prompt qqqqqqqqqqqqqqqqqqqq_{{}}', 'tokens'),  # 16 tokens: the class name cut off
-    ('train_sio', SIO + ' --overw', 'unrecognized'),  # abbreviations: an interrupt's command would keep them
+    ('train_sio', SIO + ' --overw', 'unrecognized'),
+    ('train_sio', SIO + ' --arch resnet18_224', 'at least 32'),  # digits' 8x8 by default
+    ('train_oal', OAL.replace('{runs}/ce_s0 --outliers', '{bad}/init_s{{seed}}.pt --outliers').replace('{out}', '{out}/s{{seed}}')
+     + ' --seed 0,1', 'different image sizes'),  # abbreviations: an interrupt's command would keep them
     ('train_sio', '--dataset digits --epochs 2 --seed 0,1 --overwrite --out {bad}/seeds/s{{seed}}', 'cannot be written'),
     ('generate', 'fractals --count 2 --size 16 --out {runs}/ce_s0/fractals', 'an output folder of its own'),
     ('evaluate', '{runs}/ce_s0/../ce_s0/x=1 --detectors msp --out {out}', "holds '/'"),

@@ -128,6 +128,8 @@ def prepare(args, device, rank, world):  # every input checked once for all seed
         if spec and init['arch'] != args.arch:
             fail(f"--init {spec} is a {init['arch']}, not --arch {args.arch}: drop --arch or pass a matching --init")
     args.arch = args.arch or ('cnn' if args.dataset == 'digits' else 'resnet18')
+    if args.image_size is None and len({init['image_size'] for init in inits.values() if init}) > 1:
+        fail(f'the --init runs {args.init} were trained at different image sizes: pass --image-size, or inits of one')
     args.image_size = args.image_size or next((i['image_size'] for i in inits.values() if i), ARCH_SIZE[args.arch])
     if args.image_size < ARCH_MIN_SIZE[args.arch]:
         fail(f'--image-size must be at least {ARCH_MIN_SIZE[args.arch]} for --arch {args.arch}, got {args.image_size}')
@@ -177,7 +179,8 @@ def start(args, data, seed, out, resume, device, rank):  # student, DT, CLUBs, S
         if args.resume:
             print(f'--resume: no {out}/last.pt yet, starting at epoch 1')
         return modules, q_params, optimizer, scheduler, dict(epoch=0, best_val_acc=-1.0, log=[])
-    state = read_checkpoint(out / 'last.pt', '--resume:', 'pass --overwrite to start afresh, or another --out')
+    fix = f'pass --overwrite --seed {seed} to start it afresh, or another --out'  # that seed alone
+    state = read_checkpoint(out / 'last.pt', '--resume:', fix)
     if state.get('method') != 'oal' or 'dt' not in state:
         fail(f'--resume: {out}/last.pt holds a train_sio.py run, not a train_oal.py one: pass another --out')
     try:
@@ -187,9 +190,7 @@ def start(args, data, seed, out, resume, device, rank):  # student, DT, CLUBs, S
     except (KeyError, TypeError, ValueError, RuntimeError):
         intact = False
     if not intact:
-        fail(f'--resume: {out}/last.pt is damaged (epoch, log, optimizer or scheduler): pass --overwrite to start '
-             f'afresh, or another --out')
-    print(f'resumed from {out}/last.pt after epoch {state["epoch"]}')
+        fail(f'--resume: {out}/last.pt is damaged (epoch, log, optimizer or scheduler): {fix}')
     return modules, q_params, optimizer, scheduler, state
 
 def resumable(state, args, optimizer):  # whether last.pt's epoch, log and learning rates are what these settings save
@@ -272,6 +273,7 @@ def end_epoch(args, data, modules, optimizer, scheduler, state, stats, val_acc, 
 def train(args, data, seed, out, resume, device, rank, world):  # one seed's run, exactly as if started alone
     modules, q_params, optimizer, scheduler, state = start(args, data, seed, out, resume, device, rank)
     if resume and rank == 0:  # the rows travel inside last.pt too: a kill between the two writes loses none
+        print(f'resumed from {out}/last.pt after epoch {state["epoch"]}')
         write_log(state['log'], out)
     student = torch.compile(modules['model']) if args.compile else modules['model']
     if world > 1:
@@ -1162,6 +1164,8 @@ def main(argv=None):
             return {seed: 'last.pt' in set(manifest['files']) - set(manifest['stale'])
                     and (outs[seed] / 'last.pt').exists() for seed, manifest in taken.items()}
         resumable = on_rank0(rank, world, claim_runs)
+        later = [seed for seed in outs if resumable[seed] and args.resume][1:]  # a damaged last.pt: found now, not
+        on_rank0(rank, world, lambda: [start(args, data, s, outs[s], True, torch.device('cpu'), 0) for s in later])
         if args.compile:  # the teacher's network too: it runs once per step, as many images as the student
             data['info']['module'].forward = torch.compile(data['info']['module'].forward)
         for seed, out in outs.items():

@@ -229,6 +229,8 @@ def random_crops(pictures, count, size):
 def prepare(args, device, rank):  # every input, read and checked once for all seeds; in-memory sets on the device
     ds = load_dataset(args.dataset, args.data_root, args.openood_root, args.classes)
     args.image_size = args.image_size or (ds['image_size'] if args.dataset == 'digits' else ARCH_SIZE[args.arch])
+    if args.image_size < ARCH_MIN_SIZE[args.arch]:  # digits' 8x8 too: a 224 arch pools it away
+        fail(f'--image-size must be at least {ARCH_MIN_SIZE[args.arch]} for --arch {args.arch}, got {args.image_size}')
     batch = args.batch_size + (args.oe_batch_size or 2 * args.batch_size) * (args.method == 'oe')  # OE: one pass
     check_memory(4 * 3 * batch * args.image_size ** 2, f'a batch of {batch} images at {args.image_size}x'
                  f'{args.image_size}', 'pass a smaller --image-size, --batch-size or --oe-batch-size', args.device)
@@ -267,6 +269,8 @@ def prepare(args, device, rank):  # every input, read and checked once for all s
     data['run'] = {k: os.path.abspath(v) if k in ('openood_root', 'synthetic', 'oe_data', 'mixing_set') and v else v
                    for k, v in vars(args).items() if k in flags and (k != 'classes' or v is not None)}
     data['run']['synthetic set'] = dict(images=n_syn, meta=meta) if n_syn else None
+    if not in_memory:  # a folder's labels are its class list's positions; its crops come from the loader's workers
+        data['run'].update(workers=args.workers, class_list=ds['classes'])
     return data
 
 def start(args, data, seed, out, resume, device):  # the seeded model, optimiser and cosine, or the run in out/last.pt
@@ -283,7 +287,8 @@ def start(args, data, seed, out, resume, device):  # the seeded model, optimiser
         if args.resume:
             print(f'--resume: no {out}/last.pt yet, starting at epoch 1')
         return model, optimizer, scheduler, dict(epoch=0, best_val_acc=-1.0, log=[])
-    state = read_checkpoint(out / 'last.pt', '--resume:', 'pass --overwrite to start afresh, or another --out')
+    fix = f'pass --overwrite --seed {seed} to start it afresh, or another --out'  # that seed alone
+    state = read_checkpoint(out / 'last.pt', '--resume:', fix)
     if state.get('method') == 'oal' or 'optimizer' not in state:
         fail(f'--resume: {out}/last.pt holds a train_oal.py run, not a train_sio.py one: pass another --out')
     try:
@@ -294,8 +299,7 @@ def start(args, data, seed, out, resume, device):  # the seeded model, optimiser
     except (KeyError, TypeError, ValueError, RuntimeError):
         intact = False
     if not intact:
-        fail(f'--resume: {out}/last.pt is damaged (epoch, log or optimizer state): pass --overwrite, or another --out')
-    print(f'resumed from {out}/last.pt after epoch {state["epoch"]} (best val acc {100 * state["best_val_acc"]:.2f}%)')
+        fail(f'--resume: {out}/last.pt is damaged (epoch, log or optimizer state): {fix}')
     return model, optimizer, scheduler, state
 
 def resumable(state, args, optimizer):  # whether last.pt's epoch, log and learning rates are what these settings save
@@ -401,6 +405,8 @@ def write_log(rows, out):
 def train(args, data, seed, out, resume, device, rank, world):  # one run of seed into out, exactly as if started alone
     model, optimizer, scheduler, state = start(args, data, seed, out, resume, device)
     if resume and rank == 0:  # the rows travel inside last.pt too: a kill between the two writes loses none
+        print(f'resumed from {out}/last.pt after epoch {state["epoch"]} (best val acc '
+              f'{100 * state["best_val_acc"]:.2f}%)')
         write_log(state['log'], out)
     net = torch.compile(model) if args.compile else model
     if world > 1:
@@ -888,8 +894,6 @@ def get_args(argv=None):
     args.arch = args.arch or {'digits': 'cnn', 'cifar': 'resnet18', 'folder': 'resnet18_224'}[kind]
     args.alpha = args.alpha if args.synthetic else 1.0
     world = world_size()
-    if args.image_size is not None and args.image_size < ARCH_MIN_SIZE[args.arch]:
-        fail(f'--image-size must be at least {ARCH_MIN_SIZE[args.arch]} for --arch {args.arch}, got {args.image_size}')
     for flag, value in (('--batch-size', args.batch_size), ('--oe-batch-size', args.oe_batch_size)):
         if value is not None and value < world:
             fail(f'{flag} must be an integer >= {world} (the number of processes), got {value}')
@@ -1218,6 +1222,8 @@ def main(argv=None):
             return {seed: 'last.pt' in set(manifest['files']) - set(manifest['stale'])
                     and (outs[seed] / 'last.pt').exists() for seed, manifest in taken.items()}
         resumable = on_rank0(rank, world, claim_runs)
+        later = [seed for seed in outs if resumable[seed] and args.resume][1:]  # a damaged last.pt: found now, not
+        on_rank0(rank, world, lambda: [start(args, data, s, outs[s], True, torch.device('cpu')) for s in later])  # late
         for seed, out in outs.items():
             if len(outs) > 1 and rank == 0:
                 print(f'== seed {seed} -> {out}')
