@@ -1250,7 +1250,8 @@ def inspect(out, flag, script, settings, overwrite, continues, what, hint):
     live = recorded([e for e in manifest['files'] if e not in manifest['stale']])
     if (manifest['done'] or any(map(live, files))) and not overwrite and (
             changed or continues is False or continues == 'unfinished' and manifest['complete']):
-        fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: {hint}')
+        fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: '
+             + (f'keep its settings, pass --overwrite to start afresh, or pass another {flag}' if changed else hint))
     return manifest, files, changed
 
 def contents(out):  # what OUT holds but folders and its lock (files, links, pipes...), as paths relative to OUT

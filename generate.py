@@ -1058,8 +1058,9 @@ def load_pipeline(name, device, dtype_name, scheduler, dataset):
         fail(f'--pipeline {name} is unfinished (its generate.py fit did not end): {redo}')
     fitted_on = made['settings'].get('dataset', dataset) if isinstance(made.get('settings'), dict) else dataset
     if fitted_on != dataset and not (str(fitted_on).startswith('folder:') and dataset.startswith('folder:')):
-        fail(f'--pipeline {name} was fitted on {fitted_on}, not --dataset {dataset}: fit one on it '
-             f'(generate.py fit --dataset {dataset}) or pass a hub id')
+        fail(f'--pipeline {name} was fitted on {fitted_on}, not --dataset {dataset}: ' + ('pass a hub id (fit takes '
+             'digits and CIFAR only)' if dataset.startswith('folder:') else f'fit one on it (generate.py fit --dataset '
+             f'{dataset}) or pass a hub id'))
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name]
     options = dict(torch_dtype=dtype) if device.type == 'cuda' and dtype != torch.float32 else {}
     if not path.is_dir() or (path / 'safety_checker').exists():  # research data: no NSFW filter on outliers
@@ -1570,7 +1571,8 @@ def inspect(out, flag, script, settings, overwrite, continues, what, hint):
     live = recorded([e for e in manifest['files'] if e not in manifest['stale']])
     if (manifest['done'] or any(map(live, files))) and not overwrite and (
             changed or continues is False or continues == 'unfinished' and manifest['complete']):
-        fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: {hint}')
+        fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: '
+             + (f'keep its settings, pass --overwrite to start afresh, or pass another {flag}' if changed else hint))
     return manifest, files, changed
 
 def contents(out):  # what OUT holds but folders and its lock (files, links, pipes...), as paths relative to OUT

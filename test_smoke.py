@@ -225,11 +225,14 @@ def test_oe_outliers_are_unaugmented_and_in_permutation_order(tmp_path, monkeypa
 
 
 def test_torchrun_two_processes(tmp_path):
-    proc = run_script('train_sio.py', '--dataset', 'digits', '--epochs', '2', '--out', tmp_path / 'ddp', torchrun=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = [json.loads(l) for l in (tmp_path / 'ddp' / 'log.jsonl').read_text().splitlines()]
-    assert len(log) == 2 and log[-1]['real_seen'] == 647
-    assert torch.load(tmp_path / 'ddp' / 'best.pt', weights_only=False)['val_acc'] > 0.3
+    seeds = ['--dataset', 'digits', '--epochs', '2', '--seed', '0,1', '--out', tmp_path / 'ddp_s{seed}']
+    for extra in (['--stop-after', '1'], ['--resume']):  # two seeds stopped after epoch 1, then both continued
+        proc = run_script('train_sio.py', *seeds, *extra, torchrun=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for seed in (0, 1):
+        log = [json.loads(l) for l in (tmp_path / f'ddp_s{seed}' / 'log.jsonl').read_text().splitlines()]
+        assert len(log) == 2 and log[-1]['real_seen'] == 647
+        assert torch.load(tmp_path / f'ddp_s{seed}' / 'best.pt', weights_only=False)['val_acc'] > 0.3
 
 
 def test_method_losses_by_hand():
@@ -2545,7 +2548,9 @@ def test_resume_checks_every_seed_first_and_a_folder_run_keeps_its_classes_and_w
     run = ['--dataset', f'folder:{tmp_path / "ds"}', '--classes', tmp_path / 'classes.txt', '--arch', 'cnn', '--image-size', '8',
            '--epochs', '2', '--batch-size', '4', '--out', tmp_path / 'folder_run']
     train_sio.main([str(a) for a in run + ['--workers', '0', '--stop-after', '1']])
-    assert '--workers 0 -> 1' in main_error(capsys, train_sio.main, *run, '--workers', '1', '--resume')
+    error = main_error(capsys, train_sio.main, *run, '--workers', '1', '--resume')
+    assert '--workers 0 -> 1' in error and error.endswith('keep its settings, pass --overwrite to start afresh, or pass '
+                                                          'another --out')
     (tmp_path / 'classes.txt').write_text('c0\nc2\n')
     assert "'c1', 'c0', 'c2'" not in (error := main_error(capsys, train_sio.main, *run, '--workers', '0', '--resume'))
     assert "class_list ['c0', 'c1'] -> ['c0', 'c2']" in error
@@ -2840,7 +2845,7 @@ BAD_INPUTS = [
     ('train_sio', SIO + ' --out {bad}/a_file', 'is a file'),
     ('train_sio', SIO + ' --out /proc/synth-ood', 'cannot be written'),
     ('train_sio', SIO + ' --resume --overwrite', 'one of them'),
-    ('train_sio', SIO.replace('{out}', '{run:ce_s0}'), '--resume to continue'),
+    ('train_sio', SIO.replace('{out}', '{run:ce_s0}'), 'keep its settings'),
     ('train_sio', SIO.replace('{out}', '{user}'), 'files this script did not write'),
     ('train_sio', SIO.replace('{out}', '{user}') + ' --overwrite', 'files this script did not write'),
     ('train_sio', RESUME_SIO.replace('sio_s0', 'sio_s0:truncated.pt'), 'cannot be read'),
@@ -3096,7 +3101,7 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('train_sio', SIO + ' --synthetic ' + T + '/syn_float_images', 'uint8 (N, H, W, 3)'),
     ('train_sio', SIO + ' --synthetic ' + T + '/syn_named_classes', 'holds no synthetic set'),
     ('train_sio', SIO + ' --method oe --oe-data ' + T + '/oe_object.npy', 'numeric .npy'),
-    ('train_sio', SIO + ' --alpha 0.5', 'pass --synthetic'),  # else a baseline run, the flag silently unused
+    ('train_sio', SIO + ' --alpha 0.5', 'pass --synthetic'),  # else a baseline run, the flag silently unused (1 is)
     ('train_sio', SIO + ' --oe-data ' + T + '/oe_float.npy', 'for --method oe only'),
     ('train_sio', SIO + ' --tau 0.1', 'for --method logitnorm only'),
     ('train_sio', SIO + ' --method oe --oe-data ' + T + '/oe_float.npy --oe-batch-size 1000000000000', 'a batch of'),
@@ -3105,7 +3110,7 @@ BAD_INPUTS_TRAINERS = [  # train_sio.py and train_oal.py: more kinds of bad inpu
     ('train_oal', OAL.replace('{bad}/out_ok', T + '/out_past_float32_8'), 'finite floats'),
     ('train_oal', OAL.replace('{bad}/out_ok', T + f'/out_past_float32_{np.dtype(np.longdouble).itemsize}'), 'finite floats'),
     ('generate', GEN_SIO + ' --class-names ' + T + '/names_blank.txt', 'empty name'),
-    ('generate', GEN_SIO.replace('digits', 'folder:' + T + '/folder_ab'), 'was fitted on digits'),
+    ('generate', GEN_SIO.replace('digits', 'folder:' + T + '/folder_ab'), 'pass a hub id (fit takes'),
     ('evaluate', '{runs}/ce_s0 --dataset cifar10 --detectors msp --out {out}', 'was trained on digits'),
     ('evaluate', '{bad}/folder8.pt {bad}/folder16.pt --detectors msp --out {out}', 'image sizes'),
     ('evaluate', '_meta={runs}/ce_s0 --detectors msp --out {out}', 'reserved'),

@@ -1017,7 +1017,8 @@ def inspect(out, flag, script, settings, overwrite, continues, what, hint):
     live = recorded([e for e in manifest['files'] if e not in manifest['stale']])
     if (manifest['done'] or any(map(live, files))) and not overwrite and (
             changed or continues is False or continues == 'unfinished' and manifest['complete']):
-        fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: {hint}')
+        fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: '
+             + (f'keep its settings, pass --overwrite to start afresh, or pass another {flag}' if changed else hint))
     return manifest, files, changed
 
 def contents(out):  # what OUT holds but folders and its lock (files, links, pipes...), as paths relative to OUT
@@ -1164,8 +1165,11 @@ def main(argv=None):
             return {seed: 'last.pt' in set(manifest['files']) - set(manifest['stale'])
                     and (outs[seed] / 'last.pt').exists() for seed, manifest in taken.items()}
         resumable = on_rank0(rank, world, claim_runs)
-        later = [seed for seed in outs if resumable[seed] and args.resume][1:]  # a damaged last.pt: found now, not
-        on_rank0(rank, world, lambda: [start(args, data, s, outs[s], True, torch.device('cpu'), 0) for s in later])
+
+        def read_later():  # a damaged last.pt of a later seed: found now, not after the seeds before it have trained
+            for seed in [s for s in outs if resumable[s] and args.resume][1:]:
+                start(args, data, seed, outs[seed], True, torch.device('cpu'), 0)
+        on_rank0(rank, world, read_later)
         if args.compile:  # the teacher's network too: it runs once per step, as many images as the student
             data['info']['module'].forward = torch.compile(data['info']['module'].forward)
         for seed, out in outs.items():

@@ -883,7 +883,7 @@ def get_args(argv=None):
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
     p.add_argument('--workers', type=NATURAL, default=8, help='DataLoader workers (image folders only)')
     args = p.parse_args(argv)
-    if args.alpha is not None and not args.synthetic:
+    if args.alpha not in (None, 1) and not args.synthetic:
         fail('--alpha is the share of real images beside --synthetic images: pass --synthetic PATH too, or drop it')
     if given := [(m, k) for m, keys in METHOD_FLAGS.items() for k in keys
                  if m != args.method and getattr(args, k) != p.get_default(k)]:
@@ -1078,7 +1078,8 @@ def inspect(out, flag, script, settings, overwrite, continues, what, hint):
     live = recorded([e for e in manifest['files'] if e not in manifest['stale']])
     if (manifest['done'] or any(map(live, files))) and not overwrite and (
             changed or continues is False or continues == 'unfinished' and manifest['complete']):
-        fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: {hint}')
+        fail(f'{flag} {out} holds {what}{f" made with other settings ({changed})" if changed else ""}: '
+             + (f'keep its settings, pass --overwrite to start afresh, or pass another {flag}' if changed else hint))
     return manifest, files, changed
 
 def contents(out):  # what OUT holds but folders and its lock (files, links, pipes...), as paths relative to OUT
@@ -1222,8 +1223,11 @@ def main(argv=None):
             return {seed: 'last.pt' in set(manifest['files']) - set(manifest['stale'])
                     and (outs[seed] / 'last.pt').exists() for seed, manifest in taken.items()}
         resumable = on_rank0(rank, world, claim_runs)
-        later = [seed for seed in outs if resumable[seed] and args.resume][1:]  # a damaged last.pt: found now, not
-        on_rank0(rank, world, lambda: [start(args, data, s, outs[s], True, torch.device('cpu')) for s in later])  # late
+
+        def read_later():  # a damaged last.pt of a later seed: found now, not after the seeds before it have trained
+            for seed in [s for s in outs if resumable[s] and args.resume][1:]:
+                start(args, data, seed, outs[seed], True, torch.device('cpu'))
+        on_rank0(rank, world, read_later)
         for seed, out in outs.items():
             if len(outs) > 1 and rank == 0:
                 print(f'== seed {seed} -> {out}')
