@@ -625,8 +625,6 @@ def subset_classes(spec, classes):
         names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
     except (OSError, UnicodeDecodeError) as e:
         fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a class list')
-    if len(names) < 2:
-        fail(f'--classes {spec}: {len(names)} class named, a classifier needs 2 or more: fix the list')
     return names
 
 def load_dataset(name, data_root='./data', openood_root=None, classes=None):
@@ -657,8 +655,9 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
     classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
     if unknown := sorted(set(classes) - set(all_classes)):
         fail(f'{root} has no class folder {unknown[0]}: fix the class list, or pass the dataset it comes from')
-    if len(classes) < 2:
-        fail(f'{root / "train"} has {len(classes)} class folder(s), a classifier needs 2 or more: add class folders')
+    if len(classes) < 2:  # from the folders or from --classes
+        fail(f'{root} gives {len(classes)} class {classes}, a classifier needs 2 or more: add class folders, or fix '
+             f'--classes')
 
     def select(files, names):  # the images of these classes, labelled by their position in names
         position = {c: i for i, c in enumerate(names)}
@@ -1274,6 +1273,9 @@ def recorded(entries):
                                          for n, (a, b) in zip(numbers, ranges))
     return lambda path: any((m := regex.fullmatch(path)) and within(m.groups(), ranges) for regex, ranges in tests)
 
+def literal(name):  # a path as a manifest entry (see recorded()) naming just that file
+    return re.sub(r'([*?[{])', r'[\1]', name)
+
 def save_manifest(out, **changes):
     manifest = CLAIMED[Path(out).resolve()][1]
     manifest.update(changes)
@@ -1310,7 +1312,7 @@ def write_atomic(path, write):
     path, tmp = Path(path), Path(f'{path}.{os.getpid()}.tmp')
     out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents), None)
     name = out and path.name != MANIFEST and path.resolve().relative_to(out).as_posix()
-    entry = name and re.sub(r'([*?[{])', r'[\1]', name)  # as a pattern naming just this file
+    entry = name and literal(name)
     if entry and not recorded(CLAIMED[out][1]['files'])(name):
         record(out, entry)  # in a claimed folder, before it is written; no longer stale after
     try:

@@ -327,9 +327,8 @@ def swap_in(out, building, old):
     STATUS['kept'] = f'{out} is unfinished (its pipeline was being replaced)'
     old.mkdir(exist_ok=True)
     manifest = CLAIMED[out.resolve()][1]
-    for new in sorted(building.iterdir()):  # each file by its name, escaped as write_atomic() does
-        names = [re.sub(r'([*?[{])', r'[\1]', f.relative_to(building).as_posix()) for f in [new, *new.rglob('*')]
-                 if f.is_file()]
+    for new in sorted(building.iterdir()):  # each file by its name
+        names = [literal(f.relative_to(building).as_posix()) for f in [new, *new.rglob('*')] if f.is_file()]
         stale = [e for e in manifest['stale'] if e not in names]
         save_manifest(out, files=sorted({*manifest['files'], *names}), stale=stale)
         if (out / new.name).exists():
@@ -606,8 +605,8 @@ def oal(args):
     def claim_outliers():
         manifest = claim(out, '--out', 'generate.py oal', job['settings'], args.overwrite, True, 'outliers', 'pass '
                          '--overwrite to start afresh, or another --out', inputs(args))
-        last, exact = f'{args.iterations - 1:04d}', lambda name: re.sub(r'([*?[{])', r'[\1]', name)  # no pattern
-        record(out, *[f'images/{{0000..{last}}}_{{0..{n - 1}}}_{exact(c)}.png' for c in classes],  # a class each
+        last = f'{args.iterations - 1:04d}'
+        record(out, *[f'images/{{0000..{last}}}_{{0..{n - 1}}}_{literal(c)}.png' for c in classes],  # a class each
                f'latents/{{0000..{last}}}.npy', 'knn_outliers.npy', 'knn_meta.json', 'diffusion_outliers.npy',
                'meta.json')
         for folder in ('images', 'latents'):
@@ -830,8 +829,6 @@ def subset_classes(spec, classes):
         names = sorted({line.split()[0] for line in Path(spec).read_text().splitlines() if line.strip()})
     except (OSError, UnicodeDecodeError) as e:
         fail(f'--classes {spec} cannot be read ({type(e).__name__}): pass imagenet-10, imagenet-dogs or a class list')
-    if len(names) < 2:
-        fail(f'--classes {spec}: {len(names)} class named, a classifier needs 2 or more: fix the list')
     return names
 
 def load_dataset(name, data_root='./data', openood_root=None, classes=None):
@@ -862,8 +859,9 @@ def load_dataset(name, data_root='./data', openood_root=None, classes=None):
     classes = subset_classes(classes, all_classes) if isinstance(classes, str) else list(classes or all_classes)
     if unknown := sorted(set(classes) - set(all_classes)):
         fail(f'{root} has no class folder {unknown[0]}: fix the class list, or pass the dataset it comes from')
-    if len(classes) < 2:
-        fail(f'{root / "train"} has {len(classes)} class folder(s), a classifier needs 2 or more: add class folders')
+    if len(classes) < 2:  # from the folders or from --classes
+        fail(f'{root} gives {len(classes)} class {classes}, a classifier needs 2 or more: add class folders, or fix '
+             f'--classes')
 
     def select(files, names):  # the images of these classes, labelled by their position in names
         position = {c: i for i, c in enumerate(names)}
@@ -1089,7 +1087,8 @@ def check_pipeline(pipe, args, prompts):  # before --out: steps its scheduler ha
     if args.steps > (most := config.num_train_timesteps - config.get('steps_offset', 0)):
         fail(f'--steps {args.steps} is more than the {most} that {args.pipeline} schedules: pass fewer')
     tokens = {p: len(tokenizer(p, truncation=False, verbose=False).input_ids) for p in prompts}
-    if (longest := max(tokens, key=tokens.get)) and tokens[longest] > tokenizer.model_max_length:
+    longest = max(tokens, key=tokens.get)
+    if tokens[longest] > tokenizer.model_max_length:
         fail(f'the prompt {longest!r} is {tokens[longest]} tokens, {args.pipeline} reads {tokenizer.model_max_length}'
              f' (the class name would be cut): shorten --prompt or --class-names')
 
@@ -1595,6 +1594,9 @@ def recorded(entries):
                                          for n, (a, b) in zip(numbers, ranges))
     return lambda path: any((m := regex.fullmatch(path)) and within(m.groups(), ranges) for regex, ranges in tests)
 
+def literal(name):  # a path as a manifest entry (see recorded()) naming just that file
+    return re.sub(r'([*?[{])', r'[\1]', name)
+
 def save_manifest(out, **changes):
     manifest = CLAIMED[Path(out).resolve()][1]
     manifest.update(changes)
@@ -1631,7 +1633,7 @@ def write_atomic(path, write):
     path, tmp = Path(path), Path(f'{path}.{os.getpid()}.tmp')
     out = next((d for d, (_, m) in CLAIMED.items() if m and d in path.resolve().parents), None)
     name = out and path.name != MANIFEST and path.resolve().relative_to(out).as_posix()
-    entry = name and re.sub(r'([*?[{])', r'[\1]', name)  # as a pattern naming just this file
+    entry = name and literal(name)
     if entry and not recorded(CLAIMED[out][1]['files'])(name):
         record(out, entry)  # in a claimed folder, before it is written; no longer stale after
     try:
